@@ -1,0 +1,28 @@
+"""gmpq — generalizable mixed-precision quantization for timm CNNs.
+
+The public API, one import away::
+
+    import gmpq
+    model = gmpq.create_model("resnet18", num_classes=10, policy="policy.json")
+    report = gmpq.count_bops(model, input_size=224)
+"""
+
+from gmpq.complexity import BopsReport, count_bops, expected_bops, layer_macs
+from gmpq.errors import (
+    BudgetError, CheckpointError, DatasetError, GmpqError, ModelError, PolicyError, RecipeError,
+)
+from gmpq.models import (
+    base_arch, create_model, kept_layer_names, list_backbones, quantizable_layers, quantize, register_backbone,
+    searchable_layer_names, uniform_policy,
+)
+from gmpq.policy import LayerBits, Policy
+from gmpq.quant import calibrate
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BopsReport", "BudgetError", "CheckpointError", "DatasetError", "GmpqError", "LayerBits", "ModelError",
+    "Policy", "PolicyError", "RecipeError", "__version__", "base_arch", "calibrate", "count_bops", "create_model",
+    "expected_bops", "kept_layer_names", "layer_macs", "list_backbones", "quantizable_layers", "quantize",
+    "register_backbone", "searchable_layer_names", "uniform_policy",
+]

@@ -1,0 +1,127 @@
+"""The ``gmpq`` command. Thin: every verb parses its arguments and calls a public Python function.
+
+Any :class:`gmpq.GmpqError` (bad input) becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from gmpq.errors import GmpqError, ModelError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _model_for_report(arch: str, policy: str | None, num_classes: int):
+    from gmpq.models import create_model
+
+    if not arch:
+        raise ModelError("architecture name is empty")
+    return create_model(arch, policy=policy, num_classes=num_classes)
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    """``gmpq layers ARCH``: the quantizable layers with their MACs and which are kept."""
+    from gmpq.complexity import count_bops
+
+    report = count_bops(_model_for_report(args.arch, None, args.num_classes), args.input_size)
+    if args.json:
+        print(json.dumps({"arch": report.arch, "input_size": report.input_size, "macs": report.macs,
+                          "layers": [{"name": r.name, "kind": r.kind, "macs": r.macs, "kept": r.kept}
+                                     for r in report.layers]}, indent=2))
+        return 0
+    width = max(len(r.name) for r in report.layers)
+    print(f"{report.arch} at {report.input_size}x{report.input_size}: {len(report.layers)} quantizable layers, "
+          f"{report.macs / 1e6:.1f} M MACs")
+    print(f"{'layer':<{width}}  {'kind':<7} {'MMACs':>9}  role")
+    for r in report.layers:
+        print(f"{r.name:<{width}}  {r.kind:<7} {r.macs / 1e6:>9.2f}  {'kept' if r.kept else 'searched'}")
+    return 0
+
+
+def cmd_bops(args: argparse.Namespace) -> int:
+    """``gmpq bops ARCH [--policy FILE]``: BOPs of the float model, or of the model under a policy."""
+    from gmpq.complexity import count_bops
+
+    report = count_bops(_model_for_report(args.arch, args.policy, args.num_classes), args.input_size)
+    if args.json:
+        out = report.to_dict()
+        out["layers"] = [{"name": r.name, "w_bits": r.w_bits, "a_bits": r.a_bits, "macs": r.macs, "kept": r.kept,
+                          "bops_g": r.bops / 1e9} for r in report.layers]
+        print(json.dumps(out, indent=2))
+        return 0
+    width = max(len(r.name) for r in report.layers)
+    print(f"{report.arch} at {report.input_size}x{report.input_size}" + (f", policy {args.policy}" if args.policy else
+                                                                          ", float (32/32)"))
+    print(f"{'layer':<{width}}  {'W':>2} {'A':>2} {'MMACs':>9} {'GBOPs':>9}  role")
+    for r in report.layers:
+        print(f"{r.name:<{width}}  {r.w_bits:>2} {r.a_bits:>2} {r.macs / 1e6:>9.2f} {r.bops / 1e9:>9.3f}  "
+              f"{'kept' if r.kept else 'searched'}")
+    print(f"MACs {report.macs / 1e9:.3f} G | BOPs searched {report.bops_searched_g:.2f} G | "
+          f"kept {report.bops_kept_g:.2f} G | total {report.bops_total_g:.2f} G")
+    return 0
+
+
+def cmd_backbones(args: argparse.Namespace) -> int:
+    """``gmpq backbones``: the registered backbones."""
+    from gmpq.models import get_backbone, list_backbones
+
+    for name in list_backbones():
+        entry = get_backbone(name)
+        print(f"{name:<24} base={entry.base:<18} input={entry.input_size:<4} {entry.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from gmpq import __version__
+
+    parser = argparse.ArgumentParser(prog="gmpq", description="Generalizable mixed-precision quantization for timm CNNs.")
+    parser.add_argument("--version", action="version", version=f"gmpq {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def verb(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(handler=handler)
+        return p
+
+    for name, handler, text in (("layers", cmd_layers, "list the quantizable layers of an architecture"),
+                                ("bops", cmd_bops, "count MACs and BOPs, float or under a policy")):
+        p = verb(name, handler, text)
+        p.add_argument("arch", help="registered backbone or timm model name")
+        if name == "bops":
+            p.add_argument("--policy", help="policy JSON file (default: every layer float, 32/32)")
+        p.add_argument("--input-size", type=_positive_int, default=None, help="input resolution (default: native)")
+        p.add_argument("--num-classes", type=_positive_int, default=1000, help="classifier outputs (default 1000)")
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+    verb("backbones", cmd_backbones, "list the registered backbones")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except GmpqError as e:
+        print(f"gmpq: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gmpq: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Complexity accounting: multiply-accumulates (MACs) per layer and bit operations (BOPs).
+
+For a layer with ``w`` weight bits and ``a`` activation bits, ``BOPs = MACs * w * a`` (float = 32 bits). MACs are
+measured by a real forward pass at the deployment resolution with hooks on every Conv2d/Linear:
+
+    conv:   MACs = H_out * W_out * C_out * (C_in / groups) * k_h * k_w
+    linear: MACs = (leading elements of the input) * in_features * out_features
+
+Searched-layer BOPs exclude the kept layers (stem, classifier); total BOPs include them.
+The search uses :func:`expected_bops`, the differentiable expectation over per-layer bit probabilities (EdMIPS).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from gmpq.models.adapter import default_input_size, kept_layer_names, quantizable_layers
+from gmpq.quant import FLOAT_BITS, QuantMixin, quantization_bypassed
+
+GIGA = 1e9
+
+
+@dataclass(frozen=True)
+class LayerComplexity:
+    """One quantizable layer's cost."""
+
+    name: str
+    kind: str  # "conv", "dwconv" (depthwise), "gconv" (other grouped) or "linear"
+    macs: int
+    w_bits: int
+    a_bits: int
+    kept: bool
+
+    @property
+    def bops(self) -> int:
+        return self.macs * self.w_bits * self.a_bits
+
+
+@dataclass(frozen=True)
+class BopsReport:
+    """Per-layer MACs and bits of a model at one input size, with searched and total BOPs."""
+
+    arch: str
+    input_size: int
+    layers: list[LayerComplexity]
+
+    @property
+    def macs(self) -> int:
+        return sum(layer.macs for layer in self.layers)
+
+    @property
+    def bops_total_g(self) -> float:
+        return sum(layer.bops for layer in self.layers) / GIGA
+
+    @property
+    def bops_searched_g(self) -> float:
+        return sum(layer.bops for layer in self.layers if not layer.kept) / GIGA
+
+    @property
+    def bops_kept_g(self) -> float:
+        return self.bops_total_g - self.bops_searched_g
+
+    def to_dict(self) -> dict:
+        return {
+            "arch": self.arch, "input_size": self.input_size, "macs": self.macs,
+            "bops_total_g": self.bops_total_g, "bops_searched_g": self.bops_searched_g,
+            "bops_kept_g": self.bops_kept_g, "layers": [asdict(layer) for layer in self.layers],
+        }
+
+
+def layer_kind(module: nn.Module) -> str:
+    """``conv``, ``dwconv``, ``gconv`` or ``linear``."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if module.groups == 1:
+        return "conv"
+    return "dwconv" if module.groups == module.in_channels == module.out_channels else "gconv"
+
+
+@torch.no_grad()
+def layer_macs(model: nn.Module, input_size: int, in_chans: int = 3) -> dict[str, int]:
+    """MACs of every quantizable layer for one ``in_chans x input_size x input_size`` image, by module path.
+
+    Quantizers are bypassed during the trace, so counting never calibrates or changes a quantized model.
+    """
+    if input_size <= 0:
+        raise ValueError(f"input size must be positive, got {input_size}")
+    layers = quantizable_layers(model)
+    macs: dict[str, int] = {}
+
+    def hook(name: str, module: nn.Module):
+        def fn(_m: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+            if isinstance(module, nn.Linear):
+                macs[name] = macs.get(name, 0) + output.numel() * module.in_features
+            else:
+                per_output = (module.in_channels // module.groups) * module.kernel_size[0] * module.kernel_size[1]
+                macs[name] = macs.get(name, 0) + output.numel() * per_output
+        return fn
+
+    handles = [m.register_forward_hook(hook(n, m)) for n, m in layers.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        param = next(model.parameters())
+        x = torch.zeros(1, in_chans, input_size, input_size, device=param.device, dtype=param.dtype)
+        with quantization_bypassed():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {name: macs.get(name, 0) for name in layers}
+
+
+def count_bops(model: nn.Module, input_size: int | None = None, in_chans: int = 3) -> BopsReport:
+    """Per-layer MACs and BOPs of ``model`` at ``input_size`` (default: the model's native resolution).
+
+    Bits come from the quantized layers (float layers count 32/32); kept layers are those of the model's policy
+    when it has one, else the stem and classifier.
+    """
+    size = input_size or default_input_size(model)
+    policy = getattr(model, "gmpq_policy", None)
+    kept = set(policy.kept) if policy is not None else set(kept_layer_names(model))
+    macs = layer_macs(model, size, in_chans)
+    rows = []
+    for name, module in quantizable_layers(model).items():
+        w, a = (module.w_bits, module.a_bits) if isinstance(module, QuantMixin) else (FLOAT_BITS, FLOAT_BITS)
+        rows.append(LayerComplexity(name, layer_kind(module), macs[name], w, a, name in kept))
+    return BopsReport(getattr(model, "gmpq_arch", type(model).__name__), size, rows)
+
+
+def expected_bops(
+    macs: torch.Tensor, w_probs: torch.Tensor, a_probs: torch.Tensor, w_bits: torch.Tensor, a_bits: torch.Tensor,
+) -> torch.Tensor:
+    """Differentiable expected BOPs in G: sum_l MACs_l * E[b_w,l] * E[b_a,l] / 1e9.
+
+    Args:
+        macs: [L] MACs per searched layer (at the deployment resolution).
+        w_probs, a_probs: [L, K_w] and [L, K_a] bit probabilities (rows of softmax(alpha)).
+        w_bits, a_bits: [K_w] and [K_a] candidate bit widths.
+    """
+    expected_w = w_probs @ w_bits.to(w_probs.dtype)
+    expected_a = a_probs @ a_bits.to(a_probs.dtype)
+    return (macs.to(w_probs.dtype) * expected_w * expected_a).sum() / GIGA

@@ -1,0 +1,94 @@
+"""Differentiable uniform quantization functions (straight-through estimators).
+
+Notation: ``b`` is the bit width, ``s`` a step size (scale), ``c`` a clipping value.
+
+Weights, symmetric per output channel with ``2^b - 1`` levels including zero (LSQ, Esser et al. 2020)::
+
+    Q_w(W) = s * clamp(round(W / s), -Q_p, Q_p),      Q_p = 2^(b-1) - 1
+
+Activations, PACT-style learnable clip (Choi et al. 2018)::
+
+    unsigned (x >= 0):  Q_a(x) = round(clamp(x, 0, c) * n / c) * c / n,     n = 2^b - 1   (2^b levels on [0, c])
+    signed:             Q_a(x) = round(clamp(x, -c, c) * n / c) * c / n,    n = 2^(b-1) - 1 (2^b - 1 levels)
+
+``round`` uses the straight-through estimator d round(z) / dz = 1, so inside the clipping range dQ/dx = 1 and
+outside it dQ/dx = 0. The gradient of the step (or clip) is the LSQ one: (round(z) - z) inside the range and the
+boundary value (+-Q_p, or +-1 for the clip) outside.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_BITS = 32
+MIN_BITS = 2
+MAX_BITS = 8
+
+
+def check_bits(bits: int) -> int:
+    """Return ``bits`` if it is a supported bit width (2..8, or 32 for float), else raise ``ValueError``."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not (MIN_BITS <= bits <= MAX_BITS or bits == FLOAT_BITS):
+        raise ValueError(f"bit width must be an integer in {MIN_BITS}..{MAX_BITS} or {FLOAT_BITS} (float), got {bits!r}")
+    return bits
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """``round(x)`` in the forward pass, identity gradient in the backward pass."""
+    return x + (torch.round(x) - x).detach()
+
+
+def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """``x`` in the forward pass, gradient multiplied by ``factor`` in the backward pass (LSQ's g)."""
+    scaled = x * factor
+    return (x - scaled).detach() + scaled
+
+
+def weight_qmax(bits: int) -> int:
+    """Largest integer code of a symmetric weight quantizer: Q_p = 2^(b-1) - 1."""
+    return 2 ** (bits - 1) - 1
+
+
+def act_levels(bits: int, signed: bool) -> int:
+    """Number of steps n between 0 and the clip: 2^b - 1 unsigned, 2^(b-1) - 1 signed."""
+    return 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+
+
+def quantize_weight(weight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Fake-quantize ``weight`` with per-output-channel step ``scale`` (shape [C_out]) to ``bits`` bits (LSQ)."""
+    qmax = weight_qmax(bits)
+    grad_factor = 1.0 / (weight[0].numel() * qmax) ** 0.5
+    s = scale_grad(scale, grad_factor).view(-1, *([1] * (weight.dim() - 1)))
+    return round_ste(torch.clamp(weight / s, -qmax, qmax)) * s
+
+
+def weight_codes(weight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes in [-Q_p, Q_p] of ``weight`` (no gradient), as int8: the export format's payload."""
+    qmax = weight_qmax(bits)
+    s = scale.view(-1, *([1] * (weight.dim() - 1)))
+    return torch.clamp(torch.round(weight / s), -qmax, qmax).to(torch.int8)
+
+
+def quantize_activation(x: torch.Tensor, clip: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """Fake-quantize ``x`` to ``bits`` bits on [0, clip] (unsigned) or [-clip, clip] (signed), PACT/LSQ gradients."""
+    n = act_levels(bits, signed)
+    lower = -clip if signed else torch.zeros_like(clip)
+    y = torch.minimum(torch.maximum(x, lower), clip)
+    return round_ste(y * (n / clip)) * (clip / n)
+
+
+def mse_optimal_scale(values: torch.Tensor, max_abs: torch.Tensor, qmax: int, grid: int = 64) -> torch.Tensor:
+    """Step size s = r * max_abs / qmax minimising the squared rounding-plus-clipping error over r in (0, 1].
+
+    ``values`` has shape [C, N] (one row per channel), ``max_abs`` shape [C]. Returns shape [C].
+    """
+    ratios = torch.linspace(1.0 / grid, 1.0, grid, device=values.device, dtype=values.dtype)
+    best_err = torch.full_like(max_abs, float("inf"))
+    best = max_abs / qmax
+    for r in ratios:
+        s = (r * max_abs / qmax).clamp_min(1e-12)
+        q = torch.clamp(torch.round(values / s[:, None]), -qmax, qmax) * s[:, None]
+        err = (q - values).pow(2).sum(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, s, best)
+    return best.clamp_min(1e-8)
