@@ -128,11 +128,20 @@ def resnet50_cifar(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     return _resnet_cifar("resnet50", pretrained, **kwargs)
 
 
+def _mobilenetv2_cifar(arch: str, pretrained: bool, **kwargs: Any) -> nn.Module:
+    model = _timm(arch, pretrained, **kwargs)
+    model.conv_stem.stride = (1, 1)
+    model.blocks[1][0].conv_dw.stride = (1, 1)
+    return model
+
+
 @register_backbone(base="mobilenetv2_100", input_size=32, mean=CIFAR_MEAN, std=CIFAR_STD)
 def mobilenetv2_100_cifar(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """MobileNetV2 1.0 for 32x32 inputs: stride-1 stem and stride-1 second stage (final map 4x4 at 32x32)."""
-    model = _timm("mobilenetv2_100", pretrained, **kwargs)
-    stem: nn.Conv2d = model.conv_stem
-    stem.stride = (1, 1)
-    model.blocks[1][0].conv_dw.stride = (1, 1)
-    return model
+    return _mobilenetv2_cifar("mobilenetv2_100", pretrained, **kwargs)
+
+
+@register_backbone(base="mobilenetv2_050", input_size=32, mean=CIFAR_MEAN, std=CIFAR_STD)
+def mobilenetv2_050_cifar(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """MobileNetV2 0.5 for 32x32 inputs (28 M MACs, final map 4x4): the quick-start backbone for CPUs."""
+    return _mobilenetv2_cifar("mobilenetv2_050", pretrained, **kwargs)
