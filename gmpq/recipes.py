@@ -1,0 +1,424 @@
+"""Recipes: the YAML schema of a gmpq run, its validation and command-line overrides.
+
+A recipe is a YAML file whose top level holds ``name``, ``seed``, ``output_dir``, ``resume``, ``force`` and the
+sections ``model``, ``data``, ``pretrain``, ``search``, ``finetune``, ``evaluate`` and ``export``; every section is a
+dataclass below, and every field has a default except ``model.arch``. Loading checks every key against the schema:
+an unknown key, a value of the wrong type, a value outside its allowed set or range, or a missing required value
+raises :class:`~gmpq.errors.RecipeError` naming the dotted key (``finetune.lr``) and, for a misspelt key, the closest
+valid one. Any field can be overridden as ``dotted.key=value``; the value is parsed as YAML (``search.bits=[2,4]``,
+``model.checkpoint=null``, ``finetune.lr=1e-3``).
+
+Python use::
+
+    from gmpq.recipes import load_recipe
+    recipe = load_recipe("recipes/finetune_quick.yaml", ["finetune.epochs=1", "output_dir=runs/try1"])
+    recipe.finetune.lr, recipe.to_dict()
+
+This module depends only on :mod:`gmpq.errors`, so every layer can consume a :class:`Recipe`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from gmpq.errors import RecipeError
+
+#: Marks a field that the recipe must set.
+REQUIRED: Any = "<required>"
+
+
+def _f(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, doc: str = "", **limits: float) -> Any:
+    """A dataclass field with a docstring and optional numeric limits (``ge``, ``gt``, ``le``)."""
+    meta = {"doc": doc, **limits}
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    """The network: a registered backbone or timm name, and how it is initialised and deployed."""
+
+    arch: str = _f(REQUIRED, doc="registered backbone or timm model name")
+    num_classes: int | None = _f(None, gt=0, doc="classifier outputs; None takes the dataset's class count")
+    pretrained: bool = _f(False, doc="start from timm's pretrained weights (needs the Hub or its cache)")
+    checkpoint: str | None = _f(None, doc="float checkpoint (gmpq run dir, model dir, .safetensors/.pth file or a "
+                                           "timm/HF Hub id) to initialise from")
+    kept_bits: int = _f(8, doc="bits of the kept layers (stem, classifier); 32 keeps them float")
+    deploy_arch: str | None = _f(None, doc="architecture whose BOPs are reported; None = base_arch(arch)")
+    deploy_input_size: int = _f(224, gt=0, doc="resolution at which deployment BOPs are counted")
+
+
+@dataclass
+class DataConfig:
+    """The dataset, its split names and loader sizes."""
+
+    dataset: str = _f("cifar10_embedded", doc="dataset name (see gmpq.data.list_datasets())")
+    path: str | None = _f(None, doc="local copy: parquet folder, imagefolder or Hub cache dir")
+    train_split: str | None = _f(None, doc="training split; None = the dataset's default")
+    eval_split: str | None = _f(None, doc="evaluation split; None = the dataset's default")
+    input_size: int | None = _f(None, gt=0, doc="image resolution; None = the model's native resolution")
+    batch_size: int = _f(64, gt=0, doc="global training batch (summed over processes)")
+    eval_batch_size: int | None = _f(None, gt=0, doc="global evaluation batch; None = 2 * batch_size")
+    num_workers: int = _f(0, ge=0, doc="dataloader worker processes per training process")
+    max_train_samples: int | None = _f(None, gt=0, doc="use only the first N training samples (after shuffling "
+                                                       "with the recipe seed)")
+    max_eval_samples: int | None = _f(None, gt=0, doc="use only the first N evaluation samples")
+
+
+@dataclass
+class TrainConfig:
+    """One training stage: optimiser, schedule and loop settings."""
+
+    epochs: int = _f(10, ge=0, doc="epochs")
+    optimizer: Literal["sgd", "adamw"] = _f("sgd", doc="sgd (Nesterov off) or adamw")
+    lr: float = _f(0.05, gt=0, doc="peak learning rate (for the global batch)")
+    momentum: float = _f(0.9, ge=0, le=1, doc="SGD momentum (AdamW: beta1)")
+    weight_decay: float = _f(5e-4, ge=0, doc="weight decay (not applied to biases, norms and quantizer steps)")
+    schedule: Literal["cosine", "step"] = _f("cosine", doc="cosine to 0, or step decay")
+    step_size: int = _f(30, gt=0, doc="step schedule: epochs between decays")
+    gamma: float = _f(0.1, gt=0, le=1, doc="step schedule: decay factor")
+    warmup_epochs: float = _f(0.0, ge=0, doc="linear warm-up from lr/100, in epochs")
+    label_smoothing: float = _f(0.0, ge=0, le=1, doc="label smoothing of the cross-entropy")
+    grad_accum: int = _f(1, gt=0, doc="gradient accumulation steps (the optimiser steps every N batches)")
+    mixed_precision: Literal["no", "bf16"] = _f("no", doc="bf16 autocast (GPU); 'no' = float32")
+    max_steps: int | None = _f(None, gt=0, doc="stop each epoch after N batches (smoke tests)")
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """Quantization-aware fine-tuning of a policy, optionally distilled from the float teacher."""
+
+    epochs: int = _f(5, ge=0, doc="epochs")
+    lr: float = _f(0.01, gt=0, doc="peak learning rate (for the global batch)")
+    weight_decay: float = _f(1e-4, ge=0, doc="weight decay (not applied to biases, norms and quantizer steps)")
+    policy: str | None = _f(None, doc="policy JSON path, or 'wXaY' for a uniform policy; None = given by the "
+                                      "pipeline (the search output)")
+    teacher: str | None = _f(None, doc="float teacher checkpoint for distillation; None = model.checkpoint")
+    distill: float = _f(0.0, ge=0, le=1, doc="KD weight: loss = (1-d) CE + d T^2 KL(teacher || student), T=1")
+    calibration_batches: int = _f(8, gt=0, doc="training batches used to calibrate clips and sign modes")
+
+
+@dataclass
+class SearchConfig:
+    """The mixed-precision search (EdMIPS supernet with GMPQ's attribution loss)."""
+
+    strategy: Literal["gmpq", "edmips", "uniform"] = _f("gmpq", doc="gmpq | edmips | uniform")
+    budget_g: float | None = _f(None, gt=0, doc="searched-layer BOPs budget in G at the deployment size "
+                                               "(required when searching)")
+    bits: list[int] = _f(factory=lambda: [2, 3, 4, 6], doc="candidate bit widths")
+    epochs: int = _f(25, ge=0, doc="search epochs")
+    batch_size: int | None = _f(None, gt=0, doc="search batch; None = data.batch_size")
+    lr_w: float = _f(0.1, gt=0, doc="learning rate of the supernet weights (SGD)")
+    lr_alpha: float = _f(0.01, gt=0, doc="learning rate of the architecture parameters")
+    momentum: float = _f(0.9, ge=0, le=1, doc="SGD momentum of the weights")
+    weight_decay: float = _f(5e-4, ge=0, doc="weight decay of the weights")
+    alpha_weight_decay: float = _f(0.0, ge=0, doc="weight decay of the architecture parameters")
+    step_size: int = _f(10, gt=0, doc="epochs between learning-rate decays")
+    gamma: float = _f(0.1, gt=0, le=1, doc="learning-rate decay factor")
+    lambda_attr: float = _f(40.0, ge=0, doc="weight of the attribution rank-preservation loss")
+    p: float | str = _f(3.0, doc="capacity-aware exponent p, or 'auto'")
+    kappa: float = _f(24.0, gt=0, doc="kappa of the capacity-aware attribution loss")
+    teacher: str | None = _f(None, doc="float teacher checkpoint; None = the pretrain output")
+    max_steps: int | None = _f(None, gt=0, doc="stop each epoch after N batches (smoke tests)")
+
+
+@dataclass
+class EvaluateConfig:
+    """Evaluation of a float or quantized model."""
+
+    split: str | None = _f(None, doc="split to evaluate; None = data.eval_split")
+    batch_size: int | None = _f(None, gt=0, doc="global batch; None = data.eval_batch_size")
+
+
+@dataclass
+class ExportConfig:
+    """Export of the fine-tuned model."""
+
+    format: Literal["packed", "float"] = _f("packed", doc="packed integer weights, or float fake-quant weights")
+    dir: str | None = _f(None, doc="export directory; None = <output_dir>/export")
+    name: str | None = _f(None, doc="model name in the export; None = the recipe name")
+
+
+@dataclass
+class Recipe:
+    """A complete run description. Sections are dataclasses; see the module docstring for loading and overrides."""
+
+    name: str = _f("gmpq", doc="run name")
+    seed: int = _f(0, ge=0, doc="seed of every random number generator")
+    output_dir: str | None = _f(None, doc="run directory; None = runs/<name>")
+    resume: bool = _f(False, doc="continue from the last checkpoint in the output directory")
+    force: bool = _f(False, doc="overwrite an output directory holding a finished or different run")
+    model: ModelConfig = _f(factory=ModelConfig)
+    data: DataConfig = _f(factory=DataConfig)
+    pretrain: TrainConfig = _f(factory=TrainConfig)
+    search: SearchConfig = _f(factory=SearchConfig)
+    finetune: FinetuneConfig = _f(factory=FinetuneConfig)
+    evaluate: EvaluateConfig = _f(factory=EvaluateConfig)
+    export: ExportConfig = _f(factory=ExportConfig)
+
+    def __post_init__(self) -> None:
+        if self.output_dir is None:
+            self.output_dir = str(Path("runs") / self.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict of every field (what ``recipe.yaml`` in a run directory holds)."""
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Recipe:
+        """Build and validate a recipe from a nested dict (missing keys take their defaults)."""
+        recipe = _build(cls, data, "")
+        _check_values(recipe)
+        return recipe
+
+    def override(self, overrides: Iterable[str] = ()) -> Recipe:
+        """A new recipe with ``dotted.key=value`` overrides applied and validated."""
+        data = self.to_dict()
+        apply_overrides(data, overrides)
+        return Recipe.from_dict(data)
+
+    def require(self, dotted: str, why: str) -> Any:
+        """The value at ``dotted``; raise :class:`RecipeError` when it is unset (None / required)."""
+        value: Any = self
+        for part in dotted.split("."):
+            value = getattr(value, part)
+        if value is None or value is REQUIRED:
+            raise RecipeError(f"recipe key {dotted!r} must be set {why} (set it in the YAML or pass {dotted}=VALUE)")
+        return value
+
+
+def load_recipe(path: str | os.PathLike | None = None, overrides: Sequence[str] = (), **defaults: Any) -> Recipe:
+    """Load a YAML recipe (or start from the defaults when ``path`` is None), apply ``overrides``, validate.
+
+    ``name`` defaults to the file's stem. Raises :class:`RecipeError` for an unreadable file, invalid YAML or any
+    schema violation, naming the dotted key.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except OSError as e:
+            raise RecipeError(f"cannot read recipe {str(p)!r}: {e.strerror or e}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise RecipeError(f"recipe {str(p)!r} is not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise RecipeError(f"recipe {str(p)!r} must be a YAML mapping at the top level, got {type(loaded).__name__}")
+        data = loaded
+        data.setdefault("name", p.stem)
+    for key, value in defaults.items():
+        data.setdefault(key, value)
+    apply_overrides(data, overrides)
+    try:
+        return Recipe.from_dict(data)
+    except RecipeError as e:
+        if path is not None:
+            raise RecipeError(f"{path}: {e}") from None
+        raise
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` strings to a nested dict in place (values parsed as YAML); return it.
+
+    Keys are checked against the schema, so a misspelt override fails with a did-you-mean hint.
+    """
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise RecipeError(f"override {item!r} must have the form dotted.key=value (e.g. finetune.epochs=1)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        parts = key.split(".")
+        _check_path(parts)
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise RecipeError(f"recipe key {'.'.join(parts[: i + 1])!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def describe() -> list[tuple[str, str, Any, str]]:
+    """Every recipe key as ``(dotted key, type, default, doc)`` — the schema's reference table."""
+    rows: list[tuple[str, str, Any, str]] = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                walk(tp, f"{prefix}{f.name}.")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            rows.append((prefix + f.name, _type_name(tp), default, f.metadata.get("doc", "")))
+
+    walk(Recipe, "")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- validation
+def _check_path(parts: list[str]) -> None:
+    cls: Any = Recipe
+    for i, part in enumerate(parts):
+        if cls is None or not dataclasses.is_dataclass(cls):
+            raise RecipeError(f"recipe key {'.'.join(parts[:i])!r} is a value, not a section; "
+                              f"cannot set {'.'.join(parts)!r}")
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            _unknown(cls, part, ".".join(parts[:i]))
+        tp = hints[part]
+        cls = tp if dataclasses.is_dataclass(tp) else None
+
+
+def _unknown(cls: type, key: str, prefix: str) -> typing.NoReturn:
+    names = [f.name for f in dataclasses.fields(cls)]
+    dotted = f"{prefix}.{key}" if prefix else key
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f"; did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""
+    raise RecipeError(f"unknown recipe key {dotted!r}{hint} (valid keys{' of ' + prefix if prefix else ''}: "
+                      f"{', '.join(names)})")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "recipe"
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"recipe key {where!r} must be a mapping (section), got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        if key not in hints:
+            _unknown(cls, str(key), prefix.rstrip("."))
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        dotted = prefix + f.name
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, data.get(f.name), dotted + ".")
+            continue
+        if f.name not in data:
+            if f.default is REQUIRED:
+                raise RecipeError(f"recipe key {dotted!r} is required ({f.metadata.get('doc', '')}); "
+                                  f"set it in the YAML or pass {dotted}=VALUE")
+            continue
+        value = _coerce(data[f.name], tp, dotted)
+        _check_limits(value, f.metadata, dotted)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "|".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, dotted: str) -> Any:
+    """``value`` checked (and losslessly converted: int->float, '1e-3'->float) against type ``tp``."""
+    origin = typing.get_origin(tp)
+    bad = RecipeError(f"recipe key {dotted!r} must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, dotted)
+            except RecipeError as e:
+                errors.append(e)
+        raise bad
+    if tp is type(None):
+        if value is None:
+            return None
+        raise bad
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value in allowed and not isinstance(value, bool):
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+        raise RecipeError(f"recipe key {dotted!r} must be one of {', '.join(map(repr, allowed))}, got {value!r}"
+                          + (f"; did you mean {close[0]!r}?" if close else ""))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{dotted}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    raise bad
+
+
+def _check_values(recipe: Recipe) -> None:
+    """Cross-field and domain checks that the types alone do not express."""
+    bits_ok = set(range(2, 9))
+    if recipe.model.kept_bits not in bits_ok | {32}:
+        raise RecipeError(f"recipe key 'model.kept_bits' must be in 2..8 or 32 (float), got {recipe.model.kept_bits}")
+    if not recipe.search.bits:
+        raise RecipeError("recipe key 'search.bits' must list at least one bit width, e.g. [2, 3, 4, 6]")
+    for i, b in enumerate(recipe.search.bits):
+        if b not in bits_ok:
+            raise RecipeError(f"recipe key 'search.bits[{i}]' must be in 2..8, got {b}")
+    if isinstance(recipe.search.p, str) and recipe.search.p != "auto":
+        raise RecipeError(f"recipe key 'search.p' must be a number or 'auto', got {recipe.search.p!r}")
+    if isinstance(recipe.search.p, float) and recipe.search.p <= 0:
+        raise RecipeError(f"recipe key 'search.p' must be > 0, got {recipe.search.p}")
+    if not recipe.name or "/" in recipe.name:
+        raise RecipeError(f"recipe key 'name' must be a non-empty name without '/', got {recipe.name!r}")
+
+
+def _check_limits(value: Any, meta: Mapping[str, Any], dotted: str) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    if "ge" in meta and not value >= meta["ge"]:
+        raise RecipeError(f"recipe key {dotted!r} must be >= {meta['ge']}, got {value!r}")
+    if "gt" in meta and not value > meta["gt"]:
+        raise RecipeError(f"recipe key {dotted!r} must be > {meta['gt']}, got {value!r}")
+    if "le" in meta and not value <= meta["le"]:
+        raise RecipeError(f"recipe key {dotted!r} must be <= {meta['le']}, got {value!r}")
