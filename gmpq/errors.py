@@ -32,5 +32,9 @@ class DatasetError(GmpqError, FileNotFoundError):
     """A dataset that is neither reachable nor cached, or has an unexpected layout."""
 
 
+class RunError(GmpqError, ValueError):
+    """A run directory or one of its records (metrics.json, search_log.jsonl) that is missing or malformed."""
+
+
 class CheckpointError(GmpqError, ValueError):
     """A checkpoint or exported model that is missing, truncated, tampered with or of an unknown format."""
