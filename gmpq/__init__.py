@@ -9,11 +9,24 @@ The public API, one import away::
 
 from gmpq.complexity import BopsReport, count_bops, expected_bops, layer_macs
 from gmpq.errors import (
-    BudgetError, CheckpointError, DatasetError, GmpqError, ModelError, PolicyError, RecipeError,
+    BudgetError,
+    CheckpointError,
+    DatasetError,
+    GmpqError,
+    ModelError,
+    PolicyError,
+    RecipeError,
 )
 from gmpq.models import (
-    base_arch, create_model, kept_layer_names, list_backbones, quantizable_layers, quantize, register_backbone,
-    searchable_layer_names, uniform_policy,
+    base_arch,
+    create_model,
+    kept_layer_names,
+    list_backbones,
+    quantizable_layers,
+    quantize,
+    register_backbone,
+    searchable_layer_names,
+    uniform_policy,
 )
 from gmpq.policy import LayerBits, Policy
 from gmpq.quant import calibrate

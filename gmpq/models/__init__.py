@@ -1,8 +1,14 @@
 """Layer 3 — models: the backbone registry and the quantization adapter (the only code that knows timm)."""
 
 from gmpq.models.adapter import (
-    create_model, default_input_size, kept_layer_names, quantizable_layers, quantize, replace_layers,
-    searchable_layer_names, uniform_policy,
+    create_model,
+    default_input_size,
+    kept_layer_names,
+    quantizable_layers,
+    quantize,
+    replace_layers,
+    searchable_layer_names,
+    uniform_policy,
 )
 from gmpq.models.registry import BackboneEntry, base_arch, get_backbone, list_backbones, register_backbone
 

@@ -7,8 +7,8 @@ This is the only module that knows how timm lays models out: the stem and classi
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import timm
@@ -78,9 +78,13 @@ def quantize(model: nn.Module, policy: PolicyLike) -> nn.Module:
     bits, under the same module path. The policy must name every quantizable layer exactly once; anything else
     raises :class:`~gmpq.errors.PolicyError`. The policy is attached as ``model.gmpq_policy``.
     """
+    source = os.fspath(policy) if isinstance(policy, (str, os.PathLike)) else None
     policy = as_policy(policy)
     layers = quantizable_layers(model)
-    policy.validate_layers(layers)
+    try:
+        policy.validate_layers(layers)
+    except PolicyError as e:
+        raise PolicyError(f"{source}: {e}" if source else str(e)) from None
     bits = policy.all_layers()
 
     def make(name: str, module: nn.Module) -> nn.Module:
@@ -137,9 +141,12 @@ def create_model(
         model.pretrained_cfg = {**(getattr(model, "pretrained_cfg", None) or {}), "mean": entry.mean, "std": entry.std,
                                 "input_size": (3, entry.input_size, entry.input_size)}
     if policy is not None:
-        policy = as_policy(policy)
         if kept_bits is not None:
-            check_bits(kept_bits)
-            policy = replace(policy, kept={n: LayerBits(kept_bits, kept_bits) for n in policy.kept})
+            try:
+                check_bits(kept_bits)
+            except ValueError as e:
+                raise ModelError(f"kept_bits: {e}") from None
+            resolved = as_policy(policy)
+            policy = replace(resolved, kept={n: LayerBits(kept_bits, kept_bits) for n in resolved.kept})
         quantize(model, policy)
     return model

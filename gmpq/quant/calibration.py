@@ -58,6 +58,6 @@ def _synchronise(quantizers: list[ActQuantizer]) -> None:
     dist.all_reduce(clips)
     dist.all_reduce(signs, op=dist.ReduceOp.MAX)
     clips /= dist.get_world_size()
-    for q, c, s in zip(quantizers, clips, signs):
+    for q, c, s in zip(quantizers, clips, signs, strict=True):
         q.clip.data.fill_(float(c))
         q.signed.fill_(bool(s > 0))

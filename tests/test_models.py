@@ -1,0 +1,76 @@
+"""Registry and adapter: any timm CNN, kept layers, CIFAR variants."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gmpq
+from gmpq import ModelError
+from gmpq.models import get_backbone, register_backbone
+
+ARCHS = {  # arch -> (kept layers, a small input size for a fast forward)
+    "resnet18": (["conv1", "fc"], 64),
+    "resnet50": (["conv1", "fc"], 64),
+    "mobilenetv2_100": (["conv_stem", "classifier"], 64),
+    "efficientnet_b0": (["conv_stem", "classifier"], 64),
+    "regnetx_002": (["stem.conv", "head.fc"], 64),
+}
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_adapter_quantizes_every_layer_of_timm_families(arch: str) -> None:
+    kept, size = ARCHS[arch]
+    model = gmpq.create_model(arch, num_classes=7)
+    names_before = list(gmpq.quantizable_layers(model))
+    assert gmpq.kept_layer_names(model) == kept
+    gmpq.quantize(model, gmpq.uniform_policy(model, 4, 4))
+    layers = gmpq.quantizable_layers(model)
+    assert list(layers) == names_before
+    assert all(isinstance(m, gmpq.quant.QuantMixin) for m in layers.values())
+    assert all((m.w_bits, m.a_bits) == ((8, 8) if n in kept else (4, 4)) for n, m in layers.items())
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, size, size))
+    assert out.shape == (2, 7) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("arch", ["resnet18_cifar", "resnet50_cifar", "mobilenetv2_100_cifar", "mobilenetv2_050_cifar"])
+def test_cifar_variants_keep_base_layer_names_and_a_4x4_final_map(arch: str) -> None:
+    entry = get_backbone(arch)
+    variant = gmpq.create_model(arch, num_classes=10)
+    base = gmpq.create_model(entry.base, num_classes=10)
+    assert list(gmpq.quantizable_layers(variant)) == list(gmpq.quantizable_layers(base))
+    assert variant.gmpq_input_size == 32
+    with torch.no_grad():
+        feats = variant.forward_features(torch.randn(1, 3, 32, 32))
+    assert feats.shape[-2:] == (4, 4)
+    assert variant.pretrained_cfg["mean"] == entry.mean
+
+
+def test_unknown_arch_is_a_model_error_with_suggestions() -> None:
+    with pytest.raises(ModelError, match="did you mean resnet18"):
+        gmpq.create_model("resnet1")
+
+
+def test_register_backbone_decorator_and_duplicates() -> None:
+    @register_backbone("tiny_test_net", base="resnet18", input_size=16)
+    def tiny_test_net(pretrained: bool = False, **kwargs):
+        """A test entry."""
+        return gmpq.create_model("resnet18", **kwargs)
+
+    assert "tiny_test_net" in gmpq.list_backbones()
+    assert gmpq.create_model("tiny_test_net", num_classes=3).gmpq_input_size == 16
+    with pytest.raises(ValueError, match="already registered"):
+        register_backbone("tiny_test_net", base="resnet18")(tiny_test_net)
+
+
+def test_32_bit_policy_reproduces_the_float_model_exactly() -> None:
+    float_model = gmpq.create_model("mobilenetv2_050_cifar", num_classes=10).eval()
+    policy = gmpq.uniform_policy(float_model, 32, 32, kept_bits=32)
+    quantized = gmpq.create_model("mobilenetv2_050_cifar", num_classes=10, policy=policy)
+    quantized.load_state_dict(float_model.state_dict(), strict=False)
+    quantized.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(quantized(x), float_model(x))
