@@ -1,7 +1,8 @@
 """Recipes: the YAML schema of a gmpq run, its validation and command-line overrides.
 
 A recipe is a YAML file whose top level holds ``name``, ``seed``, ``output_dir``, ``resume``, ``force`` and the
-sections ``model``, ``data``, ``pretrain``, ``search``, ``finetune``, ``evaluate`` and ``export``; every section is a
+sections ``model``, ``data``, ``pretrain``, ``search``, ``finetune``, ``evaluate``, ``export``, ``target`` and ``run``
+(the last two used by ``gmpq run``); every section is a
 dataclass below, and every field has a default except ``model.arch``. Loading checks every key against the schema:
 an unknown key, a value of the wrong type, a value outside its allowed set or range, or a missing required value
 raises :class:`~gmpq.errors.RecipeError` naming the dotted key (``finetune.lr``) and, for a misspelt key, the closest
@@ -151,6 +152,34 @@ class ExportConfig:
 
 
 @dataclass
+class TargetConfig:
+    """The target task of a proxy-searched policy (GMPQ's transfer: search on CIFAR-10, fine-tune on ImageNet).
+
+    When ``dataset`` is set, ``gmpq run`` fine-tunes, evaluates and exports on the target with ``arch`` instead of
+    the proxy's ``data``/``model``; unset fields fall back to the proxy's.
+    """
+
+    dataset: str | None = _f(None, doc="target dataset; None = fine-tune on the proxy (the data section)")
+    path: str | None = _f(None, doc="local copy of the target dataset")
+    arch: str | None = _f(None, doc="target architecture; None = model.deploy_arch or base_arch(model.arch)")
+    input_size: int | None = _f(None, gt=0, doc="target resolution; None = the target arch's native resolution")
+    train_split: str | None = _f(None, doc="target training split; None = the dataset's default")
+    eval_split: str | None = _f(None, doc="target evaluation split; None = the dataset's default")
+    batch_size: int | None = _f(None, gt=0, doc="global fine-tuning batch on the target; None = data.batch_size")
+    pretrained: bool = _f(False, doc="initialise the target model from timm's pretrained weights")
+    checkpoint: str | None = _f(None, doc="float checkpoint of the target model; None = pretrained or the pretrain "
+                                           "output when the target is the proxy")
+
+
+@dataclass
+class RunConfig:
+    """What ``gmpq run`` does besides the pretrain -> search -> finetune -> evaluate -> export chain."""
+
+    compare_uniform: bool = _f(True, doc="also fine-tune the best uniform policy under the same budget and report "
+                                         "both")
+
+
+@dataclass
 class Recipe:
     """A complete run description. Sections are dataclasses; see the module docstring for loading and overrides."""
 
@@ -166,6 +195,8 @@ class Recipe:
     finetune: FinetuneConfig = _f(factory=FinetuneConfig)
     evaluate: EvaluateConfig = _f(factory=EvaluateConfig)
     export: ExportConfig = _f(factory=ExportConfig)
+    target: TargetConfig = _f(factory=TargetConfig)
+    run: RunConfig = _f(factory=RunConfig)
 
     def __post_init__(self) -> None:
         if self.output_dir is None:
