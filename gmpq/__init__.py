@@ -16,6 +16,7 @@ from gmpq.errors import (
     ModelError,
     PolicyError,
     RecipeError,
+    RunError,
 )
 from gmpq.models import (
     base_arch,
@@ -30,6 +31,7 @@ from gmpq.models import (
 )
 from gmpq.policy import LayerBits, Policy
 from gmpq.quant import calibrate
+from gmpq.viz import compare_runs, plot_compare, plot_policies, plot_search
 
 __version__ = "0.1.0"
 
@@ -38,4 +40,5 @@ __all__ = [
     "Policy", "PolicyError", "RecipeError", "__version__", "base_arch", "calibrate", "count_bops", "create_model",
     "expected_bops", "kept_layer_names", "layer_macs", "list_backbones", "quantizable_layers", "quantize",
     "register_backbone", "searchable_layer_names", "uniform_policy",
+    "RunError", "compare_runs", "plot_compare", "plot_policies", "plot_search",
 ]

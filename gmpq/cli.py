@@ -85,6 +85,34 @@ def cmd_backbones(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    """``gmpq plot POLICY.json [MORE.json ...] -o FIG`` or ``gmpq plot --search RUN_DIR -o FIG``."""
+    from gmpq.errors import PolicyError
+    from gmpq.viz import plot_policies, plot_search
+
+    if bool(args.policies) == bool(args.search):
+        raise PolicyError("gmpq plot: give policy JSON files, or --search RUN_DIR for a search run's figure "
+                          "(one of the two)")
+    if args.search:
+        path = plot_search(args.search, args.output, title=args.title)
+    else:
+        path = plot_policies(args.policies, args.output, labels=args.labels, style=args.style, title=args.title)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """``gmpq compare RUN_DIR ... [-o FIG] [--json]``: a table of the runs, and a top-1 vs BOPs scatter plot."""
+    from gmpq.viz import compare_runs, format_compare_table, plot_compare
+
+    runs = compare_runs(args.runs)
+    print(json.dumps([r.to_dict() for r in runs], indent=2) if args.json else format_compare_table(runs))
+    if args.output:
+        path = plot_compare(runs, args.output, bops=args.bops)
+        print(f"wrote {path}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from gmpq import __version__
 
@@ -107,6 +135,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--num-classes", type=_positive_int, default=1000, help="classifier outputs (default 1000)")
         p.add_argument("--json", action="store_true", help="print one JSON object")
     verb("backbones", cmd_backbones, "list the registered backbones")
+    p = verb("plot", cmd_plot, "draw policies (per-layer W/A bits) or a search run (BOPs, bit probabilities)")
+    p.add_argument("policies", nargs="*", metavar="POLICY.json", help="policy files, one panel each")
+    p.add_argument("--search", metavar="RUN_DIR", help="a search output_dir (or its search_log.jsonl) instead")
+    p.add_argument("-o", "--output", required=True, help="image file to write (.png, .svg or .pdf)")
+    p.add_argument("--labels", nargs="+", metavar="TEXT", help="panel titles, one per policy")
+    p.add_argument("--style", choices=("side", "mirror"), default="side",
+                   help="W and A bars side by side (default) or mirrored (W up, A down)")
+    p.add_argument("--title", help="figure title")
+    p = verb("compare", cmd_compare, "compare runs: a table of top-1, BOPs and size, and a top-1 vs BOPs plot")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run output directories (each with metrics.json)")
+    p.add_argument("-o", "--output", help="also write a scatter plot of top-1 against BOPs (.png, .svg or .pdf)")
+    p.add_argument("--bops", choices=("searched", "total"), default="searched",
+                   help="x axis: BOPs of the searched layers (default) or of all layers")
+    p.add_argument("--json", action="store_true", help="print one JSON list instead of the table")
     return parser
 
 

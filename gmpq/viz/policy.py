@@ -139,7 +139,7 @@ def _draw_panel(ax, layers: list[PolicyLayer], top: int, style: str, names: bool
     for p in layers:
         if p.role.skip:
             ax.axvspan(p.index - 0.5, p.index + 0.5, color=SKIP_SHADE, lw=0, zorder=0)
-    for prev, cur in zip(layers, layers[1:]):
+    for prev, cur in zip(layers, layers[1:], strict=False):
         if prev.role.block != cur.role.block:
             ax.axvline(cur.index - 0.5, color="#b0b0b0", lw=0.6, zorder=0.5)
 
@@ -177,7 +177,7 @@ def _draw_panel(ax, layers: list[PolicyLayer], top: int, style: str, names: bool
     if names:
         ax.set_xticks([p.index for p in shown], [f"{p.role.name}  {p.index}" for p in shown], rotation=90,
                       fontsize=6.5, family="DejaVu Sans Mono")
-        for label, p in zip(ax.get_xticklabels(), shown):
+        for label, p in zip(ax.get_xticklabels(), shown, strict=True):
             if p.role.shortcut:
                 label.set_color(SHORTCUT_COLOR)
                 label.set_fontweight("bold")
@@ -255,7 +255,7 @@ def plot_policies(
     height = sum(panel_h + (name_height if on else 0.25) for on in names_on) + 0.45 + (0.3 if title else 0)
     fig = new_figure(width, height)
     axes = fig.subplots(len(policies), 1, squeeze=False)[:, 0]
-    for i, (ax, policy, (layers, macs)) in enumerate(zip(axes, policies, facts)):
+    for i, (ax, policy, (layers, macs)) in enumerate(zip(axes, policies, facts, strict=True)):
         _draw_panel(ax, layers, top, style, names_on[i], label_every)
         ax.set_title(labels[i] if labels is not None else policy_title(policy, layers, macs), fontsize=8.5,
                      loc="left")
