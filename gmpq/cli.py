@@ -113,6 +113,39 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """``gmpq export RUN_DIR --out DIR``: packed low-bit safetensors + policy + config + model card."""
+    from gmpq.hub.export import export_report_dict, export_trained
+
+    report = export_trained(args.source, args.out, format=args.format, name=args.name,
+                            bops_input_size=args.bops_input_size, repo_id=args.repo_id)
+    print(json.dumps(export_report_dict(report), indent=2) if args.json else report.summary())
+    return 0
+
+
+def cmd_hub(args: argparse.Namespace) -> int:
+    """``gmpq hub list [--hub DIR]`` (the local hub's models) and ``gmpq hub index [--hub DIR]`` (rebuild its index)."""
+    from dataclasses import asdict
+
+    from gmpq.hub.index import list_hub, update_index
+
+    if args.action == "index":
+        print(f"wrote {update_index(args.hub)}")
+        return 0
+    entries = list_hub(args.hub)
+    if args.json:
+        print(json.dumps([asdict(e) for e in entries], indent=2))
+        return 0
+    rows = [(e.name, e.arch, e.dataset or "-", "-" if e.top1 is None else f"{e.top1:.2f}",
+             f"{e.bops_searched_g:.3f}/{e.bops_total_g:.3f} @{e.bops_input_size}", f"{e.file_bytes / 1e6:.3f}",
+             f"{1 / e.ratio_fp32:.1f}x") for e in entries]
+    head = ("name", "arch", "dataset", "top-1 %", "GBOPs searched/total", "MB", "vs FP32")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    for r in [head, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from gmpq import __version__
 
@@ -149,6 +182,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bops", choices=("searched", "total"), default="searched",
                    help="x axis: BOPs of the searched layers (default) or of all layers")
     p.add_argument("--json", action="store_true", help="print one JSON list instead of the table")
+    p = verb("export", cmd_export, "export a fine-tuned quantized model: packed low-bit safetensors, policy, config, "
+                                   "model card")
+    p.add_argument("source", metavar="RUN_DIR", help="a fine-tune run, its finetune/ stage or its model/ directory")
+    p.add_argument("--out", required=True, metavar="DIR", help="export directory (e.g. hub/<name>)")
+    p.add_argument("--format", choices=("packed", "float"), default="packed",
+                   help="packed integer codes (default) or dequantized float weights")
+    p.add_argument("--name", help="model name on the card (default: the directory name)")
+    p.add_argument("--bops-input-size", type=_positive_int, help="resolution for BOPs (default: the model's native)")
+    p.add_argument("--repo-id", help="id in the card's loading snippet (default: the --out path)")
+    p.add_argument("--json", action="store_true", help="print the export report as JSON")
+    p = verb("hub", cmd_hub, "the local hub: list its models, or rebuild its index")
+    p.add_argument("action", choices=("list", "index"), help="list: print the index; index: rebuild it")
+    p.add_argument("--hub", metavar="DIR", help="hub folder (default: ./hub, else the gmpq checkout's hub/)")
+    p.add_argument("--json", action="store_true", help="print one JSON list (list)")
     return parser
 
 

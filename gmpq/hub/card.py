@@ -1,0 +1,116 @@
+"""The model card (README.md) of an export: Hub metadata, the measured metrics, the policy figure, how to load.
+
+Every number on the card comes from the export's config.json — what save_pretrained measured on the model (BOPs,
+sizes) or was given as measured (top-1, with its dataset and split). A metric nobody measured reads "not measured".
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from gmpq.hub import format as F
+from gmpq.policy import Policy
+from gmpq.quant.functional import FLOAT_BITS
+from gmpq.utils import atomic_write_text
+
+
+def write_card(out: Path, config: Mapping[str, Any], policy: Policy, repo_id: str, figure: bool = True) -> Path:
+    """Write ``README.md`` (and, with ``figure``, ``policy.png``) into the export directory ``out``."""
+    if figure:
+        write_policy_figure(policy, out / F.FIGURE_FILE, title=f"{config.get('name')}: per-layer bits")
+    return atomic_write_text(out / F.CARD_FILE, render_card(config, policy, repo_id, (out / F.FIGURE_FILE).is_file()))
+
+
+def write_policy_figure(policy: Policy, path: Path, title: str | None = None) -> Path:
+    """The per-layer weight/activation bit bars of ``policy`` (gmpq.viz.plot_policies)."""
+    from gmpq.viz import plot_policies
+
+    return plot_policies(policy, path, title=title)
+
+
+def _bits(bits: int) -> str:
+    return "fp32" if bits == FLOAT_BITS else str(bits)
+
+
+def _num(value: Any, fmt: str, unit: str = "") -> str:
+    return "not measured" if value is None else f"{value:{fmt}}{unit}"
+
+
+def render_card(config: Mapping[str, Any], policy: Policy, repo_id: str, has_figure: bool) -> str:
+    """The card's Markdown text."""
+    m = config.get("metrics") or {}
+    name = config.get("name") or repo_id
+    size = m.get("bops_input_size")
+    dataset = m.get("dataset")
+    if m.get("top1") is not None:
+        where = ", ".join(str(x) for x in (dataset, m.get("eval_split"),
+                                           f"{m['eval_samples']:,} images" if m.get("eval_samples") else None) if x)
+        top1_row = f"| top-1 accuracy ({where or 'dataset not recorded'}) | {m['top1']:.2f} % |"
+    else:
+        top1_row = "| top-1 accuracy | not measured |"
+    searched = Counter((b.w_bits, b.a_bits) for b in policy.layers.values())
+    mix = ", ".join(f"{n} x W{w}/A{a}" for (w, a), n in sorted(searched.items()))
+    kept = ", ".join(f"`{n}` W{_bits(b.w_bits)}/A{_bits(b.a_bits)}" for n, b in policy.kept.items()) or "none"
+    prov = config.get("provenance") or {}
+    provenance = "\n".join(f"- {k}: {v}" for k, v in prov.items()) or "- not recorded"
+    tags = ["gmpq", "quantization", "mixed-precision", "timm", "image-classification"]
+    front = ["---", "library_name: gmpq", "license: apache-2.0", "pipeline_tag: image-classification",
+             "tags:", *[f"- {t}" for t in tags]]
+    if dataset:
+        front += ["datasets:", f"- {dataset}"]
+    front.append("---")
+    layout = ("integer weight codes packed to their bit width" if config.get("weights") == "packed"
+              else "dequantized float weights")
+    lines = [
+        *front, "",
+        f"# {name}", "",
+        f"`{config['arch']}` ({config.get('num_classes')} classes, {size}x{size} input) with a mixed-precision "
+        f"weight/activation policy, made with gmpq (GMPQ: generalizable "
+        "mixed-precision quantization, Wang et al., ICCV 2021).",
+    ]
+    if config.get("description"):
+        lines += ["", str(config["description"])]
+    lines += [
+        "", "## Metrics", "",
+        "| metric | value |", "|---|---|",
+        top1_row,
+        f"| BOPs, searched layers ({size}x{size}) | {_num(m.get('bops_searched_g'), '.4f', ' G')} |",
+        f"| BOPs, all layers ({size}x{size}) | {_num(m.get('bops_total_g'), '.4f', ' G')} |",
+        f"| mean bits of searched layers, W / A | {_num(m.get('mean_w_bits'), '.2f')} / "
+        f"{_num(m.get('mean_a_bits'), '.2f')} |",
+        f"| {F.WEIGHTS_FILE} | {m['file_bytes']:,} bytes ({layout}) |",
+        f"| FP32 safetensors of the same network | {m['fp32_bytes']:,} bytes "
+        f"(this file is {m['ratio_fp32']:.3f} of it, {1 / m['ratio_fp32']:.1f}x smaller) |",
+        "", "## Policy", "",
+    ]
+    if has_figure:
+        lines += [f"![per-layer weight and activation bits]({F.FIGURE_FILE})", ""]
+    lines += [
+        f"Searched layers ({len(policy.layers)}): {mix or 'none'}. Kept layers (not searched): {kept}. "
+        f"The full policy is in [`{F.POLICY_FILE}`]({F.POLICY_FILE}).", "",
+        "Provenance:", "", provenance, "",
+        "## Usage", "",
+        "```python",
+        "import torch, gmpq",
+        f'model = gmpq.from_pretrained("{repo_id}")   # eval mode, quantized as above',
+        f"x = torch.randn(1, {', '.join(str(d) for d in config['input_size'])})   # normalised input",
+        "logits = model(x)",
+        "```", "",
+        f"Inputs are normalised with mean {_tuple(config.get('mean'))} and std {_tuple(config.get('std'))}. "
+        "Loading reads safetensors and JSON only (nothing is unpickled) and checks the files' SHA-256.", "",
+        "## Files", "",
+        f"- `{F.WEIGHTS_FILE}`: {layout}, per-channel weight steps, activation clips and sign modes, and the other "
+        f"tensors (BN, biases) in float32 (gmpq export format {config['format_version']}).",
+        f"- `{F.POLICY_FILE}`: per-layer weight/activation bits.",
+        f"- `{F.CONFIG_FILE}`: architecture, model arguments, input size, normalisation, metrics, file hashes.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _tuple(values: Any) -> str:
+    return "not recorded" if not values else "(" + ", ".join(f"{v:g}" for v in values) + ")"
+

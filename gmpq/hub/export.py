@@ -1,0 +1,350 @@
+"""Export a quantized model: ``save_pretrained(model, dir)`` writes model.safetensors, policy.json, config.json and
+the model card (see :mod:`gmpq.hub.format` for the layout).
+
+The integer codes written for a quantized layer are those its forward pass uses: with ``W_q = Q_w(W)`` the
+fake-quantized weight and ``s`` the per-channel step, ``q = round(W_q / s)`` (exact, since ``W_q`` is an integer
+multiple of the step). A loaded model sets ``W = s * q``, which the same forward quantizes back to exactly ``W_q``,
+so exported and loaded models compute the same logits.
+
+Size. The file holds ``P`` bytes of packed codes, ``E`` bytes of everything else (float32 steps, clips, BN, biases,
+float layers, flags) and a safetensors header ``H``; ``overhead = (P + E + H) / (P + E)``. It is compared with the
+safetensors file of the same network in FP32 (its float state dict without quantizer state).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as safetensors_bytes
+from safetensors.torch import save_file
+from torch import nn
+
+from gmpq.complexity import count_bops
+from gmpq.errors import ModelError
+from gmpq.hub import format as F
+from gmpq.hub.index import INDEX_FILE, update_index
+from gmpq.hub.packing import pack_codes
+from gmpq.models import default_input_size, quantizable_layers
+from gmpq.policy import Policy
+from gmpq.quant import ActQuantizer, QuantMixin, WeightQuantizer
+from gmpq.quant import functional as QF
+from gmpq.utils import atomic_write, atomic_write_text
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What an export wrote and measured.
+
+    Attributes:
+        path: the export directory.
+        layout: ``packed`` or ``float``.
+        file_bytes: size of model.safetensors.
+        packed_bytes: bytes of packed weight codes (0 for the float layout).
+        extras_bytes: bytes of every other tensor.
+        fp32_bytes: size of the same network's FP32 safetensors file.
+        bops_searched_g / bops_total_g: BOPs (1e9) at ``bops_input_size``.
+    """
+
+    path: Path
+    layout: str
+    file_bytes: int
+    packed_bytes: int
+    extras_bytes: int
+    fp32_bytes: int
+    bops_input_size: int
+    bops_searched_g: float
+    bops_total_g: float
+
+    @property
+    def overhead(self) -> float:
+        """file bytes / (packed codes + extras): the cost of the header (the size bound is 1.05)."""
+        return self.file_bytes / max(1, self.packed_bytes + self.extras_bytes)
+
+    @property
+    def ratio_fp32(self) -> float:
+        """file bytes / FP32 safetensors bytes."""
+        return self.file_bytes / self.fp32_bytes
+
+    def summary(self) -> str:
+        """One line for the command line."""
+        return (f"{self.path / F.WEIGHTS_FILE}: {self.file_bytes:,} bytes ({self.layout}; codes {self.packed_bytes:,} "
+                f"+ extras {self.extras_bytes:,}, overhead x{self.overhead:.4f}) | FP32 safetensors "
+                f"{self.fp32_bytes:,} bytes | ratio {self.ratio_fp32:.4f} ({1 / self.ratio_fp32:.2f}x smaller)")
+
+
+@torch.no_grad()
+def weight_codes(layer: QuantMixin) -> torch.Tensor:
+    """The int8 codes ``q`` in ``[-Q_p, Q_p]`` of the weight ``layer`` uses in its forward pass (``W_q = s * q``)."""
+    return QF.weight_codes(layer.quantized_weight().float(), layer.wq.scale.float(), layer.w_bits)
+
+
+def _check_exportable(model: nn.Module) -> Policy:
+    policy = getattr(model, "gmpq_policy", None)
+    if not isinstance(policy, Policy):
+        raise ModelError("save_pretrained needs a model quantized by gmpq (gmpq.create_model(arch, policy=...) or "
+                         "gmpq.quantize(model, policy)); this model has no gmpq_policy")
+    for name, m in quantizable_layers(model).items():
+        if not isinstance(m, QuantMixin):
+            raise ModelError(f"layer {name!r} is a float {type(m).__name__}, not quantized; quantize the whole model "
+                             "with its policy before exporting")
+        if not m.wq.is_float and not bool(m.wq.initialized):
+            raise ModelError(f"layer {name!r} has no weight steps yet; run gmpq.calibrate(model, batches) (or train "
+                             "it) before exporting")
+        if not m.aq.is_float and not bool(m.aq.calibrated):
+            raise ModelError(f"layer {name!r} has an uncalibrated activation quantizer; run "
+                             "gmpq.calibrate(model, batches) (or train it) before exporting")
+    return policy
+
+
+def _quantizer_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the quantizer submodules (absent from an FP32 model)."""
+    keys = set()
+    for name, m in model.named_modules():
+        if isinstance(m, (WeightQuantizer, ActQuantizer)):
+            keys.update(f"{name}.{k}" for k in m.state_dict())
+    return keys
+
+
+def _layer_bits(model: nn.Module) -> dict[str, tuple[int, int]]:
+    return {name: (m.w_bits, m.a_bits) for name, m in quantizable_layers(model).items()}
+
+
+def _packed_tensors(state: Mapping[str, torch.Tensor], layers: Mapping[str, QuantMixin]
+                    ) -> tuple[dict[str, torch.Tensor], list[F.Entry], int]:
+    """The four streams of the packed layout, the index entries and the packed-code bytes."""
+    weight_keys = {f"{name}.weight": m for name, m in layers.items()}
+    parts: dict[str, list[torch.Tensor]] = {tag: [] for tag in F.STREAMS}
+    entries = []
+    for key, tensor in state.items():
+        layer = weight_keys.get(key)
+        if layer is not None:
+            unsigned = weight_codes(layer).to(torch.int16) + QF.weight_qmax(layer.w_bits)
+            parts["c"].append(pack_codes(unsigned, layer.w_bits))
+            entries.append(F.Entry(key, "c", tuple(tensor.shape)))
+        else:
+            tag = F.stream_tag(tensor)
+            parts[tag].append(tensor.detach().cpu().reshape(-1).to(F.STREAMS[tag][1]))
+            entries.append(F.Entry(key, tag, tuple(tensor.shape)))
+    tensors = {name: torch.cat(parts[tag]) if parts[tag] else torch.empty(0, dtype=dtype)
+               for tag, (name, dtype) in F.STREAMS.items()}
+    return tensors, entries, tensors["codes"].numel()
+
+
+def _float_tensors(state: Mapping[str, torch.Tensor], layers: Mapping[str, QuantMixin]) -> dict[str, torch.Tensor]:
+    weight_keys = {f"{name}.weight": m for name, m in layers.items()}
+    out = {}
+    for key, tensor in state.items():
+        layer = weight_keys.get(key)
+        if layer is not None:
+            out[key] = F.dequantize(weight_codes(layer), layer.wq.scale.detach()).cpu()
+        else:
+            t = tensor.detach().cpu()
+            out[key] = (t.float() if t.is_floating_point() else t).contiguous()
+    return out
+
+
+def fp32_safetensors_bytes(model: nn.Module) -> int:
+    """Size of the safetensors file of ``model``'s network in FP32: its float state dict without quantizer state."""
+    skip = _quantizer_keys(model)
+    state = {k: (v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()).contiguous()
+             for k, v in model.state_dict().items() if k not in skip}
+    return len(safetensors_bytes(state))
+
+
+def model_config(model: nn.Module) -> dict[str, Any]:
+    """The part of config.json that rebuilds the network: arch, model kwargs, input size, normalisation."""
+    arch = getattr(model, "gmpq_arch", None)
+    if not arch:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        arch = cfg.get("architecture")
+    if not arch:
+        raise ModelError("cannot tell the model's architecture: create it with gmpq.create_model(name, ...) so that "
+                         "it carries gmpq_arch")
+    num_classes = getattr(model, "num_classes", None)
+    if not isinstance(num_classes, int):
+        raise ModelError(f"cannot tell the number of classes of {arch!r}: expected a timm model with num_classes")
+    first = next(iter(quantizable_layers(model).values()))
+    in_chans = first.in_channels if isinstance(first, nn.Conv2d) else first.in_features
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = default_input_size(model)
+    return {
+        "arch": arch,
+        "model_kwargs": {"num_classes": num_classes, "in_chans": in_chans},
+        "num_classes": num_classes,
+        "input_size": [in_chans, size, size],
+        "mean": list(cfg.get("mean", ())) or None,
+        "std": list(cfg.get("std", ())) or None,
+    }
+
+
+def save_pretrained(
+    model: nn.Module, save_dir: str | os.PathLike, *, format: str = "packed", name: str | None = None,
+    dataset: str | None = None, top1: float | None = None, eval_split: str | None = None,
+    eval_samples: int | None = None, bops_input_size: int | None = None, description: str | None = None,
+    repo_id: str | None = None, card: bool = True,
+) -> ExportReport:
+    """Export a quantized ``model`` to ``save_dir``; return what was written and measured.
+
+    Args:
+        model: a model quantized by gmpq (it carries ``gmpq_policy``) whose quantizers are calibrated.
+        save_dir: the export directory (created; gmpq's files in it are replaced atomically, one by one, and
+            config.json — which records the other files' SHA-256 — last).
+        format: ``"packed"`` (integer codes packed to their bit width) or ``"float"`` (dequantized float weights).
+        name: model name for the card (default: the directory name).
+        dataset, top1, eval_split, eval_samples: the measured top-1 accuracy (percent) of this model, the dataset
+            and split it was measured on and how many images. Left out, the card says "not measured".
+        bops_input_size: resolution at which BOPs are counted (default: the model's native resolution).
+        description: a paragraph for the card (how the model was made).
+        repo_id: the id the card's loading snippet uses (default: ``save_dir`` as given).
+        card: write README.md and policy.png.
+    """
+    if format not in F.LAYOUTS:
+        raise ModelError(f"unknown export format {format!r}; choose one of {', '.join(F.LAYOUTS)}")
+    if top1 is not None and not (isinstance(top1, (int, float)) and 0.0 <= top1 <= 100.0):
+        raise ModelError(f"top1 is a percentage in [0, 100], got {top1!r}")
+    policy = _check_exportable(model)
+    out = Path(save_dir)
+    config = model_config(model)
+    layers = F.coded_layers(model)
+    state = model.state_dict()
+    metadata = {"format": F.FORMAT_NAME, "format_version": str(F.FORMAT_VERSION), "weights": format,
+                "bits": F.encode_bits(_layer_bits(model))}
+    if format == "packed":
+        tensors, entries, packed_bytes = _packed_tensors(state, layers)
+        metadata["index"] = F.encode_index(entries)
+    else:
+        tensors, packed_bytes = _float_tensors(state, layers), 0
+    extras_bytes = sum(t.numel() * t.element_size() for t in tensors.values()) - packed_bytes
+
+    out.mkdir(parents=True, exist_ok=True)
+    weights_path = atomic_write(out / F.WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    policy_path = policy.save(out / F.POLICY_FILE)
+
+    size = bops_input_size or default_input_size(model)
+    bops = count_bops(model, size)
+    report = ExportReport(out, format, weights_path.stat().st_size, packed_bytes, extras_bytes,
+                          fp32_safetensors_bytes(model), size, bops.bops_searched_g, bops.bops_total_g)
+    w_mean, a_mean = policy.mean_bits
+    from gmpq import __version__
+
+    config.update({
+        "format": F.FORMAT_NAME, "format_version": F.FORMAT_VERSION, "gmpq_version": __version__,
+        "weights": format, "name": name or out.resolve().name,
+        "metrics": {
+            "dataset": dataset, "top1": top1, "eval_split": eval_split, "eval_samples": eval_samples,
+            "bops_input_size": size, "bops_searched_g": bops.bops_searched_g, "bops_total_g": bops.bops_total_g,
+            "mean_w_bits": None if math.isnan(w_mean) else w_mean,
+            "mean_a_bits": None if math.isnan(a_mean) else a_mean,
+            "file_bytes": report.file_bytes, "packed_bytes": packed_bytes, "extras_bytes": extras_bytes,
+            "fp32_bytes": report.fp32_bytes, "ratio_fp32": report.ratio_fp32, "overhead": report.overhead,
+        },
+        "description": description,
+        "provenance": policy.provenance,
+        "files": {p.name: {"sha256": F.sha256_file(p), "bytes": p.stat().st_size} for p in (weights_path, policy_path)},
+    })
+    if card:
+        from gmpq.hub.card import write_card
+
+        write_card(out, config, policy, repo_id=repo_id or os.fspath(save_dir))
+    atomic_write_text(out / F.CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+    if (out.parent / INDEX_FILE).is_file():
+        update_index(out.parent)
+    return report
+
+
+def export_report_dict(report: ExportReport) -> dict[str, Any]:
+    """``report`` as JSON-ready data (for ``gmpq export --json``)."""
+    data = asdict(report)
+    data.update(path=str(report.path), overhead=report.overhead, ratio_fp32=report.ratio_fp32)
+    return data
+
+
+def push_to_hub(
+    model_or_dir: nn.Module | str | os.PathLike, repo_id: str, *, token: str | bool | None = None,
+    private: bool | None = None, revision: str | None = None, commit_message: str | None = None,
+    create_pr: bool = False, **export_kwargs: Any,
+) -> str:
+    """Publish a model to the Hugging Face Hub repo ``repo_id``; return the commit URL.
+
+    ``model_or_dir`` is a quantized model (exported first with ``save_pretrained(model, ..., **export_kwargs)``) or
+    an export directory, which is loaded and verified first so that a broken export is never published. The card's
+    loading snippet names ``repo_id``. Uploads through ``HfApi.create_repo`` and ``HfApi.upload_folder``.
+    """
+    from gmpq.hub.card import write_card
+    from gmpq.hub.load import load_export_dir, read_config
+    from gmpq.hub.remote import upload_export
+
+    with tempfile.TemporaryDirectory(prefix="gmpq-push-") as tmp:
+        staged = Path(tmp) / repo_id.rsplit("/", 1)[-1]
+        if isinstance(model_or_dir, nn.Module):
+            save_pretrained(model_or_dir, staged, repo_id=repo_id, **export_kwargs)
+        else:
+            if export_kwargs:
+                raise ModelError(f"export options {sorted(export_kwargs)} apply to a model, not to an export "
+                                 f"directory ({model_or_dir})")
+            source = Path(model_or_dir)
+            load_export_dir(source)
+            staged.mkdir()
+            for name in (*F.REQUIRED_FILES, F.FIGURE_FILE):
+                if (source / name).is_file():
+                    shutil.copy2(source / name, staged / name)
+            write_card(staged, read_config(staged), Policy.load(staged / F.POLICY_FILE), repo_id=repo_id,
+                       figure=False)
+        return upload_export(staged, repo_id, token=token, private=private, revision=revision,
+                             commit_message=commit_message, create_pr=create_pr)
+
+
+def trained_model_dir(source: str | os.PathLike) -> Path:
+    """The quantized model directory of a run, a fine-tune stage or a model directory written by gmpq training."""
+    from gmpq.train.checkpoint import QUANTIZED_FORMAT, read_model_config
+
+    root = Path(source)
+    for candidate in (root, root / "model", root / "finetune" / "model"):
+        if (candidate / F.CONFIG_FILE).is_file() and (candidate / F.WEIGHTS_FILE).is_file():
+            if read_model_config(candidate).get("format") == QUANTIZED_FORMAT:
+                return candidate
+    raise ModelError(f"no quantized model found at {str(root)!r} (looked for {root}, {root / 'model'} and "
+                     f"{root / 'finetune' / 'model'}); export the result of `gmpq finetune`")
+
+
+def export_trained(
+    source: str | os.PathLike, save_dir: str | os.PathLike, *, format: str = "packed", name: str | None = None,
+    bops_input_size: int | None = None, repo_id: str | None = None,
+) -> ExportReport:
+    """Export the quantized model of a gmpq fine-tune run (run dir, ``finetune`` stage dir or its ``model`` dir).
+
+    The card's top-1, dataset and split are those the run measured (the stage's metrics.json and the model's
+    config.json); the description states how the model was trained.
+    """
+    from gmpq.train.checkpoint import load_quantized_model, read_model_config
+
+    model_dir = trained_model_dir(source)
+    model = load_quantized_model(model_dir)
+    cfg = read_model_config(model_dir)
+    data = cfg.get("data") or {}
+    metrics_path = model_dir.parent / "metrics.json"
+    metrics = F.read_json(metrics_path) if metrics_path.is_file() else {}
+    facts = ["Quantization-aware fine-tuning by `gmpq finetune`"]
+    if cfg.get("recipe_name"):
+        facts.append(f"recipe `{cfg['recipe_name']}`")
+    if metrics.get("epochs") is not None:
+        facts.append(f"{metrics['epochs']} epochs")
+    if metrics.get("num_train_samples") is not None:
+        facts.append(f"{metrics['num_train_samples']:,} training images of {data.get('dataset', 'its dataset')}")
+    if metrics.get("distill"):
+        facts.append(f"distillation weight {metrics['distill']}")
+    return save_pretrained(
+        model, save_dir, format=format, name=name, dataset=data.get("dataset"), top1=metrics.get("top1"),
+        eval_split=data.get("eval_split") or ("default eval split" if metrics else None),
+        eval_samples=metrics.get("num_eval_samples"), bops_input_size=bops_input_size,
+        description=", ".join(facts) + "." if metrics else None, repo_id=repo_id,
+    )
