@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from gmpq.errors import PolicyError, RunError
-from gmpq.viz._render import new_figure, save_figure
+from gmpq.viz._render import figure_format, new_figure, save_figure
 
 METRICS_NAME = "metrics.json"
 POLICY_NAME = "policy.json"
@@ -218,6 +218,7 @@ def plot_compare(
     """
     from matplotlib.lines import Line2D
 
+    figure_format(out)
     if bops not in BOPS_AXES:
         raise RunError(f"unknown BOPs axis {bops!r}; choose one of {', '.join(BOPS_AXES)}")
     summaries = [r if isinstance(r, RunSummary) else summarize_run(r) for r in runs]

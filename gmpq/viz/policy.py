@@ -23,11 +23,19 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from gmpq.errors import GmpqError
+from gmpq.errors import GmpqError, PolicyError
 from gmpq.models.structure import LayerRole
 from gmpq.policy import Policy, as_policy
 from gmpq.quant.functional import FLOAT_BITS
-from gmpq.viz._render import A_COLOR, KEPT_A_COLOR, KEPT_W_COLOR, W_COLOR, new_figure, save_figure
+from gmpq.viz._render import (
+    A_COLOR,
+    KEPT_A_COLOR,
+    KEPT_W_COLOR,
+    W_COLOR,
+    figure_format,
+    new_figure,
+    save_figure,
+)
 
 PolicyLike = Policy | str | os.PathLike | dict
 
@@ -53,14 +61,25 @@ class PolicyLayer:
 
 
 @lru_cache(maxsize=16)
-def _model_facts(arch: str, input_size: int) -> tuple[tuple[LayerRole, ...], dict[str, int]]:
-    """Layer roles and MACs of ``arch`` at ``input_size`` (built once per process, float, random weights)."""
-    from gmpq.complexity import layer_macs
+def _model(arch: str):
+    """The float model of ``arch`` (random weights), built once per process."""
     from gmpq.models import create_model
+
+    return create_model(arch, pretrained=False)
+
+
+@lru_cache(maxsize=16)
+def _roles(arch: str) -> tuple[LayerRole, ...]:
     from gmpq.models.structure import layer_roles
 
-    model = create_model(arch, pretrained=False)
-    return tuple(layer_roles(model)), layer_macs(model, input_size)
+    return tuple(layer_roles(_model(arch)))
+
+
+@lru_cache(maxsize=16)
+def _macs(arch: str, input_size: int) -> dict[str, int]:
+    from gmpq.complexity import layer_macs
+
+    return layer_macs(_model(arch), input_size)
 
 
 def _roles_from_names(policy: Policy) -> list[LayerRole]:
@@ -83,34 +102,39 @@ def _roles_from_names(policy: Policy) -> list[LayerRole]:
     return roles
 
 
-def policy_layers(policy: PolicyLike) -> tuple[list[PolicyLayer], dict[str, int] | None]:
-    """The layers of ``policy`` in module order with their roles, and the per-layer MACs at its input size.
+def policy_layers(policy: PolicyLike) -> list[PolicyLayer]:
+    """The layers of ``policy`` in module order, with their bits and structural roles.
 
-    Roles and MACs come from building ``policy.arch`` (float, random weights); a policy whose layers do not match its
+    Roles come from building ``policy.arch`` (float, random weights); a policy whose layers do not match its
     architecture raises :class:`~gmpq.errors.PolicyError`. For an architecture gmpq cannot build, roles are guessed
-    from the module paths (with a warning) and MACs are ``None``.
+    from the module paths, with a warning.
     """
     policy = as_policy(policy)
     try:
-        roles, macs = _model_facts(policy.arch, policy.input_size)
+        roles = _roles(policy.arch)
     except GmpqError as e:
         warnings.warn(f"cannot build {policy.arch!r} ({e}); marking layer roles from their names only", stacklevel=2)
-        roles, macs = tuple(_roles_from_names(policy)), None
+        roles = tuple(_roles_from_names(policy))
     else:
         policy.validate_layers([r.name for r in roles])
     bits = policy.all_layers()
-    layers = [PolicyLayer(i, r, bits[r.name].w_bits, bits[r.name].a_bits, r.name in policy.kept)
-              for i, r in enumerate(roles)]
-    return layers, macs
+    return [PolicyLayer(i, r, bits[r.name].w_bits, bits[r.name].a_bits, r.name in policy.kept)
+            for i, r in enumerate(roles)]
 
 
-def _searched_bops_g(layers: list[PolicyLayer], macs: dict[str, int] | None) -> float | None:
-    if macs is None:
+def searched_bops_g(policy: Policy) -> float | None:
+    """The policy's searched-layer BOPs in G: its own ``bops_searched_g``, else sum_l MACs_l * w_l * a_l over the
+    searched layers at ``policy.input_size`` (``None`` when gmpq cannot build the architecture)."""
+    if policy.bops_searched_g is not None:
+        return policy.bops_searched_g
+    try:
+        macs = _macs(policy.arch, policy.input_size)
+    except GmpqError:
         return None
-    return sum(macs[p.role.name] * p.w_bits * p.a_bits for p in layers if not p.kept) / 1e9
+    return sum(macs[name] * b.w_bits * b.a_bits for name, b in policy.layers.items()) / 1e9
 
 
-def policy_title(policy: Policy, layers: list[PolicyLayer], macs: dict[str, int] | None) -> str:
+def policy_title(policy: Policy) -> str:
     """``arch · proxy · strategy · BOPs searched / total (budget) · mean bits`` from the policy and its provenance."""
     prov = policy.provenance
     parts = [policy.arch]
@@ -119,7 +143,7 @@ def policy_title(policy: Policy, layers: list[PolicyLayer], macs: dict[str, int]
         parts.append(f"searched on {proxy}")
     if prov.get("strategy"):
         parts.append(str(prov["strategy"]))
-    searched = policy.bops_searched_g if policy.bops_searched_g is not None else _searched_bops_g(layers, macs)
+    searched = searched_bops_g(policy)
     bops = f"BOPs searched {searched:.2f} G" if searched is not None else "BOPs searched ?"
     if policy.bops_total_g is not None:
         bops += f" / total {policy.bops_total_g:.2f} G"
@@ -229,18 +253,18 @@ def plot_policies(
     Returns the written path. Panels of the same architecture share the x axis; the figure widens with the
     layer count (about 0.19 in per layer) so that 50+ layer names stay legible.
     """
+    figure_format(out)
     if isinstance(policies, (Policy, str, os.PathLike, dict)):
         policies = [policies]
     policies = [as_policy(p) for p in policies]
     if not policies:
-        raise GmpqError("no policies to plot; pass at least one policy")
+        raise PolicyError("no policies to plot; pass at least one policy")
     if style not in STYLES:
-        raise GmpqError(f"unknown policy figure style {style!r}; choose one of {', '.join(STYLES)}")
+        raise PolicyError(f"unknown policy figure style {style!r}; choose one of {', '.join(STYLES)}")
     if labels is not None and len(labels) != len(policies):
-        raise GmpqError(f"got {len(labels)} labels for {len(policies)} policies; give one label per policy")
+        raise PolicyError(f"got {len(labels)} labels for {len(policies)} policies; give one label per policy")
 
-    facts = [policy_layers(p) for p in policies]
-    all_layers = [layers for layers, _ in facts]
+    all_layers = [policy_layers(p) for p in policies]
     keys = [tuple(p.role.name for p in layers) for layers in all_layers]
     # a panel carries layer names unless the next panel shows the very same layers
     names_on = [i == len(keys) - 1 or keys[i + 1] != keys[i] for i in range(len(keys))]
@@ -255,10 +279,9 @@ def plot_policies(
     height = sum(panel_h + (name_height if on else 0.25) for on in names_on) + 0.45 + (0.3 if title else 0)
     fig = new_figure(width, height)
     axes = fig.subplots(len(policies), 1, squeeze=False)[:, 0]
-    for i, (ax, policy, (layers, macs)) in enumerate(zip(axes, policies, facts, strict=True)):
+    for i, (ax, policy, layers) in enumerate(zip(axes, policies, all_layers, strict=True)):
         _draw_panel(ax, layers, top, style, names_on[i], label_every)
-        ax.set_title(labels[i] if labels is not None else policy_title(policy, layers, macs), fontsize=8.5,
-                     loc="left")
+        ax.set_title(labels[i] if labels is not None else policy_title(policy), fontsize=8.5, loc="left")
     handles = _legend_handles(all_layers, style)
     fig.legend(handles=handles, loc="outside upper center", ncols=min(len(handles), max(3, int(width / 1.9))),
                fontsize=7.5, frameon=False, title=title, title_fontsize=10)

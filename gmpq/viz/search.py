@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from gmpq.errors import RunError
-from gmpq.viz._render import A_COLOR, W_COLOR, new_figure, save_figure
+from gmpq.viz._render import A_COLOR, W_COLOR, figure_format, new_figure, save_figure
 
 LOG_NAME = "search_log.jsonl"
 REQUIRED_KEYS = ("epoch", "expected_bops_g", "budget_g", "bits", "probs")
@@ -228,6 +228,7 @@ def plot_search(run: str | os.PathLike, out: str | os.PathLike, title: str | Non
 
     Returns the written path (.png, .svg or .pdf, written atomically).
     """
+    figure_format(out)
     log = find_search_log(run)
     trace = search_trace(read_search_log(log))
     n_layers = len(trace.layers)
