@@ -1,0 +1,126 @@
+"""What a stage writes into its output directory besides checkpoints.
+
+* ``metrics.jsonl`` and ``metrics.csv`` — one row per epoch (:class:`MetricsLogger`), rewritten atomically from the
+  full history after each epoch, so that after a resume they hold exactly the epochs of the resumed run.
+* ``metrics.json`` — the stage's final numbers (:func:`write_metrics_json`).
+* ``recipe.yaml`` and ``env.json`` — the resolved recipe and the environment: package versions, device, world size,
+  mixed precision (:func:`write_run_info`).
+
+Only the main process writes. :func:`prepare_output_dir` enforces the resume / force rules.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gmpq.errors import RecipeError
+from gmpq.utils import atomic_write_text
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from gmpq.recipes import Recipe
+
+
+def _is_main(accelerator: Accelerator | None) -> bool:
+    return accelerator is None or accelerator.is_main_process
+
+
+class MetricsLogger:
+    """Writes the per-epoch history of a stage as ``metrics.jsonl`` and ``metrics.csv`` in ``directory``."""
+
+    def __init__(self, directory: str | os.PathLike, accelerator: Accelerator | None = None) -> None:
+        self.directory = Path(directory)
+        self.accelerator = accelerator
+
+    def write(self, history: Sequence[dict[str, Any]]) -> None:
+        if not _is_main(self.accelerator) or not history:
+            return
+        lines = "".join(json.dumps(row) + "\n" for row in history)
+        atomic_write_text(self.directory / "metrics.jsonl", lines)
+        columns = list(dict.fromkeys(k for row in history for k in row))
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns)
+        writer.writeheader()
+        for row in history:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        atomic_write_text(self.directory / "metrics.csv", buf.getvalue())
+
+
+def write_metrics_json(directory: str | os.PathLike, metrics: dict[str, Any],
+                       accelerator: Accelerator | None = None) -> Path:
+    """Write ``metrics`` as ``<directory>/metrics.json`` (main process only, atomically)."""
+    path = Path(directory) / "metrics.json"
+    if _is_main(accelerator):
+        atomic_write_text(path, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def environment(accelerator: Accelerator | None = None) -> dict[str, Any]:
+    """Versions, device, world size and mixed precision of this run."""
+    import accelerate
+    import datasets
+    import timm
+    import torch
+
+    from gmpq import __version__
+
+    env: dict[str, Any] = {
+        "gmpq": __version__, "torch": torch.__version__, "timm": timm.__version__,
+        "accelerate": accelerate.__version__, "datasets": datasets.__version__,
+        "python": sys.version.split()[0], "platform": platform.platform(),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "cuda_available": torch.cuda.is_available(),
+    }
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+    if accelerator is not None:
+        env.update({"device": str(accelerator.device), "world_size": accelerator.num_processes,
+                    "distributed_type": str(accelerator.distributed_type).split(".")[-1],
+                    "mixed_precision": accelerator.mixed_precision})
+    else:
+        env.update({"device": "cpu", "world_size": 1})
+    return env
+
+
+def write_run_info(directory: str | os.PathLike, recipe: Recipe, accelerator: Accelerator | None = None) -> None:
+    """Write the resolved recipe (``recipe.yaml``) and :func:`environment` (``env.json``) into ``directory``."""
+    if not _is_main(accelerator):
+        return
+    out = Path(directory)
+    atomic_write_text(out / "recipe.yaml", recipe.to_yaml())
+    atomic_write_text(out / "env.json", json.dumps(environment(accelerator), indent=2) + "\n")
+
+
+def prepare_output_dir(directory: str | os.PathLike, resume: bool, force: bool,
+                       accelerator: Accelerator | None = None) -> bool:
+    """Make ``directory`` ready for a stage; return True when it holds a *finished* run to reuse (resume).
+
+    A directory holding a run (``metrics.json`` or checkpoints) is continued with ``resume`` (a finished run is
+    reused as is), cleared with ``force``, and otherwise refused with :class:`RecipeError`.
+    """
+    out = Path(directory)
+    finished = (out / "metrics.json").exists()
+    started = finished or (out / "checkpoints").is_dir()
+    if started and not resume and not force:
+        raise RecipeError(f"output directory {str(out)!r} already holds a run; pass resume=true to continue it, "
+                          f"force=true to overwrite it, or choose another output_dir")
+    if started and force and not resume and _is_main(accelerator):
+        shutil.rmtree(out)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    if _is_main(accelerator):
+        out.mkdir(parents=True, exist_ok=True)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return finished and resume and not force
