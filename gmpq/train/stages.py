@@ -170,7 +170,7 @@ def _float_source(recipe: Recipe) -> str | None:
     if recipe.model.checkpoint:
         return recipe.model.checkpoint
     own = stage_dir(recipe, "pretrain") / "model"
-    if resolve_model_dir(own) is not None:
+    if resolve_model_dir(own) is not None and read_model_config(own).get("arch") == recipe.model.arch:
         return str(own)
     if recipe.model.pretrained:
         return None
