@@ -1,0 +1,209 @@
+"""``gmpq run``: the whole GMPQ pipeline of one recipe, stage after stage, in one run directory.
+
+    pretrain (float teacher on the proxy; skipped when model.checkpoint is given)
+      -> search (policy under search.budget_g on the proxy)
+      -> finetune (QAT of the policy on the target: ``target`` section, else the proxy itself)
+      -> evaluate (held-out top-1 / top-5, BOPs, size)
+      -> export (packed low-bit safetensors + policy + config + model card)
+    [+ the uniform baseline: the best single (w, a) under the same budget, fine-tuned the same way]
+
+Layout of ``output_dir``::
+
+    pretrain/ search/ finetune/ evaluate/ export/   one directory per stage (each with its own metrics.json)
+    uniform/{search,finetune,evaluate}/             the uniform baseline (run.compare_uniform)
+    policy.png search.png                           figures
+    metrics.json                                    the run's summary
+
+A stage whose ``metrics.json`` exists is reused unless ``force=true``; an interrupted stage resumes from its last
+checkpoint. Under ``torchrun`` / ``accelerate launch`` every process runs this function; stages split batches across
+processes and only the main process writes the summary, figures and export.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gmpq.errors import RecipeError
+from gmpq.models import base_arch
+from gmpq.recipes import Recipe
+from gmpq.train.runlog import write_metrics_json
+from gmpq.train.stages import evaluate, finetune, pretrain, stage_dir
+
+STAGES = ("pretrain", "search", "finetune", "evaluate", "export")
+
+
+@dataclass
+class RunResult:
+    """What ``gmpq run`` produced: the summary (``metrics.json``) and where things are."""
+
+    output_dir: Path
+    metrics: dict[str, Any]
+    export_dir: Path | None = None
+    figures: list[Path] = field(default_factory=list)
+
+
+def target_recipe(recipe: Recipe) -> Recipe:
+    """The recipe of the target stages (finetune, evaluate, export): ``recipe`` with its ``target`` section applied.
+
+    Without ``target.dataset`` the target is the proxy itself and the recipe is returned unchanged.
+    """
+    t = recipe.target
+    if t.dataset is None:
+        return recipe
+    data = recipe.to_dict()
+    data["model"].update(arch=t.arch or recipe.model.deploy_arch or base_arch(recipe.model.arch),
+                         checkpoint=t.checkpoint, pretrained=t.pretrained, num_classes=None)
+    data["data"].update(dataset=t.dataset, path=t.path, input_size=t.input_size, train_split=t.train_split,
+                        eval_split=t.eval_split, batch_size=t.batch_size or recipe.data.batch_size,
+                        max_train_samples=None, max_eval_samples=None)
+    if t.checkpoint is None and not t.pretrained:
+        raise RecipeError("target.dataset is set but the target model has no float weights: set target.pretrained=true "
+                          "or target.checkpoint")
+    return Recipe.from_dict(data)
+
+
+def uniform_recipe(recipe: Recipe) -> Recipe:
+    """The uniform baseline's recipe: same budget and training, strategy ``uniform``, under ``<output_dir>/uniform``.
+
+    It reuses this run's float model, so the baseline differs from the main run in its policy only.
+    """
+    data = recipe.to_dict()
+    data["search"]["strategy"] = "uniform"
+    data["output_dir"] = str(Path(recipe.output_dir) / "uniform")
+    data["run"]["compare_uniform"] = False
+    if data["model"]["checkpoint"] is None:
+        data["model"]["checkpoint"] = str(stage_dir(recipe, "pretrain") / "model")
+    return Recipe.from_dict(data)
+
+
+def run(recipe: Recipe) -> RunResult:
+    """Run the whole pipeline of ``recipe`` (see the module docstring); return the summary."""
+    from accelerate import PartialState
+
+    from gmpq.search import search
+
+    state = PartialState()
+    recipe.require("search.budget_g", "for gmpq run (the searched-layer BOPs budget in G)")
+    staged = _staged(recipe)
+    out = Path(recipe.output_dir)
+    t0 = time.perf_counter()
+    stage_metrics: dict[str, dict[str, Any]] = {}
+    if recipe.model.checkpoint is None:
+        stage_metrics["pretrain"] = pretrain(staged)
+    stage_metrics["search"] = search(staged)
+    target = target_recipe(staged)
+    stage_metrics["finetune"] = finetune(target, policy=stage_dir(staged, "search") / "policy.json")
+    stage_metrics["evaluate"] = evaluate(target)
+    uniform = _uniform_baseline(staged) if recipe.run.compare_uniform else None
+
+    result = RunResult(out, {})
+    if state.is_main_process:
+        t_export = time.perf_counter()
+        result.export_dir, export_metrics = _export(target)
+        stage_metrics["export"] = {**export_metrics, "wall_s": time.perf_counter() - t_export}
+        result.figures = _figures(out, uniform)
+        result.metrics = _summary(recipe, target, stage_metrics, uniform, time.perf_counter() - t0)
+        write_metrics_json(out, result.metrics)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        result.metrics = json.loads((out / "metrics.json").read_text())
+    return result
+
+
+def _staged(recipe: Recipe) -> Recipe:
+    """Each stage resumes (or reuses) what exists unless ``force``; with ``force`` each is redone once."""
+    return recipe.override(["resume=false", "force=true"] if recipe.force else ["resume=true", "force=false"])
+
+
+def _uniform_baseline(recipe: Recipe) -> dict[str, Any]:
+    from gmpq.search import search
+
+    base = uniform_recipe(recipe)
+    searched = search(base)
+    target = target_recipe(base)
+    tuned = finetune(target, policy=stage_dir(base, "search") / "policy.json")
+    evaluated = evaluate(target)
+    return {"search": searched, "finetune": tuned, "evaluate": evaluated,
+            "policy": str(stage_dir(base, "search") / "policy.json")}
+
+
+def _export(target: Recipe) -> tuple[Path, dict[str, Any]]:
+    from gmpq.hub.export import export_trained
+
+    export_dir = Path(target.export.dir) if target.export.dir else stage_dir(target, "export")
+    report = export_trained(target.output_dir, export_dir, format=target.export.format,
+                            name=target.export.name or target.name, bops_input_size=target.model.deploy_input_size
+                            if (target.model.deploy_arch or base_arch(target.model.arch)) == target.model.arch else None)
+    return export_dir, {"size_bytes": report.file_bytes, "fp32_bytes": report.fp32_bytes,
+                        "ratio_fp32": report.ratio_fp32, "export_dir": str(export_dir)}
+
+
+def _figures(out: Path, uniform: dict[str, Any] | None) -> list[Path]:
+    from gmpq.policy import Policy
+    from gmpq.viz import plot_policies, plot_search
+
+    policies = [Policy.load(out / "search" / "policy.json")]
+    labels = ["gmpq search"]
+    if uniform is not None:
+        policies.append(Policy.load(uniform["policy"]))
+        labels.append("uniform baseline")
+    figures = [plot_policies(policies, out / "policy.png", labels=labels)]
+    if (out / "search" / "search_log.jsonl").exists():
+        figures.append(plot_search(out / "search", out / "search.png"))
+    return [Path(f) for f in figures]
+
+
+def _summary(recipe: Recipe, target: Recipe, stages: dict[str, dict[str, Any]], uniform: dict[str, Any] | None,
+             wall_s: float) -> dict[str, Any]:
+    evaluated, tuned = stages["evaluate"], stages["finetune"]
+    summary: dict[str, Any] = {
+        "recipe": recipe.name, "strategy": recipe.search.strategy, "arch": recipe.model.arch,
+        "target_arch": target.model.arch, "proxy_dataset": recipe.data.dataset, "target_dataset": target.data.dataset,
+        "budget_g": recipe.search.budget_g, "top1": evaluated["top1"], "top5": evaluated["top5"],
+        "bops_searched_g": tuned["bops_searched_g"], "bops_total_g": tuned["bops_total_g"],
+        "deploy_arch": tuned.get("deploy_arch"), "deploy_input_size": tuned.get("deploy_input_size"),
+        "size_bytes": stages["export"]["size_bytes"], "fp32_bytes": stages["export"]["fp32_bytes"],
+        "mean_w_bits": tuned.get("mean_w_bits"), "mean_a_bits": tuned.get("mean_a_bits"),
+        "export_dir": stages["export"]["export_dir"],
+        "wall_s": {name: m.get("wall_s") for name, m in stages.items()},
+    }
+    if "pretrain" in stages:
+        summary["float_top1"] = stages["pretrain"]["top1"]
+    if uniform is not None:
+        summary["uniform"] = {
+            "top1": uniform["evaluate"]["top1"], "top5": uniform["evaluate"]["top5"],
+            "bops_searched_g": uniform["finetune"]["bops_searched_g"],
+            "bops_total_g": uniform["finetune"]["bops_total_g"],
+            "w_bits": uniform["finetune"].get("mean_w_bits"), "a_bits": uniform["finetune"].get("mean_a_bits"),
+        }
+        summary["wall_s"]["uniform"] = sum(uniform[k].get("wall_s") or 0.0 for k in ("search", "finetune", "evaluate"))
+    summary["wall_s"]["total"] = wall_s
+    return summary
+
+
+def format_summary(result: RunResult) -> str:
+    """The lines ``gmpq run`` prints at the end."""
+    m = result.metrics
+    lines = [
+        f"gmpq run {m['recipe']}: {m['strategy']} policy searched on {m['proxy_dataset']}, fine-tuned on "
+        f"{m['target_dataset']} ({m['target_arch']})",
+        f"  top-1 {m['top1']:.2f} %  top-5 {m['top5']:.2f} %  (held-out evaluation split)",
+        f"  BOPs searched {m['bops_searched_g']:.3f} G of budget {m['budget_g']:.3f} G "
+        f"({100 * m['bops_searched_g'] / m['budget_g']:.1f} %), total {m['bops_total_g']:.3f} G at "
+        f"{m['deploy_input_size']}x{m['deploy_input_size']} ({m['deploy_arch']})",
+    ]
+    if "uniform" in m:
+        u = m["uniform"]
+        lines.append(f"  uniform W{u['w_bits']:.0f}A{u['a_bits']:.0f} at the same budget: top-1 {u['top1']:.2f} % at "
+                     f"{u['bops_searched_g']:.3f} G  ->  gmpq {m['top1'] - u['top1']:+.2f} points")
+    if "float_top1" in m:
+        lines.append(f"  float teacher top-1 {m['float_top1']:.2f} %")
+    lines.append(f"  exported model: {m['export_dir']} (model card README.md, {m['size_bytes'] / 1e6:.2f} MB, "
+                 f"{m['fp32_bytes'] / max(m['size_bytes'], 1):.1f}x smaller than FP32)")
+    lines.append(f"  run directory: {result.output_dir} (metrics.json, "
+                 + ", ".join(p.name for p in result.figures) + f"); wall time {m['wall_s']['total']:.0f} s")
+    return "\n".join(lines)
