@@ -146,6 +146,40 @@ def cmd_hub(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_metrics(metrics: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(metrics, indent=2, sort_keys=True))
+        return
+    keys = ("top1", "top5", "loss", "bops_searched_g", "bops_total_g", "model_size_mb", "wall_s")
+    print(" | ".join(f"{k} {metrics[k]:.4g}" for k in keys if isinstance(metrics.get(k), (int, float))))
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    """``gmpq pretrain RECIPE [key=value ...]``: full-precision training (the search's teacher)."""
+    from gmpq.recipes import load_recipe
+    from gmpq.train import pretrain
+
+    _print_metrics(pretrain(load_recipe(args.recipe, args.overrides)), args.json)
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """``gmpq finetune RECIPE [key=value ...]``: calibrate and quantization-aware fine-tune a policy."""
+    from gmpq.recipes import load_recipe
+    from gmpq.train import finetune
+
+    _print_metrics(finetune(load_recipe(args.recipe, args.overrides)), args.json)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """``gmpq evaluate RECIPE|DIR [key=value ...]``: top-1/top-5, BOPs and size of a run's or a directory's model."""
+    from gmpq.train import evaluate_stage
+
+    _print_metrics(evaluate_stage(args.target, args.overrides), args.json)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from gmpq import __version__
 
@@ -196,6 +230,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=("list", "index"), help="list: print the index; index: rebuild it")
     p.add_argument("--hub", metavar="DIR", help="hub folder (default: ./hub, else the gmpq checkout's hub/)")
     p.add_argument("--json", action="store_true", help="print one JSON list (list)")
+    for name, handler, text in (
+            ("pretrain", cmd_pretrain, "train the full-precision model of a recipe (the search's teacher)"),
+            ("finetune", cmd_finetune, "apply a policy, calibrate, and quantization-aware fine-tune (optional KD)"),
+            ("evaluate", cmd_evaluate, "top-1/top-5, BOPs and size of a run's model, or of a model directory")):
+        p = verb(name, handler, text)
+        if name == "evaluate":
+            p.add_argument("target", metavar="RECIPE|DIR", help="recipe YAML, run/stage directory or model directory")
+        else:
+            p.add_argument("recipe", metavar="RECIPE", help="recipe YAML file")
+        p.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="recipe overrides, e.g. finetune.epochs=1 output_dir=runs/try1")
+        p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     return parser
 
 
