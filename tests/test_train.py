@@ -1,0 +1,257 @@
+"""Training engine building blocks: scheduler, optimizer, evaluation, model files, checkpoints, run logs, KD loss."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import gmpq
+from gmpq.errors import CheckpointError, RecipeError
+from gmpq.recipes import TrainConfig, load_recipe
+from gmpq.train import (
+    CheckpointManager,
+    MetricsLogger,
+    build_optimizer,
+    build_scheduler,
+    distillation_loss,
+    evaluate,
+    init_from_checkpoint,
+    load_float_model,
+    load_model,
+    load_quantized_model,
+    make_accelerator,
+    model_size_mb,
+    prepare_output_dir,
+    save_float_model,
+    save_quantized_model,
+    write_metrics_json,
+    write_run_info,
+)
+
+ARCH = "test_resnet"  # timm's tiny test ResNet: 16 quantizable layers, ~4 M MACs at 32x32
+
+
+def recipe(tmp_path, *overrides):
+    return load_recipe(None, [f"model.arch={ARCH}", f"output_dir={tmp_path / 'run'}", *overrides])
+
+
+def lrs(cfg: TrainConfig, steps_per_epoch: int) -> list[float]:
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(2, 2))], lr=cfg.lr)
+    sched = build_scheduler(opt, cfg, steps_per_epoch)
+    out = []
+    for _ in range(cfg.epochs * steps_per_epoch):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_cosine_schedule_with_warmup():
+    cfg = TrainConfig(epochs=4, lr=1.0, warmup_epochs=1, schedule="cosine")
+    values = lrs(cfg, 10)
+    assert values[0] == pytest.approx(0.01) and values[5] == pytest.approx(0.01 + 0.99 * 0.5)
+    assert values[10] == pytest.approx(1.0)
+    assert values[25] == pytest.approx(0.5 * (1 + math.cos(math.pi * 15 / 30)))
+    assert values[-1] < 0.01 and all(a >= b for a, b in zip(values[10:], values[11:], strict=False))
+
+
+def test_step_schedule():
+    values = lrs(TrainConfig(epochs=5, lr=1.0, schedule="step", step_size=2, gamma=0.1), 3)
+    assert values[:6] == pytest.approx([1.0] * 6)
+    assert values[6:12] == pytest.approx([0.1] * 6) and values[12:] == pytest.approx([0.01] * 3)
+
+
+def test_optimizer_decays_only_weights():
+    model = gmpq.create_model(ARCH, num_classes=10, policy=None)
+    gmpq.quantize(model, gmpq.uniform_policy(model, 4, 4))
+    opt = build_optimizer(model, TrainConfig(weight_decay=0.1, optimizer="sgd", momentum=0.8))
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decayed["params"]) and all(p.ndim <= 1 for p in plain["params"])
+    clips = {id(m.aq.clip) for m in model.modules() if isinstance(m, gmpq.quant.QuantMixin)}
+    assert clips <= {id(p) for p in plain["params"]}
+    assert opt.defaults["momentum"] == 0.8
+    adamw = build_optimizer(model, TrainConfig(optimizer="adamw", momentum=0.85))
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["betas"] == (0.85, 0.999)
+
+
+class TableModel(nn.Module):
+    """Returns row ``x`` of a fixed logits table (x is an index)."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.table = nn.Parameter(table.clone())
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.table[idx]
+
+
+def test_evaluate_counts_exactly(tmp_path):
+    torch.manual_seed(1)
+    n, classes = 23, 7
+    logits = torch.randn(n, classes)
+    labels = torch.randint(0, classes, (n,))
+    loader = DataLoader(TensorDataset(torch.arange(n), labels), batch_size=5)
+    top5 = logits.topk(5, dim=1).indices
+    expected = {"top1": 100 * (logits.argmax(1) == labels).float().mean().item(),
+                "top5": 100 * (top5 == labels[:, None]).any(1).float().mean().item(),
+                "loss": F.cross_entropy(logits, labels).item(), "num_samples": n}
+    model = TableModel(logits)
+    got = evaluate(model, loader)
+    assert got == pytest.approx(expected)
+    accelerator = make_accelerator(recipe(tmp_path))
+    prepared_model, prepared_loader = accelerator.prepare(TableModel(logits), loader)
+    assert evaluate(prepared_model, prepared_loader, accelerator) == pytest.approx(expected)
+    assert model.training  # mode restored
+
+
+def trained_like(model: nn.Module) -> nn.Module:
+    """Give BN layers non-trivial statistics so that round trips are meaningful."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def test_float_model_round_trip(tmp_path):
+    model = trained_like(gmpq.create_model(ARCH, num_classes=10))
+    path = save_float_model(model, tmp_path / "m", extra={"data": {"dataset": "cifar10_embedded"}})
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["format"] == "gmpq-float" and cfg["arch"] == ARCH and cfg["num_classes"] == 10
+    assert cfg["data"]["dataset"] == "cifar10_embedded"
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(load_float_model(path)(x), model(x))
+    with pytest.raises(CheckpointError, match="holds a float model"):
+        load_quantized_model(path)
+    with pytest.raises(CheckpointError, match="quantized model; use save_quantized_model"):
+        save_float_model(gmpq.quantize(model, gmpq.uniform_policy(model, 4, 4)), tmp_path / "x")
+
+
+def test_quantized_model_round_trip(tmp_path):
+    model = trained_like(gmpq.create_model(ARCH, num_classes=10))
+    gmpq.quantize(model, gmpq.uniform_policy(model, 3, 4))
+    gmpq.calibrate(model, [torch.randn(8, 3, 32, 32)])
+    path = save_quantized_model(model, tmp_path / "q")
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors", "policy.json"]
+    loaded = load_quantized_model(path)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(loaded(x), model.eval()(x))
+    assert loaded.gmpq_policy.layers == model.gmpq_policy.layers
+    with pytest.raises(CheckpointError, match="holds a quantized model"):
+        load_float_model(path)
+
+
+def test_model_directory_errors(tmp_path):
+    model = gmpq.create_model(ARCH, num_classes=10)
+    path = save_float_model(model, tmp_path / "m")
+    with pytest.raises(CheckpointError, match="not a gmpq model directory"):
+        load_model(tmp_path)
+    (path / "model.safetensors").write_bytes(b"truncated")
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load_model(path)
+    (path / "config.json").write_text(json.dumps({"format": "pickle", "arch": ARCH}))
+    with pytest.raises(CheckpointError, match="unknown format"):
+        load_model(path)
+    other = save_float_model(gmpq.create_model(ARCH, num_classes=5), tmp_path / "o")
+    cfg = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**cfg, "num_classes": 10}))
+    with pytest.raises(CheckpointError, match="do not fit test_resnet"):
+        load_model(other)
+
+
+def test_init_from_checkpoint_sources(tmp_path):
+    source = trained_like(gmpq.create_model(ARCH, num_classes=10))
+    state = source.state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "w.safetensors"))
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "w.pth")
+    save_float_model(source, tmp_path / "run" / "pretrain" / "model")
+    for src in (tmp_path / "w.safetensors", tmp_path / "w.pth", tmp_path / "run"):
+        target = gmpq.create_model(ARCH, num_classes=10)
+        report = init_from_checkpoint(target, str(src))
+        assert report == {"skipped_shape": [], "missing": []}
+        assert all(torch.equal(target.state_dict()[k], v) for k, v in state.items())
+    other_head = gmpq.create_model(ARCH, num_classes=3)
+    report = init_from_checkpoint(other_head, str(tmp_path / "w.safetensors"))
+    assert sorted(report["skipped_shape"]) == ["fc.bias", "fc.weight"]
+    with pytest.raises(CheckpointError, match="shares no weight"):
+        init_from_checkpoint(nn.Sequential(nn.Linear(2, 2)), str(tmp_path / "w.safetensors"))
+    with pytest.raises(CheckpointError, match="neither an existing file/directory nor a Hub id"):
+        init_from_checkpoint(other_head, str(tmp_path / "absent.safetensors"))
+
+
+def test_checkpoint_manager_is_atomic_and_prunes(tmp_path):
+    accelerator = make_accelerator(recipe(tmp_path))
+    model = accelerator.prepare(nn.Linear(3, 2))
+    manager = CheckpointManager(tmp_path / "ckpt", accelerator, keep=2)
+    for epoch in (1, 2, 3):
+        with torch.no_grad():
+            model.weight.fill_(epoch)
+        manager.save(epoch, {"epoch": epoch, "history": [{"epoch": epoch}]})
+    assert manager.epochs() == [2, 3] and not list((tmp_path / "ckpt").glob(".tmp-*"))
+    (tmp_path / "ckpt" / "epoch_0009").mkdir()  # an incomplete checkpoint (no trainer_state.json) is ignored
+    with torch.no_grad():
+        model.weight.zero_()
+    state = manager.load_latest()
+    assert state["epoch"] == 3 and torch.all(model.weight == 3)
+
+
+def test_run_logs(tmp_path):
+    history = [{"epoch": 1, "train_loss": 2.5, "eval_top1": 10.0}, {"epoch": 2, "train_loss": 1.25, "eval_top1": 30.0}]
+    MetricsLogger(tmp_path).write(history)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x) for x in lines] == history
+    csv_lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert csv_lines[0] == "epoch,train_loss,eval_top1" and csv_lines[2] == "2,1.25,30"
+    write_metrics_json(tmp_path, {"top1": 1.5})
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"top1": 1.5}
+    r = recipe(tmp_path, "seed=4")
+    write_run_info(tmp_path, r, make_accelerator(r))
+    assert load_recipe(tmp_path / "recipe.yaml") == r
+    env = json.loads((tmp_path / "env.json").read_text())
+    assert env["world_size"] == 1 and env["torch"] == torch.__version__ and "device" in env
+
+
+def test_output_dir_rules(tmp_path):
+    out = tmp_path / "stage"
+    assert prepare_output_dir(out, resume=False, force=False) is False and out.is_dir()
+    (out / "checkpoints").mkdir()
+    with pytest.raises(RecipeError, match="already holds a run; pass resume=true.*force=true"):
+        prepare_output_dir(out, resume=False, force=False)
+    assert prepare_output_dir(out, resume=True, force=False) is False  # unfinished: continue
+    (out / "metrics.json").write_text("{}")
+    assert prepare_output_dir(out, resume=True, force=False) is True  # finished: reuse
+    assert prepare_output_dir(out, resume=False, force=True) is False and not any(out.iterdir())
+
+
+def test_distillation_loss():
+    torch.manual_seed(0)
+    student, teacher = nn.Linear(4, 3), nn.Linear(4, 3)
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    ce, _ = distillation_loss(teacher, 0.0)(student, x, y)
+    assert ce.item() == pytest.approx(F.cross_entropy(student(x), y).item())
+    kd, _ = distillation_loss(student, 1.0)(student, x, y)
+    assert kd.item() == pytest.approx(0.0, abs=1e-6)
+    mixed, _ = distillation_loss(teacher, 0.5)(student, x, y)
+    kl = F.kl_div(F.log_softmax(student(x), 1), F.log_softmax(teacher(x), 1), log_target=True, reduction="batchmean")
+    assert mixed.item() == pytest.approx(0.5 * ce.item() + 0.5 * kl.item(), rel=1e-5)
+
+
+def test_model_size_counts_quantized_weights_at_their_bits():
+    model = gmpq.create_model(ARCH, num_classes=10)
+    float_mb = model_size_mb(model)
+    assert float_mb == pytest.approx(sum(p.numel() for p in model.parameters()) * 4 / 1e6)
+    gmpq.quantize(model, gmpq.uniform_policy(model, 4, 4, kept_bits=32))
+    layers = gmpq.quantizable_layers(model)
+    kept = set(gmpq.kept_layer_names(model))
+    saved_bits = sum(m.weight.numel() * (32 - 4) for n, m in layers.items() if n not in kept)
+    assert model_size_mb(model) == pytest.approx(float_mb - saved_bits / 8 / 1e6)
