@@ -180,6 +180,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    """``gmpq run RECIPE [key=value ...]``: pretrain -> search -> finetune -> evaluate -> export, one directory."""
+    from gmpq.pipeline import format_summary, run
+    from gmpq.recipes import load_recipe
+
+    result = run(load_recipe(args.recipe, args.overrides))
+    if args.json:
+        print(json.dumps(result.metrics, indent=2))
+    else:
+        print(format_summary(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from gmpq import __version__
 
@@ -231,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hub", metavar="DIR", help="hub folder (default: ./hub, else the gmpq checkout's hub/)")
     p.add_argument("--json", action="store_true", help="print one JSON list (list)")
     for name, handler, text in (
+            ("run", cmd_run, "the whole pipeline of a recipe: pretrain, search, finetune, evaluate, export"),
             ("pretrain", cmd_pretrain, "train the full-precision model of a recipe (the search's teacher)"),
             ("finetune", cmd_finetune, "apply a policy, calibrate, and quantization-aware fine-tune (optional KD)"),
             ("evaluate", cmd_evaluate, "top-1/top-5, BOPs and size of a run's model, or of a model directory")):
