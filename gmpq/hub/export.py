@@ -316,35 +316,69 @@ def trained_model_dir(source: str | os.PathLike) -> Path:
                      f"{root / 'finetune' / 'model'}); export the result of `gmpq finetune`")
 
 
-def export_trained(
-    source: str | os.PathLike, save_dir: str | os.PathLike, *, format: str = "packed", name: str | None = None,
-    bops_input_size: int | None = None, repo_id: str | None = None,
-) -> ExportReport:
-    """Export the quantized model of a gmpq fine-tune run (run dir, ``finetune`` stage dir or its ``model`` dir).
+def _measured_accuracy(model_dir: Path, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Top-1 of the model in ``model_dir`` as its run measured it, with dataset, split and image count.
 
-    The card's top-1, dataset and split are those the run measured (the stage's metrics.json and the model's
-    config.json); the description states how the model was trained.
+    A held-out evaluation of this very model (``<run>/evaluate/metrics.json`` naming ``model_dir``) is preferred;
+    else the fine-tune stage's final evaluation (``<stage>/metrics.json``). Empty when neither exists.
     """
-    from gmpq.train.checkpoint import load_quantized_model, read_model_config
-
-    model_dir = trained_model_dir(source)
-    model = load_quantized_model(model_dir)
-    cfg = read_model_config(model_dir)
     data = cfg.get("data") or {}
-    metrics_path = model_dir.parent / "metrics.json"
-    metrics = F.read_json(metrics_path) if metrics_path.is_file() else {}
+    evaluation = model_dir.parent.parent / "evaluate" / "metrics.json"
+    if evaluation.is_file():
+        ev = F.read_json(evaluation)
+        if isinstance(ev, dict) and ev.get("top1") is not None and ev.get("model_dir") and \
+                Path(ev["model_dir"]).resolve() == model_dir.resolve():
+            return {"top1": ev["top1"], "dataset": ev.get("dataset") or data.get("dataset"),
+                    "eval_split": ev.get("split"), "eval_samples": ev.get("num_eval_samples")}
+    stage = model_dir.parent / "metrics.json"
+    if not stage.is_file():
+        return {}
+    metrics = F.read_json(stage)
+    if not isinstance(metrics, dict) or metrics.get("top1") is None:
+        return {}
+    split = data.get("eval_split")
+    if split is None and data.get("dataset"):
+        from gmpq.data import get_dataset_spec
+
+        split = get_dataset_spec(data["dataset"]).eval_split
+    return {"top1": metrics["top1"], "dataset": data.get("dataset"), "eval_split": split,
+            "eval_samples": metrics.get("num_eval_samples")}
+
+
+def _training_description(model_dir: Path, cfg: Mapping[str, Any]) -> str | None:
+    stage = model_dir.parent / "metrics.json"
+    metrics = F.read_json(stage) if stage.is_file() else None
+    if not isinstance(metrics, dict):
+        return None
     facts = ["Quantization-aware fine-tuning by `gmpq finetune`"]
     if cfg.get("recipe_name"):
         facts.append(f"recipe `{cfg['recipe_name']}`")
     if metrics.get("epochs") is not None:
         facts.append(f"{metrics['epochs']} epochs")
     if metrics.get("num_train_samples") is not None:
-        facts.append(f"{metrics['num_train_samples']:,} training images of {data.get('dataset', 'its dataset')}")
+        dataset = (cfg.get("data") or {}).get("dataset") or "its dataset"
+        facts.append(f"{metrics['num_train_samples']:,} training images of {dataset}")
     if metrics.get("distill"):
         facts.append(f"distillation weight {metrics['distill']}")
-    return save_pretrained(
-        model, save_dir, format=format, name=name, dataset=data.get("dataset"), top1=metrics.get("top1"),
-        eval_split=data.get("eval_split") or ("default eval split" if metrics else None),
-        eval_samples=metrics.get("num_eval_samples"), bops_input_size=bops_input_size,
-        description=", ".join(facts) + "." if metrics else None, repo_id=repo_id,
-    )
+    if metrics.get("float_checkpoint"):
+        facts.append(f"from the float model `{metrics['float_checkpoint']}`")
+    return ", ".join(facts) + "."
+
+
+def export_trained(
+    source: str | os.PathLike, save_dir: str | os.PathLike, *, format: str = "packed", name: str | None = None,
+    bops_input_size: int | None = None, repo_id: str | None = None,
+) -> ExportReport:
+    """Export the quantized model of a gmpq fine-tune run (run dir, ``finetune`` stage dir or its ``model`` dir).
+
+    The card's top-1, dataset, split and image count are those the run measured (see :func:`_measured_accuracy`);
+    its description states how the model was trained.
+    """
+    from gmpq.train.checkpoint import load_quantized_model, read_model_config
+
+    model_dir = trained_model_dir(source)
+    model = load_quantized_model(model_dir)
+    cfg = read_model_config(model_dir)
+    return save_pretrained(model, save_dir, format=format, name=name, bops_input_size=bops_input_size,
+                           description=_training_description(model_dir, cfg), repo_id=repo_id,
+                           **_measured_accuracy(model_dir, cfg))
