@@ -94,8 +94,8 @@ def _check_exportable(model: nn.Module) -> Policy:
                          "gmpq.quantize(model, policy)); this model has no gmpq_policy")
     for name, m in quantizable_layers(model).items():
         if not isinstance(m, QuantMixin):
-            raise ModelError(f"layer {name!r} is a float {type(m).__name__}, not quantized; quantize the whole model "
-                             "with its policy before exporting")
+            raise ModelError(f"layer {name!r} is a {type(m).__name__}, not a fixed-bit quantized layer; export a "
+                             "model quantized with its policy (gmpq.quantize), not a float model or a search supernet")
         if not m.wq.is_float and not bool(m.wq.initialized):
             raise ModelError(f"layer {name!r} has no weight steps yet; run gmpq.calibrate(model, batches) (or train "
                              "it) before exporting")
