@@ -185,3 +185,21 @@ def test_write_class_balanced_subset_keeps_the_schema(tmp_path):
 def test_full_shared_cifar10(shared_cifar10: Path):
     part = load_split(get_dataset_spec("cifar10"), "test", path=str(shared_cifar10))
     assert len(part) == 10000 and part.num_classes == 10
+
+
+def test_webdataset_shards(tmp_path):
+    import io
+    import tarfile
+
+    for split in ("train", "validation"):
+        with tarfile.open(tmp_path / f"imagenet1k-{split}-0000.tar", "w") as tar:
+            for i in range(4):
+                buf = io.BytesIO()
+                Image.new("RGB", (12, 10), (i * 40, 0, 0)).save(buf, format="JPEG")
+                for name, payload in ((f"{i:04d}.jpg", buf.getvalue()), (f"{i:04d}.cls", str(i % 3).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    part = load_split(get_dataset_spec("imagenet"), "validation", path=str(tmp_path))
+    assert len(part) == 4 and part.num_classes == 1000 and part.source.startswith("webdataset:")
+    assert part.dataset["label"] == [0, 1, 2, 0] and part.dataset[1]["image"].size == (12, 10)

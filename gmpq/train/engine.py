@@ -46,18 +46,20 @@ LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, t
 def make_accelerator(recipe: Recipe, train_cfg: TrainConfig | None = None) -> Accelerator:
     """A fresh, seeded accelerator for one stage of ``recipe``.
 
-    bf16 is used only when ``train_cfg.mixed_precision == 'bf16'`` and a CUDA device is present (CPU runs stay in
-    float32). Under ``torchrun`` on CPU the processes join a gloo group. Previous accelerator state of this process
-    (another stage) is reset, keeping the process group.
+    ``train_cfg`` is any section with ``mixed_precision`` / ``grad_accum`` fields (missing fields: float32, no
+    accumulation). bf16 is used only when ``train_cfg.mixed_precision == 'bf16'`` and a CUDA device is present (CPU runs stay in
+    float32). Under ``torchrun`` on CPU the processes join a gloo group. The accelerator state of a previous stage in
+    this process is reset (accelerate's ``_reset_state``; the process group is kept), so that stages with different
+    precision or accumulation settings can run one after another in one process.
     """
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     cuda = torch.cuda.is_available()
-    precision = "bf16" if (train_cfg is not None and train_cfg.mixed_precision == "bf16" and cuda) else "no"
+    precision = "bf16" if (getattr(train_cfg, "mixed_precision", "no") == "bf16" and cuda) else "no"
     accelerator = Accelerator(
         cpu=not cuda,
         mixed_precision=precision,
-        gradient_accumulation_steps=train_cfg.grad_accum if train_cfg is not None else 1,
+        gradient_accumulation_steps=getattr(train_cfg, "grad_accum", 1),
         dataloader_config=DataLoaderConfiguration(split_batches=True, even_batches=True, use_seedable_sampler=True,
                                                   data_seed=recipe.seed),
     )

@@ -239,7 +239,7 @@ def _evaluation_target(target: Recipe | str | os.PathLike, overrides: list[str])
         return load_recipe(model_dir.parent / "recipe.yaml", overrides), model_dir
     cfg = read_model_config(model_dir)
     data = cfg.get("data") or {}
-    base = [f"model.arch={cfg['arch']}", f"output_dir={model_dir}"]
+    base = [f"model.arch={cfg['arch']}", f"output_dir={Path('runs') / ('evaluate-' + model_dir.resolve().name)}"]
     base += [f"data.{k}={json.dumps(v)}" for k, v in data.items() if v is not None]
     return load_recipe(None, base + overrides), model_dir
 
