@@ -255,3 +255,24 @@ def test_model_size_counts_quantized_weights_at_their_bits():
     kept = set(gmpq.kept_layer_names(model))
     saved_bits = sum(m.weight.numel() * (32 - 4) for n, m in layers.items() if n not in kept)
     assert model_size_mb(model) == pytest.approx(float_mb - saved_bits / 8 / 1e6)
+
+
+def test_gradient_accumulation_matches_the_larger_batch(tmp_path):
+    from gmpq.train import fit
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
+    weights = []
+    for batch, accum in ((16, 1), (8, 2)):
+        r = recipe(tmp_path, f"pretrain.grad_accum={accum}")
+        cfg = TrainConfig(epochs=2, lr=0.5, momentum=0.0, weight_decay=0.0, grad_accum=accum)
+        accelerator = make_accelerator(r, cfg)
+        torch.manual_seed(1)
+        model = nn.Linear(5, 3)
+        train = DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=True, drop_last=True,
+                           generator=torch.Generator().manual_seed(0))
+        result = fit(model, train, DataLoader(TensorDataset(x, y), batch_size=32), cfg, accelerator,
+                     tmp_path / f"b{batch}")
+        assert [row["epoch"] for row in result.history] == [1, 2] and result.final["num_samples"] == 64
+        weights.append(accelerator.unwrap_model(model).weight.detach().clone())
+    assert torch.allclose(weights[0], weights[1], atol=1e-5)
