@@ -3,9 +3,11 @@
 from gmpq.quant.calibration import calibrate
 from gmpq.quant.functional import FLOAT_BITS, check_bits
 from gmpq.quant.layers import QUANTIZABLE_TYPES, QConv2d, QLinear, QuantMixin, to_quantized
+from gmpq.quant.mixed import MIXED_TYPES, MixedConv2d, MixedLinear, MixedMixin, mixed_layers, to_mixed
 from gmpq.quant.quantizers import ActQuantizer, WeightQuantizer, quantization_bypassed
 
 __all__ = [
-    "FLOAT_BITS", "QUANTIZABLE_TYPES", "ActQuantizer", "QConv2d", "QLinear", "QuantMixin", "WeightQuantizer",
-    "calibrate", "check_bits", "quantization_bypassed", "to_quantized",
+    "FLOAT_BITS", "MIXED_TYPES", "QUANTIZABLE_TYPES", "ActQuantizer", "MixedConv2d", "MixedLinear", "MixedMixin",
+    "QConv2d", "QLinear", "QuantMixin", "WeightQuantizer", "calibrate", "check_bits", "mixed_layers",
+    "quantization_bypassed", "to_mixed", "to_quantized",
 ]

@@ -53,11 +53,12 @@ def _synchronise(quantizers: list[ActQuantizer]) -> None:
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or not quantizers:
         return
-    clips = torch.stack([q.clip.detach() for q in quantizers])
+    # Flattened so that quantizers with one clip and mixed ones with K clips (gmpq.quant.mixed) sync together.
+    clips = torch.cat([q.clip.detach().reshape(-1) for q in quantizers])
     signs = torch.stack([q.signed.float() for q in quantizers])
     dist.all_reduce(clips)
     dist.all_reduce(signs, op=dist.ReduceOp.MAX)
     clips /= dist.get_world_size()
-    for q, c, s in zip(quantizers, clips, signs, strict=True):
-        q.clip.data.fill_(float(c))
+    for q, c, s in zip(quantizers, clips.split([q.clip.numel() for q in quantizers]), signs, strict=True):
+        q.clip.data.copy_(c.view_as(q.clip))
         q.signed.fill_(bool(s > 0))

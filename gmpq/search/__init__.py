@@ -1,0 +1,32 @@
+"""Layer 4 — the mixed-precision search: supernet, attribution, losses, budget decoding, strategies, the stage.
+
+* :mod:`gmpq.search.supernet` — ``build_supernet`` (mixed searched layers, fixed-bit kept ones), ``SearchSpace``
+  (layers, candidate bits, MACs at the deployment resolution), alpha/weight parameter split.
+* :mod:`gmpq.search.attribution` — Grad-CAM of the predicted class: closed form for GAP + linear heads, autograd
+  fallback (``AttributionModel``).
+* :mod:`gmpq.search.losses` — attribution rank-preservation loss, capacity-aware p, expected BOPs and the
+  budget-steering penalty (``SearchObjective``).
+* :mod:`gmpq.search.budget` — exact decoding under the budget (ILP), feasibility checks (``BudgetError``).
+* :mod:`gmpq.search.strategies` — ``gmpq`` / ``edmips`` / ``uniform``.
+* :mod:`gmpq.search.loop` — ``search(recipe)``, the stage behind ``gmpq search``.
+"""
+
+from gmpq.search.attribution import AttributionModel, cam_from_weights, class_weights, linear_head
+from gmpq.search.budget import LOWER_FRACTION, Decoded, bops_range, check_budget, decode, decode_uniform
+from gmpq.search.losses import (
+    BudgetPenalty, LossTerms, SearchObjective, attribution_loss, capacity_p, expected_bits, expected_bops_g,
+)
+from gmpq.search.loop import SearchResult, alpha_entropy, search
+from gmpq.search.strategies import STRATEGIES, Strategy, get_strategy
+from gmpq.search.supernet import (
+    SearchSpace, alpha_parameters, alpha_table, build_supernet, deployment_macs, fix_supernet, layer_probabilities,
+    search_space, weight_parameters,
+)
+
+__all__ = [
+    "LOWER_FRACTION", "STRATEGIES", "AttributionModel", "BudgetPenalty", "Decoded", "LossTerms", "SearchObjective",
+    "SearchResult", "SearchSpace", "Strategy", "alpha_entropy", "alpha_parameters", "alpha_table", "attribution_loss",
+    "bops_range", "build_supernet", "cam_from_weights", "capacity_p", "check_budget", "class_weights", "decode",
+    "decode_uniform", "deployment_macs", "expected_bits", "expected_bops_g", "fix_supernet", "get_strategy",
+    "layer_probabilities", "linear_head", "search", "search_space", "weight_parameters",
+]

@@ -1,0 +1,148 @@
+"""Grad-CAM attribution of a network's own predicted class at its last feature map.
+
+With ``F = forward_features(x)`` (shape [B, C, H, W]) and ``c`` the network's own predicted class::
+
+    w_k = sum_(h,w) d y_c / d F_k(h, w),        A = ReLU(sum_k w_k F_k)        (shape [B, H, W])
+
+**Closed form.** When the head is global average pooling followed by a linear classifier (ResNet, MobileNetV2,
+EfficientNet, ...), ``y = W_cls . Q(mean_hw F) + b`` and the sum over positions cancels the 1/(HW) of the mean::
+
+    w_k = W_cls[c, k] * Q'(z_k),      z = mean_hw F
+
+where ``W_cls`` is the classifier's (quantized) weight and ``Q'`` the straight-through derivative of its input
+quantizer (1 for a float classifier). This needs no backward pass; gradients reach the classifier weight through
+``W_cls`` exactly as through autograd's ``create_graph=True`` path, and nothing else (``Q'`` is piecewise constant).
+
+**Autograd fallback.** Any other head: ``w = autograd.grad(y_c, F, create_graph=True)`` summed over positions, which
+differentiates the head twice (and is refused under DDP, which does not support double backward).
+
+A final feature map smaller than 4x4 has (almost) no spatial attribution to preserve; :class:`AttributionModel`
+warns about it once.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gmpq.quant import QuantMixin, quantization_bypassed
+from gmpq.quant.fused import activation_ste_mask
+from gmpq.quant.mixed import MixedLinear
+
+Method = Literal["auto", "closed", "autograd"]
+MIN_ATTRIBUTION_SIZE = 4
+
+
+def linear_head(model: nn.Module) -> nn.Linear | None:
+    """The classifier of ``model`` if its head is verified to be global average pooling + that linear layer.
+
+    Structure: a timm ``global_pool`` averaging (``pool_type='avg'``) with flattening, no head dropout, and a
+    ``get_classifier()`` that is an ``nn.Linear`` (float, quantized or mixed). Behaviour: ``forward_head(F)`` must equal
+    ``classifier(mean_hw F)`` on a random probe (evaluation mode, quantizers bypassed). Otherwise ``None``.
+    """
+    pool = getattr(model, "global_pool", None)
+    get_classifier = getattr(model, "get_classifier", None)
+    if pool is None or get_classifier is None or not hasattr(model, "forward_head"):
+        return None
+    avg = isinstance(pool, nn.AdaptiveAvgPool2d) or getattr(pool, "pool_type", None) == "avg"
+    if not avg or float(getattr(model, "drop_rate", 0.0) or 0.0) > 0:
+        return None
+    head = get_classifier()
+    if not isinstance(head, nn.Linear):
+        return None
+    features = getattr(model, "num_features", head.in_features)
+    was_training = model.training
+    model.eval()
+    try:
+        probe = torch.randn(2, features, 3, 3, generator=torch.Generator().manual_seed(0)).to(head.weight)
+        with torch.no_grad(), quantization_bypassed():
+            expected = model.forward_head(probe)
+            closed = head(probe.mean((2, 3)))
+    except Exception:  # noqa: BLE001 — any head we cannot probe is not a plain GAP + linear head
+        return None
+    finally:
+        model.train(was_training)
+    if expected.shape != closed.shape or not torch.allclose(expected, closed, rtol=1e-5, atol=1e-6):
+        return None
+    return head
+
+
+def class_weights(head: nn.Linear, pooled: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """``[B, C]`` Grad-CAM channel weights ``w_k = d y_c / d z_k`` of a linear ``head`` at pooled features ``z``."""
+    if isinstance(head, MixedLinear):
+        p_w, p_a = head.probs()
+        weight = head.wq(head.weight, p_w)
+        signed = bool(head.aq.signed)
+        mask = sum(p_a[i] * activation_ste_mask(pooled, head.aq.clip[i], signed) for i in range(len(head.aq.bits)))
+    elif isinstance(head, QuantMixin):
+        weight = head.quantized_weight()
+        aq = head.aq
+        mask = 1.0 if aq.is_float else activation_ste_mask(pooled, aq.clip, bool(aq.signed))
+    else:
+        weight, mask = head.weight, 1.0
+    return weight[classes] * mask
+
+
+def cam_from_weights(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``ReLU(sum_k w_k F_k)``: [B, C, H, W] features and [B, C] weights -> [B, H, W] maps."""
+    return F.relu(torch.einsum("bchw,bc->bhw", features, weights.to(features.dtype)))
+
+
+class AttributionModel(nn.Module):
+    """Wraps a timm-style model: ``forward(x) -> (logits, cam)`` with the Grad-CAM of the predicted class.
+
+    ``method`` is ``closed`` (GAP + linear heads only), ``autograd`` or ``auto`` (closed when :func:`linear_head`
+    verifies the head, else autograd). Being one ``nn.Module``, it can be wrapped by DDP as a whole.
+    """
+
+    def __init__(self, model: nn.Module, method: Method = "auto") -> None:
+        super().__init__()
+        if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
+            raise TypeError(f"{type(model).__name__} has no forward_features/forward_head; attribution needs a "
+                            "timm-style model")
+        self.model = model
+        head = linear_head(model) if method in ("auto", "closed") else None
+        if method == "closed" and head is None:
+            raise ValueError(f"the head of {type(model).__name__} is not global average pooling + linear; use the "
+                             "autograd attribution")
+        self.method: Literal["closed", "autograd"] = "closed" if head is not None else "autograd"
+        self._warned = False
+
+    def _check_size(self, features: torch.Tensor) -> None:
+        if self._warned:
+            return
+        self._warned = True
+        h, w = features.shape[-2:]
+        if h < MIN_ATTRIBUTION_SIZE or w < MIN_ATTRIBUTION_SIZE:
+            warnings.warn(f"the final feature map is {h}x{w}, smaller than {MIN_ATTRIBUTION_SIZE}x"
+                          f"{MIN_ATTRIBUTION_SIZE}: the attribution maps have almost no spatial extent to preserve, "
+                          f"so the attribution loss carries little information; search at a larger input resolution",
+                          UserWarning, stacklevel=3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.model.forward_features(x)
+        self._check_size(features)
+        if self.method == "closed":
+            head = self.model.get_classifier()
+            pooled = features.mean((2, 3))
+            logits = head(pooled)
+            classes = logits.detach().argmax(1)
+            return logits, cam_from_weights(features, class_weights(head, pooled, classes))
+        return self._autograd(features)
+
+    def _autograd(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        differentiable = torch.is_grad_enabled() and features.requires_grad
+        with torch.enable_grad():
+            source = features if differentiable else features.detach().requires_grad_()
+            logits = self.model.forward_head(source)
+            classes = logits.detach().argmax(1)
+            score = logits.gather(1, classes[:, None]).sum()
+            (grad,) = torch.autograd.grad(score, source, create_graph=differentiable)
+        cam = cam_from_weights(features if differentiable else features.detach(), grad.sum((2, 3)))
+        if not differentiable:
+            return logits.detach(), cam.detach()
+        return logits, cam
