@@ -105,7 +105,8 @@ class FinetuneConfig(TrainConfig):
     weight_decay: float = _f(1e-4, ge=0, doc="weight decay (not applied to biases, norms and quantizer steps)")
     policy: str | None = _f(None, doc="policy JSON path, or 'wXaY' for a uniform policy; None = given by the "
                                       "pipeline (the search output)")
-    teacher: str | None = _f(None, doc="float teacher checkpoint for distillation; None = model.checkpoint")
+    teacher: str | None = _f(None, doc="float teacher checkpoint for distillation; None = the float weights the "
+                                       "student starts from")
     distill: float = _f(0.0, ge=0, le=1, doc="KD weight: loss = (1-d) CE + d T^2 KL(teacher || student), T=1")
     calibration_batches: int = _f(8, gt=0, doc="training batches used to calibrate clips and sign modes")
 
@@ -166,6 +167,8 @@ class TargetConfig:
     train_split: str | None = _f(None, doc="target training split; None = the dataset's default")
     eval_split: str | None = _f(None, doc="target evaluation split; None = the dataset's default")
     batch_size: int | None = _f(None, gt=0, doc="global fine-tuning batch on the target; None = data.batch_size")
+    max_train_samples: int | None = _f(None, gt=0, doc="use only the first N target training samples")
+    max_eval_samples: int | None = _f(None, gt=0, doc="use only the first N target evaluation samples")
     pretrained: bool = _f(False, doc="initialise the target model from timm's pretrained weights")
     checkpoint: str | None = _f(None, doc="float checkpoint of the target model; None = pretrained or the pretrain "
                                            "output when the target is the proxy")

@@ -115,10 +115,10 @@ def finetune(recipe: Recipe, policy: Policy | str | os.PathLike | None = None) -
     teacher = None
     if cfg.distill > 0:
         teacher_source = cfg.teacher or float_source
-        if teacher_source is None:
-            raise RecipeError("finetune.distill > 0 needs a float teacher: set finetune.teacher or model.checkpoint")
-        teacher = create_model(recipe.model.arch, num_classes=loaders.num_classes)
-        init_from_checkpoint(teacher, teacher_source)
+        teacher = create_model(recipe.model.arch, num_classes=loaders.num_classes,
+                               pretrained=teacher_source is None and recipe.model.pretrained)
+        if teacher_source is not None:
+            init_from_checkpoint(teacher, teacher_source)
         teacher.eval().requires_grad_(False)
     used = calibrate(model, calibration_batches(recipe, cfg.calibration_batches, accelerator))
     accelerator.print(f"finetune: calibrated {sum(isinstance(m, QuantMixin) for m in model.modules())} quantized "
