@@ -55,7 +55,7 @@ def render_card(config: Mapping[str, Any], policy: Policy, repo_id: str, has_fig
     mix = ", ".join(f"{n} x W{w}/A{a}" for (w, a), n in sorted(searched.items()))
     kept = ", ".join(f"`{n}` W{_bits(b.w_bits)}/A{_bits(b.a_bits)}" for n, b in policy.kept.items()) or "none"
     prov = config.get("provenance") or {}
-    provenance = "\n".join(f"- {k}: {v}" for k, v in prov.items()) or "- not recorded"
+    provenance = "\n".join(f"- {k}: {_value(v)}" for k, v in prov.items() if v is not None) or "- not recorded"
     tags = ["gmpq", "quantization", "mixed-precision", "timm", "image-classification"]
     front = ["---", "library_name: gmpq", "license: apache-2.0", "pipeline_tag: image-classification",
              "tags:", *[f"- {t}" for t in tags]]
@@ -109,6 +109,10 @@ def render_card(config: Mapping[str, Any], policy: Policy, repo_id: str, has_fig
         "",
     ]
     return "\n".join(lines)
+
+
+def _value(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _tuple(values: Any) -> str:

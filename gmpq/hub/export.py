@@ -328,21 +328,27 @@ def _measured_accuracy(model_dir: Path, cfg: Mapping[str, Any]) -> dict[str, Any
         ev = F.read_json(evaluation)
         if isinstance(ev, dict) and ev.get("top1") is not None and ev.get("model_dir") and \
                 Path(ev["model_dir"]).resolve() == model_dir.resolve():
-            return {"top1": ev["top1"], "dataset": ev.get("dataset") or data.get("dataset"),
-                    "eval_split": ev.get("split"), "eval_samples": ev.get("num_eval_samples")}
+            dataset = ev.get("dataset") or data.get("dataset")
+            return {"top1": ev["top1"], "dataset": dataset, "eval_split": _split_name(dataset, ev.get("split")),
+                    "eval_samples": ev.get("num_eval_samples")}
     stage = model_dir.parent / "metrics.json"
     if not stage.is_file():
         return {}
     metrics = F.read_json(stage)
     if not isinstance(metrics, dict) or metrics.get("top1") is None:
         return {}
-    split = data.get("eval_split")
-    if split is None and data.get("dataset"):
-        from gmpq.data import get_dataset_spec
-
-        split = get_dataset_spec(data["dataset"]).eval_split
-    return {"top1": metrics["top1"], "dataset": data.get("dataset"), "eval_split": split,
+    return {"top1": metrics["top1"], "dataset": data.get("dataset"),
+            "eval_split": _split_name(data.get("dataset"), data.get("eval_split")),
             "eval_samples": metrics.get("num_eval_samples")}
+
+
+def _split_name(dataset: str | None, split: str | None) -> str | None:
+    """``split``, or the dataset's default evaluation split when the run recorded none (or "default")."""
+    if split not in (None, "default") or not dataset:
+        return split
+    from gmpq.data import get_dataset_spec
+
+    return get_dataset_spec(dataset).eval_split
 
 
 def _training_description(model_dir: Path, cfg: Mapping[str, Any]) -> str | None:
