@@ -290,6 +290,8 @@ def test_missing_files_and_wrong_paths_are_refused(export_copy: Path, tmp_path: 
         gmpq.from_pretrained(export_copy / F.CONFIG_FILE)
     with pytest.raises(CheckpointError, match="no export directory"):
         gmpq.from_pretrained(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match=r"no model 'not-published' in \./hub or .*published there: "):
+        gmpq.from_pretrained("hub/not-published")
     (export_copy / F.POLICY_FILE).unlink()
     with pytest.raises(CheckpointError, match="policy.json is missing"):
         gmpq.from_pretrained(export_copy)

@@ -74,6 +74,12 @@ def test_held_out_evaluation_of_the_same_model_is_preferred(finetune_run, tmp_pa
     assert json.loads((tmp_path / "m" / F.CONFIG_FILE).read_text())["metrics"]["top1"] == 35.0
 
 
+def test_a_training_model_directory_is_not_mistaken_for_an_export(finetune_run) -> None:
+    run, _ = finetune_run
+    with pytest.raises(gmpq.CheckpointError, match="training model directory.*`gmpq export`"):
+        gmpq.from_pretrained(run / "finetune" / "model")
+
+
 def test_cli_export_of_something_else_fails_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["export", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()

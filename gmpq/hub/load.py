@@ -72,8 +72,12 @@ def resolve_export_dir(
     if path.exists():
         raise CheckpointError(f"{text!r} is a file; pass the export directory that holds {F.CONFIG_FILE}")
     parts = Path(text).parts
-    if len(parts) == 2 and parts[0] == "hub" and (CHECKOUT_HUB / parts[1]).is_dir():
-        return CHECKOUT_HUB / parts[1]
+    if len(parts) == 2 and parts[0] == "hub" and CHECKOUT_HUB.is_dir():
+        if (CHECKOUT_HUB / parts[1]).is_dir():
+            return CHECKOUT_HUB / parts[1]
+        names = sorted(p.parent.name for p in CHECKOUT_HUB.glob(f"*/{F.CONFIG_FILE}"))
+        raise CheckpointError(f"no model {parts[1]!r} in ./hub or {CHECKOUT_HUB}; published there: "
+                              f"{', '.join(names) or 'none'} (`gmpq hub list`)")
     if path.is_absolute() or text.startswith((".", "~")) or len(parts) > 2 or "\\" in text:
         raise CheckpointError(f"no export directory at {text!r}")
     return download_snapshot(text, revision=revision, local_files_only=local_files_only, cache_dir=cache_dir,
@@ -107,6 +111,9 @@ def read_config(root: Path) -> dict[str, Any]:
             raise CheckpointError(f"{root} is not a gmpq export: {name} is missing (an export holds "
                                   f"{', '.join(F.REQUIRED_FILES)})")
     config = F.read_json(root / F.CONFIG_FILE)
+    if isinstance(config, dict) and str(config.get("format", "")).startswith(f"{F.FORMAT_NAME}-"):
+        raise CheckpointError(f"{root} is a gmpq training model directory ({config['format']}), not an export; "
+                              "load it with gmpq.train.load_model, or export it with `gmpq export`")
     if not isinstance(config, dict) or config.get("format") != F.FORMAT_NAME:
         raise CheckpointError(f"{root / F.CONFIG_FILE} is not a gmpq model config (its 'format' is not "
                               f"{F.FORMAT_NAME!r})")
