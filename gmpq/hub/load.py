@@ -106,10 +106,12 @@ def load_export_dir(directory: str | os.PathLike) -> nn.Module:
 
 def read_config(root: Path) -> dict[str, Any]:
     """Read and check config.json of the export in ``root``."""
-    for name in F.REQUIRED_FILES:
+    def require(name: str) -> None:
         if not (root / name).is_file():
             raise CheckpointError(f"{root} is not a gmpq export: {name} is missing (an export holds "
                                   f"{', '.join(F.REQUIRED_FILES)})")
+
+    require(F.CONFIG_FILE)
     config = F.read_json(root / F.CONFIG_FILE)
     if isinstance(config, dict) and str(config.get("format", "")).startswith(f"{F.FORMAT_NAME}-"):
         raise CheckpointError(f"{root} is a gmpq training model directory ({config['format']}), not an export; "
@@ -117,6 +119,8 @@ def read_config(root: Path) -> dict[str, Any]:
     if not isinstance(config, dict) or config.get("format") != F.FORMAT_NAME:
         raise CheckpointError(f"{root / F.CONFIG_FILE} is not a gmpq model config (its 'format' is not "
                               f"{F.FORMAT_NAME!r})")
+    for name in F.REQUIRED_FILES:
+        require(name)
     version = config.get("format_version")
     if version != F.FORMAT_VERSION:
         raise CheckpointError(f"{root}: format_version {version!r} is not supported; this gmpq reads version "
