@@ -94,6 +94,7 @@ class TrainConfig:
     grad_accum: int = _f(1, gt=0, doc="gradient accumulation steps (the optimiser steps every N batches)")
     mixed_precision: Literal["no", "bf16"] = _f("no", doc="bf16 autocast (GPU); 'no' = float32")
     max_steps: int | None = _f(None, gt=0, doc="stop each epoch after N batches (smoke tests)")
+    max_grad_norm: float | None = _f(None, gt=0, doc="clip the global gradient norm to this value; None = no clipping")
 
 
 @dataclass
@@ -109,6 +110,9 @@ class FinetuneConfig(TrainConfig):
                                        "student starts from")
     distill: float = _f(0.0, ge=0, le=1, doc="KD weight: loss = (1-d) CE + d T^2 KL(teacher || student), T=1")
     calibration_batches: int = _f(8, gt=0, doc="training batches used to calibrate clips and sign modes")
+    freeze_bn: bool = _f(False, doc="keep BatchNorm running statistics fixed at the float model's during QAT "
+                                    "(affine parameters still train); avoids the gradient blow-up of channels that "
+                                    "2-bit activations make constant before a BatchNorm")
 
 
 @dataclass

@@ -276,3 +276,50 @@ def test_gradient_accumulation_matches_the_larger_batch(tmp_path):
         assert [row["epoch"] for row in result.history] == [1, 2] and result.final["num_samples"] == 64
         weights.append(accelerator.unwrap_model(model).weight.detach().clone())
     assert torch.allclose(weights[0], weights[1], atol=1e-5)
+
+
+def _fit_linear(tmp_path, name, **cfg_kwargs):
+    from gmpq.train import fit
+
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 4), torch.randint(0, 2, (32,))
+    cfg = TrainConfig(**{"epochs": 1, "lr": 0.1, "momentum": 0.0, "weight_decay": 0.0, **cfg_kwargs})
+    accelerator = make_accelerator(recipe(tmp_path), cfg)
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    loader = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True, drop_last=True)
+    fit(model, loader, DataLoader(TensorDataset(x, y), batch_size=16), cfg, accelerator, tmp_path / name)
+    return start, accelerator.unwrap_model(model).state_dict()
+
+
+def test_max_grad_norm_clips_the_update(tmp_path):
+    start, free = _fit_linear(tmp_path, "free")
+    _, clipped = _fit_linear(tmp_path, "clipped", max_grad_norm=1e-4)
+    moved = lambda state: (state["3.weight"] - start["3.weight"]).abs().max().item()  # noqa: E731
+    assert moved(clipped) <= 4 * 0.1 * 1e-4 + 1e-7 < moved(free)  # 4 steps of at most lr * max_norm
+
+
+def test_freeze_bn_keeps_running_statistics(tmp_path):
+    from gmpq.recipes import FinetuneConfig
+    from gmpq.train import fit
+
+    start, trained = _fit_linear(tmp_path, "bn")
+    assert not torch.equal(trained["1.running_mean"], start["1.running_mean"])  # normally they move
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 4), torch.randint(0, 2, (32,))
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = FinetuneConfig(epochs=1, lr=0.1, momentum=0.0, weight_decay=0.0, freeze_bn=True)
+    accelerator = make_accelerator(recipe(tmp_path), cfg)
+    fit(model, DataLoader(TensorDataset(x, y), batch_size=8, drop_last=True), DataLoader(TensorDataset(x, y)),
+        cfg, accelerator, tmp_path / "frozen")
+    after = accelerator.unwrap_model(model).state_dict()
+    assert torch.equal(after["1.running_mean"], before["1.running_mean"])
+    assert torch.equal(after["1.running_var"], before["1.running_var"])
+    assert not torch.equal(after["1.weight"], before["1.weight"])  # the affine parameters still train
+
+
+def test_divergence_stops_with_a_clear_error(tmp_path):
+    with pytest.raises(RecipeError, match="training diverged.*lower the learning rate.*freeze_bn"):
+        _fit_linear(tmp_path, "boom", lr=1e30, epochs=3)

@@ -3,14 +3,15 @@
 Runs, through the public stage functions (the same code as ``gmpq pretrain`` / ``gmpq finetune``):
 
 1. ``pretrain`` of ``--arch`` (default ``mobilenetv2_050_cifar``) from scratch on the 1500 embedded training images;
-2. for each bit width b in ``--bits`` (default 4 3 2): calibration only (``finetune.epochs=0``, i.e. post-training
-   quantization with calibrated clips/steps) and QAT for ``--qat-epochs`` epochs from the float weights, WbAb on
-   every searched layer, kept layers (stem, classifier) at 8 bits;
+2. for each bit width b in ``--bits`` (default 4 3 2) and each of ``--variants``: ``ptq`` = calibration only
+   (``finetune.epochs=0``: post-training quantization with calibrated clips/steps), ``qat`` = QAT for
+   ``--qat-epochs`` epochs from the float weights, ``qat_fbn`` = the same with ``finetune.freeze_bn=true``; WbAb on
+   every searched layer, kept layers (stem, classifier) at 8 bits. A run that diverges is reported as such;
 
 and reports top-1 / top-5 on the 500 embedded test images, with the drop from float, as ``results.json`` and a
 Markdown table ``results.md`` in ``--out``. Usage::
 
-    python tools/quality_embedded.py --out runs/quality            # ~1 h on 2 busy CPU cores
+    OMP_NUM_THREADS=1 python tools/quality_embedded.py --out runs/quality     # ~1.5 h on one busy CPU core
     python tools/quality_embedded.py --epochs 2 --qat-epochs 1 --bits 4 --out runs/quality-smoke
 """
 
@@ -21,6 +22,7 @@ import json
 import time
 from pathlib import Path
 
+from gmpq.errors import RecipeError
 from gmpq.recipes import load_recipe
 from gmpq.train import finetune, pretrain
 
@@ -37,6 +39,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/quality")
     ap.add_argument("--resume", action="store_true", help="reuse finished stages in --out")
+    ap.add_argument("--variants", nargs="+", choices=("ptq", "qat", "qat_fbn"), default=["ptq", "qat", "qat_fbn"])
     args = ap.parse_args()
 
     out = Path(args.out)
@@ -51,14 +54,22 @@ def main() -> None:
                "float": float_metrics, "quantized": {}}
     float_dir = out / "float" / "pretrain" / "model"
     for b in args.bits:
-        for mode, epochs in (("ptq", 0), ("qat", args.qat_epochs)):
+        for mode in args.variants:
+            name = f"w{b}a{b}-{mode.replace('_', '-')}"
             recipe = load_recipe(None, common + [
-                f"name=w{b}a{b}-{mode}", f"output_dir={out / f'w{b}a{b}-{mode}'}", f"model.checkpoint={float_dir}",
-                f"finetune.policy=w{b}a{b}", f"finetune.epochs={epochs}", f"finetune.lr={args.lr / 5}",
-                f"finetune.distill={args.distill}", "finetune.weight_decay=1e-4"])
-            m = finetune(recipe)
+                f"name={name}", f"output_dir={out / name}", f"model.checkpoint={float_dir}",
+                f"finetune.policy=w{b}a{b}", f"finetune.epochs={0 if mode == 'ptq' else args.qat_epochs}",
+                f"finetune.lr={args.lr / 5}", f"finetune.distill={args.distill}", "finetune.weight_decay=1e-4",
+                f"finetune.freeze_bn={str(mode == 'qat_fbn').lower()}"])
+            try:
+                m = finetune(recipe)
+            except RecipeError as e:
+                if "diverged" not in str(e):
+                    raise
+                m = {"diverged": str(e), "epochs": recipe.finetune.epochs}
             results["quantized"][f"w{b}a{b}_{mode}"] = m
-            print(f"W{b}A{b} {mode}: top1 {m['top1']:.2f} (float {float_metrics['top1']:.2f})", flush=True)
+            print(f"W{b}A{b} {mode}: " + (f"top1 {m['top1']:.2f}" if "top1" in m else "diverged")
+                  + f" (float {float_metrics['top1']:.2f})", flush=True)
     results["total_wall_s"] = time.perf_counter() - t0
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     table = _table(results)
@@ -72,9 +83,13 @@ def _table(results: dict) -> str:
              "", "| model | epochs | top-1 | top-5 | drop vs float (top-1) | BOPs searched / total (G, base arch @224) |",
              "|---|---|---|---|---|---|",
              f"| float | {f['epochs']} | {f['top1']:.2f} | {f['top5']:.2f} | - | - |"]
+    labels = {"ptq": "calibration only (PTQ)", "qat": "QAT", "qat_fbn": "QAT, frozen BN statistics"}
     for key, m in results["quantized"].items():
-        bits, mode = key.split("_")
-        label = f"{bits.upper()} {'calibration only (PTQ)' if mode == 'ptq' else 'QAT'}"
+        bits, mode = key.split("_", 1)
+        label = f"{bits.upper()} {labels[mode]}"
+        if "diverged" in m:
+            lines.append(f"| {label} | {m['epochs']} | diverged (non-finite loss) | - | - | - |")
+            continue
         lines.append(f"| {label} | {m['epochs']} | {m['top1']:.2f} | {m['top5']:.2f} | {m['top1'] - f['top1']:+.2f} | "
                      f"{m['bops_searched_g']:.2f} / {m['bops_total_g']:.2f} |")
     lines.append("")

@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from gmpq.errors import RecipeError
 from gmpq.train.checkpoint import CheckpointManager
 from gmpq.train.runlog import MetricsLogger
 
@@ -148,8 +149,17 @@ def cross_entropy_loss(label_smoothing: float = 0.0) -> LossFn:
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, scheduler: Any,
                     accelerator: Accelerator, cfg: TrainConfig, loss_fn: LossFn, desc: str = "train") -> dict[str, float]:
-    """One epoch of ``accelerate``'s canonical loop; returns mean training loss and top-1 over all processes."""
+    """One epoch of ``accelerate``'s canonical loop; returns mean training loss and top-1 over all processes.
+
+    With ``cfg.max_grad_norm`` the global gradient norm is clipped before each optimizer step; with a ``freeze_bn``
+    field set (fine-tuning) BatchNorm layers keep their running statistics. A non-finite loss stops training with a
+    :class:`~gmpq.errors.RecipeError` naming the remedies instead of continuing with NaN weights.
+    """
     model.train()
+    if getattr(cfg, "freeze_bn", False):
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
     totals = torch.zeros(3, device=accelerator.device, dtype=torch.float64)  # loss sum, correct, count
     bar = tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process,
                total=len(loader) if cfg.max_steps is None else min(len(loader), cfg.max_steps))
@@ -158,7 +168,13 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
             break
         with accelerator.accumulate(model):
             loss, logits = loss_fn(model, images, labels)
+            if not torch.isfinite(loss.detach()).all():
+                raise RecipeError(
+                    f"{desc}: training diverged (loss {loss.item()}) at batch {step}; lower the learning rate, set "
+                    f"max_grad_norm, or for low-bit QAT set finetune.freeze_bn=true")
             accelerator.backward(loss)
+            if cfg.max_grad_norm is not None and accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
