@@ -102,3 +102,16 @@ def test_quantizing_twice_is_refused(resnet18) -> None:
     model = gmpq.create_model("resnet18_cifar", num_classes=10, policy=_policy(resnet18))
     with pytest.raises(PolicyError, match="already quantized"):
         gmpq.quantize(model, _policy(resnet18))
+
+
+def test_saved_files_get_the_default_permissions(tmp_path) -> None:
+    import os
+
+    from gmpq.utils import atomic_write_text
+
+    mask = os.umask(0o022)
+    try:
+        path = atomic_write_text(tmp_path / "x.json", "{}")
+    finally:
+        os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o644
