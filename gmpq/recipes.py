@@ -283,12 +283,14 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
         key = key.strip()
         if not sep or not key:
             raise RecipeError(f"override {item!r} must have the form dotted.key=value (e.g. finetune.epochs=1)")
+        parts = key.split(".")
+        field_type = _check_path(parts)
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
-        parts = key.split(".")
-        _check_path(parts)
+        if value is not None and not isinstance(value, str) and _is_text_type(field_type):
+            value = raw.strip()  # a text field keeps the text as typed (YAML reads `no` as false, `1e3` as a string)
         node = data
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)
@@ -320,8 +322,19 @@ def describe() -> list[tuple[str, str, Any, str]]:
 
 
 # ---------------------------------------------------------------------------------------------- validation
-def _check_path(parts: list[str]) -> None:
+def _is_text_type(tp: Any) -> bool:
+    """True when ``tp`` accepts strings and no bool/number (str, a Literal of strings, or those or None)."""
+    options = typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else (tp,)
+    options = tuple(o for o in options if o is not type(None))
+    return bool(options) and all(
+        o is str or (typing.get_origin(o) is Literal and all(isinstance(a, str) for a in typing.get_args(o)))
+        for o in options)
+
+
+def _check_path(parts: list[str]) -> Any:
+    """Check that the dotted path exists in the schema; return the type of its last key."""
     cls: Any = Recipe
+    tp: Any = None
     for i, part in enumerate(parts):
         if cls is None or not dataclasses.is_dataclass(cls):
             raise RecipeError(f"recipe key {'.'.join(parts[:i])!r} is a value, not a section; "
@@ -331,6 +344,7 @@ def _check_path(parts: list[str]) -> None:
             _unknown(cls, part, ".".join(parts[:i]))
         tp = hints[part]
         cls = tp if dataclasses.is_dataclass(tp) else None
+    return tp
 
 
 def _unknown(cls: type, key: str, prefix: str) -> typing.NoReturn:
@@ -399,6 +413,11 @@ def _coerce(value: Any, tp: Any, dotted: str) -> Any:
         raise bad
     if origin is Literal:
         allowed = typing.get_args(tp)
+        if isinstance(value, bool):  # YAML 1.1 reads no/off/false (yes/on/true) as booleans
+            spelled = [a for a in allowed if isinstance(a, str) and a.lower() in
+                       (("yes", "on", "true") if value else ("no", "off", "false"))]
+            if spelled:
+                return spelled[0]
         if value in allowed and not isinstance(value, bool):
             return value
         close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)

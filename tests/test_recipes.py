@@ -165,3 +165,15 @@ def test_cli_reports_recipe_errors_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'pretrain.epoch'" in err[0] and "did you mean 'pretrain.epochs'" in err[0]
     assert main(["finetune", str(path), "finetune.epochs"]) == 2
+
+
+def test_yaml_booleans_and_numbers_in_text_fields(tmp_path):
+    path = write(tmp_path, {"model": {"arch": "a"}})
+    path.write_text(path.read_text() + "finetune:\n  mixed_precision: no\n")
+    assert load_recipe(path).finetune.mixed_precision == "no"
+    r = load_recipe(path, ["pretrain.mixed_precision=no", "name=2024", "data.path=123", "finetune.policy=null",
+                           "data.dataset=on"])
+    assert r.pretrain.mixed_precision == "no" and r.name == "2024" and r.data.path == "123"
+    assert r.finetune.policy is None and r.data.dataset == "on"
+    with pytest.raises(RecipeError, match="'pretrain.mixed_precision' must be one of"):
+        load_recipe(path, ["pretrain.mixed_precision=yes"])
