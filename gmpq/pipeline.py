@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from gmpq.errors import RecipeError
-from gmpq.models import base_arch
+from gmpq.models import base_arch, create_model
 from gmpq.recipes import Recipe
 from gmpq.train.runlog import write_metrics_json
 from gmpq.train.stages import evaluate, finetune, pretrain, stage_dir
@@ -59,7 +59,7 @@ def target_recipe(recipe: Recipe) -> Recipe:
                          checkpoint=t.checkpoint, pretrained=t.pretrained, num_classes=None)
     data["data"].update(dataset=t.dataset, path=t.path, input_size=t.input_size, train_split=t.train_split,
                         eval_split=t.eval_split, batch_size=t.batch_size or recipe.data.batch_size,
-                        max_train_samples=None, max_eval_samples=None)
+                        max_train_samples=t.max_train_samples, max_eval_samples=t.max_eval_samples)
     if t.checkpoint is None and not t.pretrained:
         raise RecipeError("target.dataset is set but the target model has no float weights: set target.pretrained=true "
                           "or target.checkpoint")
@@ -87,7 +87,7 @@ def run(recipe: Recipe) -> RunResult:
     from gmpq.search import search
 
     state = PartialState()
-    recipe.require("search.budget_g", "for gmpq run (the searched-layer BOPs budget in G)")
+    check_recipe_budget(recipe)
     staged = _staged(recipe)
     out = Path(recipe.output_dir)
     t0 = time.perf_counter()
@@ -114,6 +114,23 @@ def run(recipe: Recipe) -> RunResult:
     return result
 
 
+def check_recipe_budget(recipe: Recipe) -> None:
+    """Fail before any training when ``search.budget_g`` is missing or no policy over ``search.bits`` can meet it.
+
+    The check needs only the layers' MACs on ``model.deploy_arch`` at ``model.deploy_input_size``; the classifier's
+    size does not matter (it is a kept layer), so a 10-class model stands in for the dataset's.
+    """
+    from gmpq.search.budget import check_budget
+    from gmpq.search.supernet import deployment_macs, search_space
+
+    budget = float(recipe.require("search.budget_g", "for gmpq run (the searched-layer BOPs budget in G)"))
+    deploy_arch = recipe.model.deploy_arch or base_arch(recipe.model.arch)
+    macs = deployment_macs(deploy_arch, recipe.model.deploy_input_size, num_classes=10)
+    space = search_space(create_model(recipe.model.arch, num_classes=10), recipe.search.bits, recipe.model.kept_bits,
+                         macs, deploy_arch, recipe.model.deploy_input_size)
+    check_budget(space, budget)
+
+
 def _staged(recipe: Recipe) -> Recipe:
     """Each stage resumes (or reuses) what exists unless ``force``; with ``force`` each is redone once."""
     return recipe.override(["resume=false", "force=true"] if recipe.force else ["resume=true", "force=false"])
@@ -135,9 +152,10 @@ def _export(target: Recipe) -> tuple[Path, dict[str, Any]]:
     from gmpq.hub.export import export_trained
 
     export_dir = Path(target.export.dir) if target.export.dir else stage_dir(target, "export")
+    same_arch = (target.model.deploy_arch or base_arch(target.model.arch)) == target.model.arch
     report = export_trained(target.output_dir, export_dir, format=target.export.format,
-                            name=target.export.name or target.name, bops_input_size=target.model.deploy_input_size
-                            if (target.model.deploy_arch or base_arch(target.model.arch)) == target.model.arch else None)
+                            name=target.export.name or target.name,
+                            bops_input_size=target.model.deploy_input_size if same_arch else None)
     return export_dir, {"size_bytes": report.file_bytes, "fp32_bytes": report.fp32_bytes,
                         "ratio_fp32": report.ratio_fp32, "export_dir": str(export_dir)}
 
@@ -147,11 +165,9 @@ def _figures(out: Path, uniform: dict[str, Any] | None) -> list[Path]:
     from gmpq.viz import plot_policies, plot_search
 
     policies = [Policy.load(out / "search" / "policy.json")]
-    labels = ["gmpq search"]
     if uniform is not None:
         policies.append(Policy.load(uniform["policy"]))
-        labels.append("uniform baseline")
-    figures = [plot_policies(policies, out / "policy.png", labels=labels)]
+    figures = [plot_policies(policies, out / "policy.png")]
     if (out / "search" / "search_log.jsonl").exists():
         figures.append(plot_search(out / "search", out / "search.png"))
     return [Path(f) for f in figures]
