@@ -5,8 +5,10 @@ The public API, one import away::
     import gmpq
     model = gmpq.create_model("resnet18", num_classes=10, policy="policy.json")
     report = gmpq.count_bops(model, input_size=224)
+    result = gmpq.search(recipe)          # metrics of the search stage; result.policy is the decoded Policy
 """
 
+from gmpq import search  # a callable package: gmpq.search(recipe) runs the search stage
 from gmpq.complexity import BopsReport, count_bops, expected_bops, layer_macs
 from gmpq.errors import (
     BudgetError,
@@ -43,4 +45,5 @@ __all__ = [
     "register_backbone", "searchable_layer_names", "uniform_policy",
     "RunError", "compare_runs", "plot_compare", "plot_policies", "plot_search",
     "from_pretrained", "push_to_hub", "save_pretrained",
+    "search",
 ]

@@ -172,6 +172,25 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    """``gmpq search RECIPE [key=value ...]``: mixed-precision search under ``search.budget_g``; writes policy.json."""
+    from gmpq.recipes import load_recipe
+    from gmpq.search import search
+
+    metrics = search(load_recipe(args.recipe, args.overrides))
+    if args.json:
+        print(json.dumps(dict(metrics), indent=2, sort_keys=True))
+        return 0
+    print(f"{metrics['strategy']} policy: {metrics['policy']}")
+    print(f"searched BOPs {metrics['bops_searched_g']:.4g} G of budget {metrics['budget_g']:.4g} G "
+          f"({100 * metrics['budget_fraction']:.1f} %), total {metrics['bops_total_g']:.4g} G on "
+          f"{metrics['deploy_arch']} at {metrics['deploy_input_size']} | mean bits W{metrics['mean_w_bits']:.2f} "
+          f"A{metrics['mean_a_bits']:.2f}" + (f" | decoded top1 {metrics['decoded_top1']:.2f}"
+                                              if metrics.get("decoded_top1") is not None else "")
+          + f" | {metrics['wall_s']:.0f} s")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``gmpq evaluate RECIPE|DIR [key=value ...]``: top-1/top-5, BOPs and size of a run's or a directory's model."""
     from gmpq.train import evaluate_stage
@@ -246,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, handler, text in (
             ("run", cmd_run, "the whole pipeline of a recipe: pretrain, search, finetune, evaluate, export"),
             ("pretrain", cmd_pretrain, "train the full-precision model of a recipe (the search's teacher)"),
+            ("search", cmd_search, "search a mixed-precision policy under a BOPs budget (gmpq | edmips | uniform)"),
             ("finetune", cmd_finetune, "apply a policy, calibrate, and quantization-aware fine-tune (optional KD)"),
             ("evaluate", cmd_evaluate, "top-1/top-5, BOPs and size of a run's model, or of a model directory")):
         p = verb(name, handler, text)

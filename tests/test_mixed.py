@@ -16,12 +16,15 @@ BITS = (2, 3, 4, 6)
 
 
 @pytest.fixture(autouse=True)
-def _eager_kernels():
-    """The eager kernels (no compiler start-up in unit tests); the compiled ones are checked against them below."""
-    previous = fused._backend
+def _eager_kernels_one_thread():
+    """The eager kernels (no compiler start-up in unit tests; the compiled ones are checked against them below), on
+    one thread: these tests run many small ops, where OpenMP's fork/join costs more than it saves."""
+    previous, threads = fused._backend, torch.get_num_threads()
     fused.set_backend("eager")
+    torch.set_num_threads(1)
     yield
     fused.set_backend(previous)
+    torch.set_num_threads(threads)
 
 
 def _ready(layer: MixedConv2d | MixedLinear, x: torch.Tensor) -> None:

@@ -32,6 +32,9 @@ from gmpq.quant import quantizers as _quantizers
 from gmpq.quant.layers import QConv2d, QLinear
 from gmpq.quant.quantizers import ActQuantizer, WeightQuantizer, optimal_clip
 
+#: Observed activations each candidate's MSE-optimal clip is searched on (a fixed random subset of them).
+_CLIP_SAMPLES = 65536
+
 
 def check_candidates(bits: Sequence[int]) -> tuple[int, ...]:
     """Sorted, de-duplicated candidate bit widths; each must be an integer in 2..8."""
@@ -54,10 +57,13 @@ class MixedActQuantizer(ActQuantizer):
 
     @torch.no_grad()
     def finish_calibration(self) -> None:
-        """Fix the sign mode and set every candidate's clip to its MSE-optimal value on the observed inputs."""
+        """Fix the sign mode and set every candidate's clip to its MSE-optimal value on the observed inputs (at most
+        65536 of them, a fixed random subset)."""
         if not self._samples:
             raise RuntimeError("MixedActQuantizer.finish_calibration() called before any batch was observed")
         values = torch.cat(self._samples)
+        if values.numel() > _CLIP_SAMPLES:  # K clip searches: a fixed random subset keeps calibration cheap
+            values = values[torch.randperm(values.numel(), generator=torch.Generator().manual_seed(0))[:_CLIP_SAMPLES]]
         signed = self._seen_negative
         self.signed.fill_(signed)
         for i, b in enumerate(self.bits):
@@ -184,6 +190,13 @@ class MixedMixin:
         """The most probable (weight, activation) bits."""
         return self.wq.bits[int(self.alpha_w.argmax())], self.aq.bits[int(self.alpha_a.argmax())]
 
+    def _observed_weight(self) -> torch.Tensor:
+        """The weight used while activations are observed for calibration: the float weight before the steps are
+        initialised (:func:`gmpq.quant.calibrate` sets them right after observing), else the mixed weight."""
+        if not bool(self.wq.initialized):
+            return self.weight
+        return self.wq(self.weight, self.probs()[0])
+
     def _mixed_operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """Probabilities after preparing the quantizers; ``None`` when the layer must pass ``x`` through unquantized."""
         p_w, p_a = self.probs()
@@ -214,8 +227,8 @@ class MixedConv2d(MixedMixin, nn.Conv2d):
         if _quantizers._BYPASS:
             return self._conv_forward(x, self.weight, self.bias)
         ops = self._mixed_operands(x)
-        if ops is None:  # observing for calibration: float activations, mixed weights
-            return self._conv_forward(x, self.wq(self.weight, self.probs()[0]), self.bias)
+        if ops is None:  # observing for calibration: float activations, mixed weights once their steps are set
+            return self._conv_forward(x, self._observed_weight(), self.bias)
         p_w, p_a, clip, scale = ops
         if not self.fused:
             return self._conv_forward(self.aq.reference(x, p_a), self.wq.reference(self.weight, p_w), self.bias)
@@ -263,7 +276,7 @@ class MixedLinear(MixedMixin, nn.Linear):
             return F.linear(x, self.weight, self.bias)
         ops = self._mixed_operands(x)
         if ops is None:
-            return F.linear(x, self.wq(self.weight, self.probs()[0]), self.bias)
+            return F.linear(x, self._observed_weight(), self.bias)
         p_w, p_a, clip, scale = ops
         if not self.fused:
             return F.linear(self.aq.reference(x, p_a), self.wq.reference(self.weight, p_w), self.bias)

@@ -9,18 +9,39 @@
 * :mod:`gmpq.search.budget` — exact decoding under the budget (ILP), feasibility checks (``BudgetError``).
 * :mod:`gmpq.search.strategies` — ``gmpq`` / ``edmips`` / ``uniform``.
 * :mod:`gmpq.search.loop` — ``search(recipe)``, the stage behind ``gmpq search``.
+
+The package itself is callable: ``gmpq.search(recipe)`` is ``gmpq.search.search(recipe)``, and its submodules stay
+reachable as ``gmpq.search.budget`` etc.
 """
+
+import sys
+import types
 
 from gmpq.search.attribution import AttributionModel, cam_from_weights, class_weights, linear_head
 from gmpq.search.budget import LOWER_FRACTION, Decoded, bops_range, check_budget, decode, decode_uniform
-from gmpq.search.losses import (
-    BudgetPenalty, LossTerms, SearchObjective, attribution_loss, capacity_p, expected_bits, expected_bops_g,
-)
 from gmpq.search.loop import SearchResult, alpha_entropy, search
+from gmpq.search.losses import (
+    BudgetPenalty,
+    LossTerms,
+    SearchObjective,
+    attribution_loss,
+    capacity_p,
+    expected_bits,
+    expected_bops_g,
+)
 from gmpq.search.strategies import STRATEGIES, Strategy, get_strategy
 from gmpq.search.supernet import (
-    SearchSpace, alpha_parameters, alpha_table, build_supernet, deployment_macs, fix_supernet, layer_probabilities,
-    search_space, weight_parameters,
+    SearchSpace,
+    alpha_parameters,
+    alpha_table,
+    build_supernet,
+    deployment_macs,
+    fix_supernet,
+    layer_log_probabilities,
+    layer_probabilities,
+    search_space,
+    weight_param_groups,
+    weight_parameters,
 )
 
 __all__ = [
@@ -28,5 +49,15 @@ __all__ = [
     "SearchResult", "SearchSpace", "Strategy", "alpha_entropy", "alpha_parameters", "alpha_table", "attribution_loss",
     "bops_range", "build_supernet", "cam_from_weights", "capacity_p", "check_budget", "class_weights", "decode",
     "decode_uniform", "deployment_macs", "expected_bits", "expected_bops_g", "fix_supernet", "get_strategy",
-    "layer_probabilities", "linear_head", "search", "search_space", "weight_parameters",
+    "layer_log_probabilities", "layer_probabilities", "linear_head", "search", "search_space", "weight_param_groups", "weight_parameters",
 ]
+
+
+class _CallableModule(types.ModuleType):
+    """This package's module type: calling it runs :func:`gmpq.search.loop.search`."""
+
+    def __call__(self, recipe, attribution="auto"):  # noqa: ANN001 — same signature as loop.search
+        return search(recipe, attribution)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -124,9 +124,17 @@ class AttributionModel(nn.Module):
                           UserWarning, stacklevel=3)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits, cam)``: the model's logits and the Grad-CAM [B, H, W] of its predicted classes."""
         features = self.model.forward_features(x)
         self._check_size(features)
-        if self.method == "closed":
+        return self.attribute(features)
+
+    def attribute(self, features: torch.Tensor,
+                  method: Literal["closed", "autograd"] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits, cam)`` from the last feature map, with this model's method or the given one."""
+        if (method or self.method) == "closed":
+            if method == "closed" and self.method != "closed":
+                raise ValueError("this model's head has no closed-form Grad-CAM")
             head = self.model.get_classifier()
             pooled = features.mean((2, 3))
             logits = head(pooled)

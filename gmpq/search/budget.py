@@ -85,6 +85,9 @@ def decode(space: SearchSpace, log_w: torch.Tensor | np.ndarray, log_a: torch.Te
     shape = (len(space.layers), len(space.bits))
     if lw.shape != shape or la.shape != shape:
         raise ValueError(f"log-probabilities must have shape {shape}, got {lw.shape} and {la.shape}")
+    if not (np.isfinite(lw).all() and np.isfinite(la).all()):
+        raise ValueError("the log-probabilities to decode are not all finite (diverged architecture parameters?); "
+                         "lower search.lr_alpha")
     choices = _solve(space, lw, la, budget_g, lower_fraction)
     if choices is None:
         check_budget(space, budget_g, lower_fraction)  # raises the explanatory error

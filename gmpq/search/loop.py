@@ -58,7 +58,7 @@ from gmpq.search.supernet import (
     fix_supernet,
     layer_probabilities,
     search_space,
-    weight_parameters,
+    weight_param_groups,
 )
 from gmpq.train import (
     CheckpointManager,
@@ -154,7 +154,7 @@ def _search_supernet(recipe: Recipe, run_recipe: Recipe, strategy: Strategy, mod
         raise ModelError(f"the head of {recipe.model.arch} is not global average pooling + linear, so its attribution "
                          "needs a double backward (autograd with create_graph), which DDP does not support; run this "
                          "search in a single process, or use search.strategy=edmips")
-    opt_w = torch.optim.SGD(_weight_groups(model, cfg.weight_decay), lr=cfg.lr_w, momentum=cfg.momentum)
+    opt_w = torch.optim.SGD(weight_param_groups(model, cfg.weight_decay), lr=cfg.lr_w, momentum=cfg.momentum)
     opt_a = torch.optim.SGD(alpha_parameters(model), lr=cfg.lr_alpha, momentum=cfg.momentum,
                             weight_decay=cfg.alpha_weight_decay)
     student, opt_w, opt_a, train_loader, eval_loader = accelerator.prepare(student, opt_w, opt_a, loaders.train,
@@ -162,7 +162,7 @@ def _search_supernet(recipe: Recipe, run_recipe: Recipe, strategy: Strategy, mod
     if teacher is not None:
         teacher.to(accelerator.device)
     supernet = accelerator.unwrap_model(student).model
-    penalty = BudgetPenalty(budget)
+    penalty = BudgetPenalty(budget, scale=len(space.layers))
     objective = SearchObjective(space, penalty, strategy.lambda_attr(cfg.lambda_attr), cfg.p, cfg.kappa)
     checkpoints = CheckpointManager(out / "checkpoints", accelerator)
     history: list[dict[str, Any]] = []
@@ -202,7 +202,7 @@ def _search_supernet(recipe: Recipe, run_recipe: Recipe, strategy: Strategy, mod
     metrics = _metrics(recipe, strategy, space, budget, decoded, accelerator, t0, epochs=cfg.epochs,
                        resumed_from=resumed_from)
     metrics.update({
-        "expected_bops_g": float(expected_bops_g(supernet, space)), "mu": penalty.mu,
+        "expected_bops_g": expected_bops_g(supernet, space).item(), "mu": penalty.mu,
         "train_top1": history[-1]["train_top1"] if history else None,
         "decoded_top1": decoded_eval["top1"], "decoded_top5": decoded_eval["top5"],
         "num_train_samples": len(loaders.train.dataset), "num_eval_samples": decoded_eval["num_samples"],
@@ -235,13 +235,13 @@ def _train_epoch(student: nn.Module, teacher: nn.Module | None, supernet: nn.Mod
         accelerator.backward(terms.total)
         opt_w.step()
         opt_a.step()
-        objective.penalty.update(float(terms.expected_bops_g))
+        objective.penalty.update(terms.expected_bops_g.item())
         n = labels.numel()
-        sums += torch.tensor([float(terms.ce) * n, float(terms.attr) * n, float(terms.complexity) * n,
-                              float(terms.total) * n, float((logits.detach().argmax(1) == labels).sum()), n],
+        sums += torch.tensor([terms.ce.item() * n, terms.attr.item() * n, terms.complexity.item() * n,
+                              terms.total.item() * n, (logits.detach().argmax(1) == labels).sum().item(), n],
                              dtype=torch.float64, device=sums.device)
         if step % 5 == 0:
-            bar.set_postfix(loss=f"{float(terms.total):.3f}", bops=f"{float(terms.expected_bops_g):.2f}G")
+            bar.set_postfix(loss=f"{terms.total.item():.3f}", bops=f"{terms.expected_bops_g.item():.2f}G")
     sums = accelerator.reduce(sums, reduction="sum")
     n = max(1.0, float(sums[5]))
     return {"loss_ce": float(sums[0]) / n, "loss_attr": float(sums[1]) / n, "loss_complexity": float(sums[2]) / n,
@@ -254,7 +254,7 @@ def _epoch_record(epoch: int, stats: dict[str, float], supernet: nn.Module, spac
     """One line of ``search_log.jsonl`` (keys listed in the module docstring)."""
     with torch.no_grad():
         w_probs, a_probs = layer_probabilities(supernet, space)
-        bops = float(expected_bops_g(supernet, space))
+        bops = expected_bops_g(supernet, space).item()
     return {
         "epoch": epoch, "loss": stats["loss"], "loss_ce": stats["loss_ce"], "loss_attr": stats["loss_attr"],
         "loss_complexity": stats["loss_complexity"], "expected_bops_g": bops, "budget_g": budget,
@@ -278,16 +278,6 @@ def alpha_entropy(w_probs: torch.Tensor, a_probs: torch.Tensor) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _weight_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on conv/linear weights only; none on biases, norms, quantizer steps/clips (alphas excluded)."""
-    weights = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-    params = weight_parameters(model)
-    decay = [p for p in params if id(p) in weights]
-    rest = [p for p in params if id(p) not in weights]
-    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0})
-            if g["params"]]
-
-
 def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr

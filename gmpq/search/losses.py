@@ -16,10 +16,14 @@ the reference ResNet18/CIFAR-10 meaning. ``A_fp`` comes from the frozen float te
 (:func:`gmpq.complexity.expected_bops`) over the budget ``B``, the search minimises an augmented Lagrangian of the
 equality constraint ``r = 1``::
 
-    L_complexity = mu * (r - 1) + (rho / 2) * (r - 1)^2,        after each step:  mu <- mu + eta * (r - 1)
+    L_complexity = L * (mu * (r - 1) + (rho / 2) * (r - 1)^2),     after each step:  mu <- mu + eta * (r - 1)
 
 ``mu`` is the adaptive multiplier (dual ascent, unconstrained in sign: above the budget it pushes bits down, below it
-lets them rise), so the user states a budget in GBOPs instead of hand-tuning a complexity decay.
+lets them rise), so the user states a budget in GBOPs instead of hand-tuning a complexity decay. ``L`` is the number
+of searched layers: d r / d alpha_l is proportional to layer l's share of the BOPs (about 1 / L), so the factor L
+gives every architecture the same per-layer pull. Defaults rho = 4, eta = 0.02: with the reference alpha optimiser
+(SGD, lr 0.01, momentum 0.9) and no other loss, E[BOPs] settles within 1 % of B in a few hundred steps from either
+side (tests/test_search_core.py); the exact decoding then places the policy in [97%, 100%] of B.
 """
 
 from __future__ import annotations
@@ -76,19 +80,21 @@ class BudgetPenalty:
 
     Attributes:
         budget_g: the budget B (G BOPs, searched layers, deployment resolution).
+        scale: L, the number of searched layers.
         rho: weight of the quadratic term.
         eta: dual step of the multiplier per optimisation step.
         mu: the current multiplier (saved in checkpoints).
     """
 
     budget_g: float
-    rho: float = 2.0
-    eta: float = 0.05
+    scale: float = 1.0
+    rho: float = 4.0
+    eta: float = 0.02
     mu: float = 0.0
 
     def __call__(self, expected_g: torch.Tensor) -> torch.Tensor:
         excess = expected_g / self.budget_g - 1.0
-        return self.mu * excess + 0.5 * self.rho * excess.pow(2)
+        return self.scale * (self.mu * excess + 0.5 * self.rho * excess.pow(2))
 
     def update(self, expected_g: float) -> None:
         """Dual ascent on the multiplier after an optimisation step."""

@@ -17,7 +17,7 @@ from torch import nn
 
 from gmpq.errors import RecipeError
 from gmpq.search.budget import Decoded, decode, decode_uniform
-from gmpq.search.supernet import SearchSpace, layer_probabilities
+from gmpq.search.supernet import SearchSpace, layer_log_probabilities
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,8 @@ class Strategy:
         if model is None:
             raise ValueError(f"strategy {self.name!r} decodes the alphas of a supernet; pass the model")
         with torch.no_grad():
-            w_probs, a_probs = layer_probabilities(model, space)
-            return decode(space, torch.log(w_probs.double()), torch.log(a_probs.double()), budget_g)
+            log_w, log_a = layer_log_probabilities(model, space)
+            return decode(space, log_w, log_a, budget_g)
 
 
 STRATEGIES: dict[str, Strategy] = {

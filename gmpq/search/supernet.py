@@ -142,11 +142,30 @@ def weight_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if id(p) not in alphas]
 
 
+def weight_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Optimizer groups of the weights (no alphas): decay on conv/linear weights only, none on biases, norms,
+    quantizer steps and clips."""
+    weights = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    params = weight_parameters(model)
+    decay = [p for p in params if id(p) in weights]
+    rest = [p for p in params if id(p) not in weights]
+    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0})
+            if g["params"]]
+
+
 def layer_probabilities(model: nn.Module, space: SearchSpace) -> tuple[torch.Tensor, torch.Tensor]:
     """``[L, K]`` weight and activation bit probabilities of the searched layers (differentiable)."""
     layers = mixed_layers(model)
     probs = [layers[n].probs() for n in space.layers]
     return torch.stack([p[0] for p in probs]), torch.stack([p[1] for p in probs])
+
+
+def layer_log_probabilities(model: nn.Module, space: SearchSpace) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[L, K]`` ``log_softmax(alpha_w)`` and ``log_softmax(alpha_a)`` of the searched layers (finite for any finite
+    alphas, unlike the log of underflowed probabilities)."""
+    layers = mixed_layers(model)
+    return (torch.stack([torch.log_softmax(layers[n].alpha_w, 0) for n in space.layers]),
+            torch.stack([torch.log_softmax(layers[n].alpha_a, 0) for n in space.layers]))
 
 
 def alpha_table(model: nn.Module, space: SearchSpace) -> dict[str, dict[str, list[float]]]:

@@ -1,0 +1,354 @@
+"""The search core: supernet, Grad-CAM attribution, losses, budget steering and exact budget decoding."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gmpq
+from gmpq.quant import MixedConv2d, QConv2d, QLinear, WeightQuantizer, fused, mixed_layers
+from gmpq.quant import functional as QF
+from gmpq.quant.mixed import MixedWeightQuantizer
+from gmpq.search import (
+    AttributionModel,
+    BudgetPenalty,
+    SearchObjective,
+    SearchSpace,
+    alpha_parameters,
+    attribution_loss,
+    bops_range,
+    build_supernet,
+    capacity_p,
+    check_budget,
+    decode,
+    decode_uniform,
+    deployment_macs,
+    expected_bops_g,
+    fix_supernet,
+    get_strategy,
+    layer_probabilities,
+    linear_head,
+    search_space,
+)
+
+BITS = (2, 3, 4, 6)
+
+
+@pytest.fixture(autouse=True)
+def _eager_kernels_one_thread():
+    """Eager kernels (no compiler start-up; the compiled ones are checked in test_mixed.py) on one thread: these
+    tests run many small ops, where OpenMP's fork/join costs more than it saves (much more on a busy machine)."""
+    previous, threads = fused._backend, torch.get_num_threads()
+    fused.set_backend("eager")
+    torch.set_num_threads(1)
+    yield
+    fused.set_backend(previous)
+    torch.set_num_threads(threads)
+
+
+def _fast_steps(model: nn.Module) -> None:
+    """Weight steps max|W| / Q_p (skips the MSE search, which is slow on an 11 M-parameter model)."""
+    for module in model.modules():
+        for child in module.children():
+            if isinstance(child, WeightQuantizer) and not child.is_float:
+                flat = module.weight.detach().reshape(module.weight.shape[0], -1).abs().amax(1).clamp_min(1e-8)
+                bits = child.bits if isinstance(child, MixedWeightQuantizer) else (child.bits,)
+                with torch.no_grad():
+                    child.scale.copy_(torch.stack([flat / QF.weight_qmax(b) for b in bits]).view_as(child.scale))
+                child.initialized.fill_(True)
+
+
+def _supernet(arch: str, deploy: str, size: int = 224, num_classes: int = 10) -> tuple[nn.Module, SearchSpace]:
+    model = gmpq.create_model(arch, num_classes=num_classes)
+    space = search_space(model, BITS, 8, deployment_macs(deploy, size, num_classes), deploy, size)
+    return model, space
+
+
+# ------------------------------------------------------------------------------------------------ supernet
+def test_supernet_layers_and_deployment_macs():
+    model, space = _supernet("mobilenetv2_050_cifar", "mobilenetv2_050")
+    assert space.kept == ("conv_stem", "classifier")
+    assert len(space.layers) == len(gmpq.searchable_layer_names(model))
+    report = gmpq.count_bops(gmpq.create_model("mobilenetv2_050", num_classes=10), 224)
+    by_name = {r.name: r.macs for r in report.layers}
+    assert space.macs == tuple(by_name[n] for n in space.layers)  # MACs at 224 of the ImageNet layout, not at 32
+    build_supernet(model, space)
+    assert list(mixed_layers(model)) == list(space.layers)
+    assert isinstance(model.conv_stem, QConv2d) and isinstance(model.classifier, QLinear)
+    assert model.conv_stem.w_bits == 8 and model.classifier.a_bits == 8
+    alphas = alpha_parameters(model)
+    assert len(alphas) == 2 * len(space.layers) and all(float(a.abs().sum()) == 0 for a in alphas)
+    with pytest.raises(gmpq.ModelError, match="float"):
+        build_supernet(model, space)
+    with pytest.raises(gmpq.ModelError, match="deploy arch"):
+        search_space(gmpq.create_model("resnet18_cifar", num_classes=10), BITS, 8,
+                     deployment_macs("mobilenetv2_050", 224, 10), "mobilenetv2_050", 224)
+
+
+def test_decoded_supernet_matches_policy_model():
+    """Fixing the supernet at a policy gives the layers gmpq.quantize builds from policy.json (same bits/names)."""
+    model, space = _supernet("mobilenetv2_050_cifar", "mobilenetv2_050")
+    build_supernet(model, space)
+    choices = {n: (BITS[i % 4], BITS[(i + 1) % 4]) for i, n in enumerate(space.layers)}
+    policy = space.policy(choices, {"strategy": "test"})
+    fixed = fix_supernet(model, choices)
+    reference = gmpq.create_model("mobilenetv2_050_cifar", policy=policy, num_classes=10)
+    for (name, a), (_, b) in zip(gmpq.quantizable_layers(fixed).items(), gmpq.quantizable_layers(reference).items(),
+                                 strict=True):
+        assert type(a) is type(b) and (a.w_bits, a.a_bits) == (b.w_bits, b.a_bits), name
+    deployed = gmpq.count_bops(gmpq.create_model("mobilenetv2_050", policy=policy, num_classes=10), 224)
+    assert policy.bops_searched_g == pytest.approx(deployed.bops_searched_g, rel=1e-12)
+    assert policy.bops_total_g == pytest.approx(deployed.bops_total_g, rel=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------ attribution
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenetv2_100"])
+def test_closed_form_cam_equals_autograd(arch):
+    """Closed-form Grad-CAM (W_cls[c] times the head quantizer's STE mask) equals autograd's, maps and alpha
+    gradients of the attribution loss, to 1e-5 relative."""
+    torch.manual_seed(0)
+    model, space = _supernet(arch, arch)
+    teacher = AttributionModel(copy.deepcopy(model).eval())
+    build_supernet(model, space)
+    _fast_steps(model)
+    x = torch.randn(2, 3, 128, 128)  # final feature map 4x4
+    model(x)  # calibrates the activation clips on this batch
+    with torch.no_grad():
+        for p in alpha_parameters(model):
+            p.copy_(torch.randn_like(p))
+        _, cam_fp = teacher(x)
+    wrapped = AttributionModel(model)
+    assert wrapped.method == "closed"
+    features = model.forward_features(x)  # one trunk forward, both Grad-CAMs on it
+    results = {}
+    for method in ("closed", "autograd"):
+        logits, cam = wrapped.attribute(features, method)
+        loss = attribution_loss(cam_fp, cam, 3.0)
+        grads = torch.autograd.grad(loss, [*alpha_parameters(model), model.get_classifier().weight],
+                                    retain_graph=True)
+        results[method] = (logits.detach(), cam.detach(), torch.cat([g.flatten() for g in grads[:-1]]), grads[-1])
+    closed, auto = results["closed"], results["autograd"]
+    assert cam.shape == (2, 4, 4) and float(cam.sum()) > 0
+    torch.testing.assert_close(closed[0], auto[0], rtol=1e-6, atol=1e-6)
+    for got, want, what in zip(closed[1:], auto[1:], ("cam", "alpha gradients", "classifier gradient"), strict=True):
+        assert float(want.norm()) > 0, what
+        assert float((got - want).norm() / want.norm()) < 1e-5, what
+    assert AttributionModel(teacher.model).method == "closed"
+
+
+class _MLPHeadNet(nn.Module):
+    """A timm-style model whose head is pooling + a two-layer MLP (no closed form)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.global_pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 5)
+
+    def forward_features(self, x):
+        return torch.relu(self.stem(x))
+
+    def forward_head(self, x):
+        return self.fc2(torch.relu(self.fc1(self.global_pool(x).flatten(1))))
+
+    def get_classifier(self):
+        return self.fc2
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+def test_non_linear_head_uses_autograd_and_small_maps_warn():
+    net = _MLPHeadNet()
+    assert linear_head(net) is None
+    with pytest.raises(ValueError, match="not global average pooling"):
+        AttributionModel(net, "closed")
+    wrapped = AttributionModel(net)
+    assert wrapped.method == "autograd"
+    x = torch.randn(3, 3, 6, 6)
+    logits, cam = wrapped(x)
+    c = logits.argmax(1)
+    feats = net.forward_features(x).detach().requires_grad_()
+    score = net.forward_head(feats).gather(1, c[:, None]).sum()
+    (grad,) = torch.autograd.grad(score, feats)
+    want = torch.relu((grad.sum((2, 3))[:, :, None, None] * feats).sum(1))
+    torch.testing.assert_close(cam, want.detach())
+    cam.sum().backward()  # differentiable through the head's gradient (create_graph)
+    assert net.fc1.weight.grad is not None and float(net.fc1.weight.grad.abs().sum()) > 0
+    with pytest.warns(UserWarning, match="smaller than 4x4"):
+        AttributionModel(net)(torch.randn(1, 3, 3, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        AttributionModel(net)(torch.randn(1, 3, 4, 4))
+
+
+# ------------------------------------------------------------------------------------------------ losses
+def test_attribution_loss_definition():
+    torch.manual_seed(0)
+    a_fp, a_q = torch.rand(3, 4, 5), torch.rand(3, 4, 5)
+    p = 2.5
+    t = a_fp.flatten(1) ** p
+    t = t / t.norm(dim=1, keepdim=True)
+    q = a_q.flatten(1) / a_q.flatten(1).norm(dim=1, keepdim=True)
+    want = ((t - q) ** 2).sum(1).mean() / 20  # batch mean of the squared distance over H*W
+    assert float(attribution_loss(a_fp, a_q, p)) == pytest.approx(float(want), rel=1e-6)
+    assert float(attribution_loss(a_fp, a_fp ** p * 7.0, p)) == pytest.approx(0.0, abs=1e-12)  # scale invariant
+    assert torch.isfinite(attribution_loss(torch.zeros(2, 3, 3), torch.zeros(2, 3, 3), 3.0))
+    with pytest.raises(ValueError, match="shape"):
+        attribution_loss(torch.rand(2, 4, 4), torch.rand(2, 2, 2), 3.0)
+
+
+def test_capacity_p_and_expected_bops():
+    model, space = _supernet("mobilenetv2_050_cifar", "mobilenetv2_050")
+    build_supernet(model, space)
+    mean_bits = sum(BITS) / 4
+    assert capacity_p(model, space, 24.0) == pytest.approx(24.0 / mean_bits**2, rel=1e-6)
+    assert float(expected_bops_g(model, space)) == pytest.approx(sum(space.macs) * mean_bits**2 / 1e9, rel=1e-5)
+    layer = mixed_layers(model)[space.layers[0]]
+    with torch.no_grad():
+        layer.alpha_w.copy_(torch.tensor([0.0, 0.0, 0.0, 50.0]))
+        layer.alpha_a.copy_(torch.tensor([50.0, 0.0, 0.0, 0.0]))
+    e = {n: (mean_bits, mean_bits) for n in space.layers} | {space.layers[0]: (6.0, 2.0)}
+    want_p = 24.0 * sum(1 / (w * a) for w, a in e.values()) / len(e)
+    assert capacity_p(model, space, 24.0) == pytest.approx(want_p, rel=1e-5)
+    objective = SearchObjective(space, BudgetPenalty(1.0), 40.0, "auto", 24.0)
+    assert objective.exponent(model) == pytest.approx(want_p, rel=1e-5)
+    with pytest.raises(ValueError, match="p must be"):
+        SearchObjective(space, BudgetPenalty(1.0), 40.0, "fixed")
+
+
+def test_every_loss_term_reaches_alpha():
+    torch.manual_seed(0)
+    model, space = _supernet("mobilenetv2_050_cifar", "mobilenetv2_050")
+    teacher = AttributionModel(copy.deepcopy(model).eval())
+    build_supernet(model, space)
+    _fast_steps(model)
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 7])
+    student = AttributionModel(model)
+    with torch.no_grad():
+        _, cam_fp = teacher(x)
+    penalty = BudgetPenalty(0.5 * float(expected_bops_g(model, space)), mu=1.0)
+    logits, cam = student(x)
+    terms = SearchObjective(space, penalty, 40.0, 3.0)(model, logits, y, cam, cam_fp)
+    assert float(terms.total) == pytest.approx(float(terms.ce + 40.0 * terms.attr + terms.complexity), rel=1e-6)
+    for name in ("ce", "attr", "complexity"):
+        grads = torch.autograd.grad(getattr(terms, name), alpha_parameters(model), retain_graph=True,
+                                    allow_unused=True)
+        nonzero = sum(g is not None and float(g.abs().sum()) > 0 for g in grads)
+        assert nonzero == len(grads), f"{name}: {nonzero}/{len(grads)} alphas get a gradient"
+    # above the budget the complexity term lowers the expected bits of every layer
+    grads = torch.autograd.grad(terms.complexity, alpha_parameters(model))
+    assert all(float(g[-1]) > 0 > float(g[0]) for g in grads)
+
+
+def test_budget_penalty_steers_expected_bops_to_the_budget():
+    """Only the complexity term, SGD on the alphas as in the search: E[BOPs] settles at the budget from above and
+    from below."""
+    _, space = _supernet("mobilenetv2_050_cifar", "mobilenetv2_050")
+    macs, bits = torch.tensor(space.macs, dtype=torch.float32), torch.tensor(BITS, dtype=torch.float32)
+    lo, hi = bops_range(space)
+    for budget in (lo + 0.15 * (hi - lo), lo + 0.7 * (hi - lo)):
+        alpha_w = torch.zeros(len(space.layers), 4, requires_grad=True)
+        alpha_a = torch.zeros(len(space.layers), 4, requires_grad=True)
+        penalty = BudgetPenalty(budget, scale=len(space.layers))
+        optimizer = torch.optim.SGD([alpha_w, alpha_a], lr=0.01, momentum=0.9)
+        for _ in range(600):
+            bops = gmpq.expected_bops(macs, alpha_w.softmax(1), alpha_a.softmax(1), bits, bits)
+            optimizer.zero_grad()
+            penalty(bops).backward()
+            optimizer.step()
+            penalty.update(float(bops))
+        assert float(bops) == pytest.approx(budget, rel=0.01)
+    other = BudgetPenalty(1.0)
+    other.load_state_dict(penalty.state_dict())
+    assert other.mu == penalty.mu != 0
+
+
+# ------------------------------------------------------------------------------------------------ budget decoding
+def _tiny_space(macs=(3_000_000, 1_000_000, 7_000_000)) -> SearchSpace:
+    names = tuple(f"l{i}" for i in range(len(macs)))
+    return SearchSpace("tiny", "tiny", 32, names, tuple(macs), ("stem",), (100_000,), BITS, 8)
+
+
+def test_decode_is_the_exact_optimum():
+    """On a space small enough to enumerate, the ILP decodes the most probable policy inside the window."""
+    space = _tiny_space()
+    rng = np.random.default_rng(0)
+    pairs = list(itertools.product(BITS, BITS))
+    lo, hi = bops_range(space)
+    for trial in range(6):
+        lw = np.log(rng.dirichlet(np.ones(4), size=3))
+        la = np.log(rng.dirichlet(np.ones(4), size=3))
+        budget = lo + (hi - lo) * rng.uniform(0.1, 0.9)
+        best_lp = -math.inf
+        for combo in itertools.product(pairs, repeat=3):
+            bops = sum(m * w * a for m, (w, a) in zip(space.macs, combo, strict=True)) / 1e9
+            if 0.97 * budget <= bops <= budget:
+                lp = sum(lw[i, BITS.index(w)] + la[i, BITS.index(a)] for i, (w, a) in enumerate(combo))
+                best_lp = max(best_lp, lp)
+        decoded = decode(space, lw, la, budget)
+        assert decoded.log_prob == pytest.approx(best_lp, abs=1e-9), trial
+        assert 0.97 * budget <= decoded.bops_g <= budget
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenetv2_100"])
+def test_decode_respects_budget_on_random_alphas(arch):
+    _, space = _supernet(arch + "_cifar", arch)
+    lo, hi = bops_range(space)
+    gen = torch.Generator().manual_seed(1)
+    for frac in (0.0, 0.05, 0.3, 0.6, 0.95):
+        budget = lo + frac * (hi - lo) + 1e-6
+        logits_w = torch.randn(len(space.layers), 4, generator=gen) * 3
+        logits_a = torch.randn(len(space.layers), 4, generator=gen) * 3
+        decoded = decode(space, torch.log_softmax(logits_w, 1), torch.log_softmax(logits_a, 1), budget)
+        assert 0.97 * budget <= decoded.bops_g <= budget
+        assert decoded.bops_g == pytest.approx(space.searched_bops_g(decoded.choices), rel=1e-12)
+
+
+def test_infeasible_and_too_large_budgets():
+    _, space = _supernet("resnet18_cifar", "resnet18")
+    lo, hi = bops_range(space)
+    assert lo == pytest.approx(sum(space.macs) * 4 / 1e9)
+    with pytest.raises(gmpq.BudgetError, match=rf"smallest feasible budget is search.budget_g={math.ceil(lo * 1e4) / 1e4}"):
+        check_budget(space, 0.5 * lo)
+    with pytest.raises(gmpq.BudgetError, match="nothing to search"):
+        check_budget(space, 2 * hi)
+    with pytest.raises(gmpq.BudgetError, match="positive"):
+        check_budget(space, -1.0)
+    check_budget(space, math.ceil(lo * 1e4) / 1e4)  # the suggested budget is feasible
+    check_budget(space, hi)
+    with pytest.raises(gmpq.BudgetError):
+        decode_uniform(space, 0.5 * lo)
+    # a space whose achievable BOPs leave a gap around the budget
+    sparse = _tiny_space(macs=(10_000_000,))
+    with pytest.raises(gmpq.BudgetError, match="nearest policy below it costs 0.1600"):
+        check_budget(sparse, 0.175)
+
+
+def test_strategies_share_one_interface():
+    model, space = _supernet("resnet18_cifar", "resnet18")
+    lo, hi = bops_range(space)
+    budget = 15.3
+    uniform = get_strategy("uniform").decode(space, budget)
+    assert set(uniform.choices.values()) == {(3, 3)}  # 9 bits^2 = 15.26 G fits 15.3 G, 3x4 = 12 does not
+    assert uniform.bops_g <= budget
+    tie = get_strategy("uniform").decode(space, sum(space.macs) * 8.5 / 1e9)
+    assert set(tie.choices.values()) == {(2, 4)}  # 2x4 = 4x2 = 8: the tie goes to more activation bits
+    build_supernet(model, space)
+    for name in ("gmpq", "edmips"):
+        strategy = get_strategy(name)
+        assert strategy.trains_supernet and strategy.lambda_attr(40.0) == (40.0 if name == "gmpq" else 0.0)
+        decoded = strategy.decode(space, budget, model)
+        assert 0.97 * budget <= decoded.bops_g <= budget
+    w_probs, _ = layer_probabilities(model, space)
+    assert torch.allclose(w_probs, torch.full_like(w_probs, 0.25))
+    with pytest.raises(gmpq.RecipeError, match="unknown search.strategy"):
+        get_strategy("random")
+    assert isinstance(mixed_layers(model)[space.layers[0]], MixedConv2d)

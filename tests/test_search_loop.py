@@ -1,0 +1,144 @@
+"""The search stage end to end on the embedded CIFAR-10 subset: outputs, resume, strategies, budget errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import gmpq
+from gmpq.cli import main
+from gmpq.quant import fused
+from gmpq.recipes import load_recipe
+from gmpq.search import bops_range, deployment_macs, search, search_space
+from gmpq.train import save_float_model
+from gmpq.viz import read_search_log
+
+ARCH, DEPLOY = "mobilenetv2_050_cifar", "mobilenetv2_050"
+LOG_KEYS = {"epoch", "loss", "loss_ce", "loss_attr", "loss_complexity", "expected_bops_g", "budget_g",
+            "decoded_bops_g", "alpha_entropy", "p", "lr_w", "lr_alpha", "train_top1", "policy", "probs", "bits",
+            "mu", "epoch_s", "steps"}
+
+
+@pytest.fixture(autouse=True)
+def _eager_kernels_one_thread():
+    """Eager kernels (no compiler start-up) on one thread (tiny batches: OpenMP fork/join costs more than it saves)."""
+    previous, threads = fused._backend, torch.get_num_threads()
+    fused.set_backend("eager")
+    torch.set_num_threads(1)
+    yield
+    fused.set_backend(previous)
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def float_model(tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("float") / "model"
+    save_float_model(gmpq.create_model(ARCH, num_classes=10), out)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def budget() -> float:
+    """A budget between W2A2 and W6A6 of the searched layers of mobilenetv2_050 at 224 (about W3A3)."""
+    model = gmpq.create_model(ARCH, num_classes=10)
+    lo, hi = bops_range(search_space(model, (2, 3, 4, 6), 8, deployment_macs(DEPLOY, 224, 10), DEPLOY, 224))
+    return round(lo + 0.2 * (hi - lo), 4)
+
+
+def _recipe(out: Path, float_model: str, budget: float, *extra: str):
+    return load_recipe(None, [
+        f"output_dir={out}", f"model.arch={ARCH}", f"model.checkpoint={float_model}", f"model.deploy_arch={DEPLOY}",
+        "model.deploy_input_size=224", "data.dataset=cifar10_embedded", "data.batch_size=8",
+        "data.max_train_samples=48", "data.max_eval_samples=16", f"search.budget_g={budget}", "search.epochs=1",
+        "search.max_steps=3", *extra])
+
+
+def test_three_step_search_writes_a_valid_policy(tmp_path, float_model, budget):
+    result = search(_recipe(tmp_path, float_model, budget))
+    out = tmp_path / "search"
+    policy = gmpq.Policy.load(out / "policy.json")
+    assert policy.to_dict() == result.policy.to_dict()
+    deployed = gmpq.count_bops(gmpq.create_model(DEPLOY, policy=policy, num_classes=10), 224)  # validates layers
+    assert policy.bops_searched_g == pytest.approx(deployed.bops_searched_g, rel=1e-9)
+    assert policy.bops_total_g == pytest.approx(deployed.bops_total_g, rel=1e-9)
+    assert 0.97 * budget <= policy.bops_searched_g <= budget
+    assert result["budget_fraction"] == pytest.approx(policy.bops_searched_g / budget)
+    assert policy.arch == DEPLOY and policy.input_size == 224
+    prov = policy.provenance
+    assert prov["strategy"] == "gmpq" and prov["lambda_attr"] == 40.0 and prov["p"] == 3.0
+    assert prov["proxy_dataset"] == "cifar10_embedded" and prov["seed"] == 0 and prov["gmpq_version"]
+    alphas = json.loads((out / "alphas.json").read_text())
+    assert alphas["bits"] == [2, 3, 4, 6] and list(alphas["layers"]) == list(policy.layers)
+    moved = [max(abs(v) for v in row["alpha_w"] + row["alpha_a"]) for row in alphas["layers"].values()]
+    assert min(moved) > 0, "every searched layer's alphas changed in 3 steps"
+    records = read_search_log(out)
+    assert len(records) == 1 and set(records[0]) == LOG_KEYS
+    rec = records[0]
+    assert rec["steps"] == 3 and rec["budget_g"] == budget and rec["bits"] == [2, 3, 4, 6]
+    assert rec["loss_attr"] > 0 and rec["loss_ce"] > 0
+    assert rec["loss"] == pytest.approx(rec["loss_ce"] + 40 * rec["loss_attr"] + rec["loss_complexity"], rel=1e-6)
+    assert rec["policy"] == {n: [b.w_bits, b.a_bits] for n, b in policy.layers.items()}
+    assert set(rec["probs"]) == set(policy.layers) and len(rec["probs"][next(iter(policy.layers))]["w"]) == 4
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["attribution"] == "closed" and metrics["epochs"] == 1 and 0 <= metrics["decoded_top1"] <= 100
+    assert {"wall_s", "bops_searched_g", "bops_total_g", "policy", "strategy"} <= set(metrics)
+    assert (out / "recipe.yaml").exists() and (out / "env.json").exists()
+
+
+def test_resume_continues_to_the_same_result(tmp_path, float_model, budget):
+    """A run killed after its first epoch's checkpoint and resumed ends exactly where an uninterrupted run ends."""
+    recipe = _recipe(tmp_path / "run", float_model, budget, "search.epochs=2", "search.max_steps=2",
+                     "search.lambda_attr=10", "search.p=auto")
+    search(recipe)
+    out = tmp_path / "run" / "search"
+    whole = {name: (out / name).read_text() for name in ("alphas.json", "policy.json", "search_log.jsonl")}
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert checkpoints == ["epoch_0001", "epoch_0002"]
+    for name in ("metrics.json", "alphas.json", "policy.json"):
+        (out / name).unlink()
+    shutil.rmtree(out / "checkpoints" / "epoch_0002")
+    with pytest.raises(gmpq.RecipeError, match="resume=true"):
+        search(recipe)
+    resumed = search(recipe.override(["resume=true"]))
+    assert resumed["resumed_from_epoch"] == 1
+    assert (out / "alphas.json").read_text() == whole["alphas.json"]
+    assert json.loads((out / "policy.json").read_text()) == json.loads(whole["policy.json"])
+
+    def strip(text: str) -> list[dict]:
+        return [{k: v for k, v in json.loads(line).items() if k != "epoch_s"} for line in text.splitlines()]
+
+    assert strip((out / "search_log.jsonl").read_text()) == strip(whole["search_log.jsonl"])
+    assert search(recipe.override(["resume=true"]))["resumed_from_epoch"] == 1  # a finished run is reused
+
+
+def test_uniform_and_edmips_strategies(tmp_path, float_model, budget):
+    uniform = search(_recipe(tmp_path / "u", float_model, budget, "search.strategy=uniform"))
+    assert len(set(uniform.policy.layers.values())) == 1 and uniform.policy.bops_searched_g <= budget
+    assert uniform["epochs"] == 0 and not (tmp_path / "u" / "search" / "search_log.jsonl").exists()
+    assert uniform.policy.provenance["strategy"] == "uniform"
+    edmips = search(_recipe(tmp_path / "e", float_model, budget, "search.strategy=edmips", "search.max_steps=1"))
+    assert edmips.policy.provenance["lambda_attr"] == 0.0 and edmips["teacher"] is None
+    assert 0.97 * budget <= edmips["bops_searched_g"] <= budget
+    assert read_search_log(tmp_path / "e")[0]["loss_attr"] == 0.0
+
+
+def test_budget_and_teacher_errors_come_before_training(tmp_path, float_model, budget, capsys):
+    recipe = _recipe(tmp_path, float_model, 0.001)
+    with pytest.raises(gmpq.BudgetError, match="smallest feasible budget is search.budget_g="):
+        search(recipe)
+    assert not (tmp_path / "search" / "checkpoints").exists()
+    yaml_file = tmp_path / "tiny.yaml"
+    yaml_file.write_text(f"model:\n  arch: {ARCH}\n  deploy_arch: {DEPLOY}\nsearch:\n  budget_g: 0.001\n")
+    code = main(["search", str(yaml_file), f"output_dir={tmp_path / 'cli'}"])
+    assert code == 2 and "smallest feasible budget" in capsys.readouterr().err
+    no_teacher = load_recipe(None, [f"output_dir={tmp_path / 'nt'}", f"model.arch={ARCH}", f"search.budget_g={budget}",
+                                    f"model.deploy_arch={DEPLOY}"])
+    with pytest.raises(gmpq.RecipeError, match="model.checkpoint"):
+        search(no_teacher)
+    with pytest.raises(gmpq.RecipeError, match="search.budget_g"):
+        search(load_recipe(None, [f"output_dir={tmp_path / 'nb'}", f"model.arch={ARCH}"]))
