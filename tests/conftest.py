@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-import pytest
-import torch
+# One thread per process: the suite runs on 2 cores, and tests that start 2 processes (torchrun) or compile kernels
+# oversubscribe them badly with torch's default thread count. Eager fused kernels: torch.compile costs a minute per
+# process on a CPU; the tests of the compiled path select it explicitly. Set before torch is imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("GMPQ_FUSED_BACKEND", "eager")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CIFAR10 = REPO.parent / "shared" / "data" / "cifar10"

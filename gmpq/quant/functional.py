@@ -76,19 +76,31 @@ def quantize_activation(x: torch.Tensor, clip: torch.Tensor, bits: int, signed: 
     return round_ste(y * (n / clip)) * (clip / n)
 
 
-def mse_optimal_scale(values: torch.Tensor, max_abs: torch.Tensor, qmax: int, grid: int = 64) -> torch.Tensor:
+def mse_optimal_scale(values: torch.Tensor, max_abs: torch.Tensor, qmax: int, grid: int = 16,
+                      max_per_channel: int = 2048) -> torch.Tensor:
     """Step size s = r * max_abs / qmax minimising the squared rounding-plus-clipping error over r in (0, 1].
 
-    ``values`` has shape [C, N] (one row per channel), ``max_abs`` shape [C]. Returns shape [C].
+    ``values`` has shape [C, N] (one row per channel), ``max_abs`` shape [C]. Returns shape [C]. The ratio r is found
+    by a coarse grid of ``grid`` points, then a fine grid of ``grid`` points around the best coarse one (resolution
+    1 / grid^2). Channels with more than ``max_per_channel`` values are estimated on an evenly strided subset.
     """
-    ratios = torch.linspace(1.0 / grid, 1.0, grid, device=values.device, dtype=values.dtype)
-    best_err = torch.full_like(max_abs, float("inf"))
-    best = max_abs / qmax
-    for r in ratios:
-        s = (r * max_abs / qmax).clamp_min(1e-12)
-        q = torch.clamp(torch.round(values / s[:, None]), -qmax, qmax) * s[:, None]
-        err = (q - values).pow(2).sum(dim=1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = torch.where(better, s, best)
-    return best.clamp_min(1e-8)
+    if values.shape[1] > max_per_channel:
+        values = values[:, :: -(-values.shape[1] // max_per_channel)]
+    max_abs = max_abs.clamp_min(1e-12)
+
+    def best_ratio(ratios: torch.Tensor) -> torch.Tensor:  # ratios: [R] or [C, R] -> best per channel [C]
+        r = ratios.expand(values.shape[0], -1) if ratios.dim() == 1 else ratios
+        best_err = torch.full_like(max_abs, float("inf"))
+        best = r[:, -1].clone()
+        for k in range(r.shape[1]):
+            s = (r[:, k] * max_abs / qmax)[:, None]
+            err = (torch.clamp(torch.round(values / s), -qmax, qmax) * s - values).pow(2).sum(dim=1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = torch.where(better, r[:, k], best)
+        return best
+
+    coarse = best_ratio(torch.linspace(1.0 / grid, 1.0, grid, device=values.device, dtype=values.dtype))
+    offsets = torch.linspace(-1.0 / grid, 1.0 / grid, grid, device=values.device, dtype=values.dtype)
+    fine = best_ratio((coarse[:, None] + offsets[None, :]).clamp(1.0 / grid**2, 1.0))
+    return (fine * max_abs / qmax).clamp_min(1e-8)
