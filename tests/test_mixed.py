@@ -131,7 +131,7 @@ def test_calibrate_sets_every_candidate():
     assert clips.shape == (4,) and bool((clips[1:] >= clips[:-1]).all())  # more bits -> wider optimal clip
     with torch.no_grad():
         inputs = model[1](model[0](torch.cat(batches)))
-    assert float(conv.aq.clip[0]) == pytest.approx(optimal_clip(inputs.flatten(), 2, False), rel=0.05)
+    assert conv.aq.clip[0].item() == pytest.approx(optimal_clip(inputs.flatten(), 2, False), rel=0.05)
     flat = conv.weight.detach().reshape(4, -1)
     for j, b in enumerate(BITS):
         want = QF.mse_optimal_scale(flat, flat.abs().amax(1), QF.weight_qmax(b))

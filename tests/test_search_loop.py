@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -142,3 +145,29 @@ def test_budget_and_teacher_errors_come_before_training(tmp_path, float_model, b
         search(no_teacher)
     with pytest.raises(gmpq.RecipeError, match="search.budget_g"):
         search(load_recipe(None, [f"output_dir={tmp_path / 'nb'}", f"model.arch={ARCH}"]))
+
+
+DDP_SCRIPT = """
+import sys
+from gmpq.quant import fused
+from gmpq.recipes import load_recipe
+from gmpq.search import search
+fused.set_backend("eager")
+search(load_recipe(sys.argv[1]), attribution="autograd")
+"""
+
+
+def test_search_under_torchrun_with_autograd_attribution(tmp_path, float_model, budget):
+    """Two gloo processes (torchrun), forcing the autograd (create_graph) Grad-CAM: DDP works with it."""
+    script, recipe_file = tmp_path / "ddp_search.py", tmp_path / "recipe.yaml"
+    script.write_text(DDP_SCRIPT)
+    recipe_file.write_text(_recipe(tmp_path, float_model, budget, "search.max_steps=2").to_yaml())
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(recipe_file)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "search" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["attribution"] == "autograd"
+    assert 0.97 * budget <= metrics["bops_searched_g"] <= budget
+    record = read_search_log(tmp_path)[0]
+    assert record["steps"] == 2 and record["loss_attr"] > 0

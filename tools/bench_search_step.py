@@ -65,7 +65,7 @@ def float_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[Step
 
 
 def gmpq_step(float_model: nn.Module, x: torch.Tensor, y: torch.Tensor, arch: str) -> tuple[Step, list]:
-    teacher = AttributionModel(copy.deepcopy(float_model).eval().requires_grad_(False))
+    teacher = AttributionModel(copy.deepcopy(float_model)).freeze()
     model = copy.deepcopy(float_model)
     deploy = gmpq.base_arch(arch)
     space = search_space(model, (2, 3, 4, 6), 8, deployment_macs(deploy, 224, 10), deploy, 224)
@@ -73,7 +73,8 @@ def gmpq_step(float_model: nn.Module, x: torch.Tensor, y: torch.Tensor, arch: st
     calibrate(model, [x])
     student = AttributionModel(model)
     lo, hi = bops_range(space)
-    objective = SearchObjective(space, BudgetPenalty(lo + 0.3 * (hi - lo), scale=len(space.layers)), lambda_attr=40.0, p=3.0)
+    penalty = BudgetPenalty(lo + 0.3 * (hi - lo), scale=len(space.layers))
+    objective = SearchObjective(space, penalty, lambda_attr=40.0, p=3.0)
     opt_w = torch.optim.SGD(weight_param_groups(model, 5e-4), lr=0.01, momentum=0.9)
     opt_a = torch.optim.SGD(alpha_parameters(model), lr=0.01, momentum=0.9)
     assert len(weight_parameters(model)) + len(alpha_parameters(model)) == len(list(model.parameters()))

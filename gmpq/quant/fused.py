@@ -79,7 +79,8 @@ def act_mix_backward(
     return grad * pass_through, torch.stack(grad_probs), torch.stack(grad_clip)
 
 
-def weight_mix_forward(w: torch.Tensor, probs: torch.Tensor, scales: torch.Tensor, qmax: tuple[int, ...]) -> torch.Tensor:
+def weight_mix_forward(w: torch.Tensor, probs: torch.Tensor, scales: torch.Tensor,
+                       qmax: tuple[int, ...]) -> torch.Tensor:
     """``sum_j probs[j] * round(clamp(w / s_j, -Q_j, Q_j)) * s_j`` for ``w`` of shape [C, M], ``scales`` [K, C]."""
     acc = torch.zeros_like(w)
     for j, q in enumerate(qmax):
@@ -203,7 +204,8 @@ def mixed_activation(x: torch.Tensor, probs: torch.Tensor, clip: torch.Tensor, b
     return _MixedActivation.apply(x, probs, clip, bits, signed)
 
 
-def mixed_weight(weight: torch.Tensor, probs: torch.Tensor, scales: torch.Tensor, bits: tuple[int, ...]) -> torch.Tensor:
+def mixed_weight(weight: torch.Tensor, probs: torch.Tensor, scales: torch.Tensor,
+                 bits: tuple[int, ...]) -> torch.Tensor:
     """``W_mix`` with the fused kernels (a standalone autograd function)."""
     return _MixedWeight.apply(weight, probs, scales, bits)
 
@@ -314,7 +316,8 @@ class _MixedConv2d(torch.autograd.Function):
             list(stride), list(padding), list(dilation), False, [0, 0], groups, [True, True, bias is not None],
         )
         del x_mix, w_mix
-        gx, gw, gpa, gc, gpw, gs = _quant_backward(ctx.needs_input_grad[0], x, weight, probs_a, probs_w, scales, spec, w_bits, gxm, gwm)
+        gx, gw, gpa, gc, gpw, gs = _quant_backward(ctx.needs_input_grad[0], x, weight, probs_a, probs_w, scales, spec,
+                                                   w_bits, gxm, gwm)
         return gx, gw, (gb.to(bias.dtype) if bias is not None else None), gpa, gc, gpw, gs, None
 
 
@@ -337,5 +340,6 @@ class _MixedLinear(torch.autograd.Function):
         gwm = g2.t() @ x_mix.reshape(-1, x_mix.shape[-1]).to(grad.dtype)
         gb = g2.sum(0).to(bias.dtype) if bias is not None else None
         del x_mix, w_mix
-        gx, gw, gpa, gc, gpw, gs = _quant_backward(ctx.needs_input_grad[0], x, weight, probs_a, probs_w, scales, spec, w_bits, gxm, gwm)
+        gx, gw, gpa, gc, gpw, gs = _quant_backward(ctx.needs_input_grad[0], x, weight, probs_a, probs_w, scales, spec,
+                                                   w_bits, gxm, gwm)
         return gx, gw, gb, gpa, gc, gpw, gs, None

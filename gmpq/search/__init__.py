@@ -49,7 +49,8 @@ __all__ = [
     "SearchResult", "SearchSpace", "Strategy", "alpha_entropy", "alpha_parameters", "alpha_table", "attribution_loss",
     "bops_range", "build_supernet", "cam_from_weights", "capacity_p", "check_budget", "class_weights", "decode",
     "decode_uniform", "deployment_macs", "expected_bits", "expected_bops_g", "fix_supernet", "get_strategy",
-    "layer_log_probabilities", "layer_probabilities", "linear_head", "search", "search_space", "weight_param_groups", "weight_parameters",
+    "layer_log_probabilities", "layer_probabilities", "linear_head", "search", "search_space",
+    "weight_param_groups", "weight_parameters",
 ]
 
 

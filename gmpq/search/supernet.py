@@ -27,7 +27,17 @@ from gmpq.models import (
     searchable_layer_names,
 )
 from gmpq.policy import LayerBits, Policy
-from gmpq.quant import FLOAT_BITS, MixedConv2d, MixedLinear, check_bits, mixed_layers, to_mixed, to_quantized
+from gmpq.quant import (
+    FLOAT_BITS,
+    MixedConv2d,
+    MixedLinear,
+    MixedMixin,
+    QuantMixin,
+    check_bits,
+    mixed_layers,
+    to_mixed,
+    to_quantized,
+)
 from gmpq.quant.mixed import check_candidates
 
 
@@ -121,9 +131,13 @@ def build_supernet(model: nn.Module, space: SearchSpace) -> nn.Module:
     """Make ``model`` (float) the supernet of ``space``, in place: searched layers mixed, kept ones fixed-bit."""
     layers = quantizable_layers(model)
     for name in (*space.layers, *space.kept):
-        if name not in layers or type(layers[name]) not in (nn.Conv2d, nn.Linear):
+        module = layers.get(name)
+        if module is None or isinstance(module, (QuantMixin, MixedMixin)):
             raise ModelError(f"layer {name!r} is not a float Conv2d/Linear of the model; build the supernet from a "
                              f"float model")
+        if isinstance(module, nn.Conv2d) and type(module).forward is not nn.Conv2d.forward:
+            raise ModelError(f"layer {name!r} is a {type(module).__name__}, a Conv2d with its own forward (e.g. "
+                             f"dynamic 'same' padding) that a quantized layer would not reproduce")
     replace_layers(model, lambda _n, m: to_mixed(m, space.bits, space.bits), list(space.layers))
     if space.kept_bits != FLOAT_BITS:
         replace_layers(model, lambda _n, m: to_quantized(m, space.kept_bits, space.kept_bits), list(space.kept))
