@@ -6,6 +6,7 @@ The public API, one import away::
     model = gmpq.create_model("resnet18", num_classes=10, policy="policy.json")
     report = gmpq.count_bops(model, input_size=224)
     result = gmpq.search(recipe)          # metrics of the search stage; result.policy is the decoded Policy
+    gmpq.pretrain(recipe); gmpq.finetune(recipe); gmpq.evaluate(recipe); gmpq.run(recipe)   # the other stages
 """
 
 from gmpq import search  # a callable package: gmpq.search(recipe) runs the search stage
@@ -45,5 +46,17 @@ __all__ = [
     "register_backbone", "searchable_layer_names", "uniform_policy",
     "RunError", "compare_runs", "plot_compare", "plot_policies", "plot_search",
     "from_pretrained", "push_to_hub", "save_pretrained",
-    "search",
+    "search", "pretrain", "finetune", "evaluate", "run",
 ]
+
+#: Stages and the pipeline, imported on first use (they pull in accelerate and datasets).
+_LAZY = {"pretrain": "gmpq.train.stages", "finetune": "gmpq.train.stages", "evaluate": "gmpq.train.stages",
+         "run": "gmpq.pipeline"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'gmpq' has no attribute {name!r}")
