@@ -15,18 +15,6 @@ from gmpq.quant.quantizers import optimal_clip
 BITS = (2, 3, 4, 6)
 
 
-@pytest.fixture(autouse=True)
-def _eager_kernels_one_thread():
-    """The eager kernels (no compiler start-up in unit tests; the compiled ones are checked against them below), on
-    one thread: these tests run many small ops, where OpenMP's fork/join costs more than it saves."""
-    previous, threads = fused._backend, torch.get_num_threads()
-    fused.set_backend("eager")
-    torch.set_num_threads(1)
-    yield
-    fused.set_backend(previous)
-    torch.set_num_threads(threads)
-
-
 def _ready(layer: MixedConv2d | MixedLinear, x: torch.Tensor) -> None:
     """Calibrate ``layer`` on ``x`` and give it random (non-uniform) alphas."""
     layer.aq.observe(x)
@@ -171,13 +159,17 @@ def test_compiled_kernels_match_eager():
     w = torch.randn(4, 6)
     gw = torch.randn_like(w)
     scales = torch.rand(4, 4) * 0.2 + 0.05
+    assert fused.get_backend() == "eager"  # tests/conftest.py selects the eager kernels
     eager = (fused._act_forward(x, probs, spec), *fused._act_backward(x, g, probs, spec),
              fused._weight_forward(w, probs, scales, BITS), *fused._weight_backward(w, gw, probs, scales, BITS))
+    previous = fused._backend
     fused.set_backend("compile")
     try:
         compiled = (fused._act_forward(x, probs, spec), *fused._act_backward(x, g, probs, spec),
                     fused._weight_forward(w, probs, scales, BITS), *fused._weight_backward(w, gw, probs, scales, BITS))
     except Exception as e:  # noqa: BLE001
         pytest.skip(f"torch.compile unavailable here: {type(e).__name__}")
+    finally:
+        fused.set_backend(previous)
     for a, b in zip(eager, compiled, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

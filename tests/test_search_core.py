@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import gmpq
-from gmpq.quant import MixedConv2d, QConv2d, QLinear, WeightQuantizer, fused, mixed_layers
+from gmpq.quant import MixedConv2d, QConv2d, QLinear, WeightQuantizer, mixed_layers
 from gmpq.quant import functional as QF
 from gmpq.quant.mixed import MixedWeightQuantizer
 from gmpq.search import (
@@ -39,18 +39,6 @@ from gmpq.search import (
 )
 
 BITS = (2, 3, 4, 6)
-
-
-@pytest.fixture(autouse=True)
-def _eager_kernels_one_thread():
-    """Eager kernels (no compiler start-up; the compiled ones are checked in test_mixed.py) on one thread: these
-    tests run many small ops, where OpenMP's fork/join costs more than it saves (much more on a busy machine)."""
-    previous, threads = fused._backend, torch.get_num_threads()
-    fused.set_backend("eager")
-    torch.set_num_threads(1)
-    yield
-    fused.set_backend(previous)
-    torch.set_num_threads(threads)
 
 
 def _fast_steps(model: nn.Module) -> None:

@@ -14,7 +14,6 @@ import torch
 
 import gmpq
 from gmpq.cli import main
-from gmpq.quant import fused
 from gmpq.recipes import load_recipe
 from gmpq.search import bops_range, deployment_macs, search, search_space
 from gmpq.train import save_float_model
@@ -24,17 +23,6 @@ ARCH, DEPLOY = "mobilenetv2_050_cifar", "mobilenetv2_050"
 LOG_KEYS = {"epoch", "loss", "loss_ce", "loss_attr", "loss_complexity", "expected_bops_g", "budget_g",
             "decoded_bops_g", "alpha_entropy", "p", "lr_w", "lr_alpha", "train_top1", "policy", "probs", "bits",
             "mu", "epoch_s", "steps"}
-
-
-@pytest.fixture(autouse=True)
-def _eager_kernels_one_thread():
-    """Eager kernels (no compiler start-up) on one thread (tiny batches: OpenMP fork/join costs more than it saves)."""
-    previous, threads = fused._backend, torch.get_num_threads()
-    fused.set_backend("eager")
-    torch.set_num_threads(1)
-    yield
-    fused.set_backend(previous)
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
