@@ -33,7 +33,7 @@ from gmpq.quant.layers import QConv2d, QLinear
 from gmpq.quant.quantizers import ActQuantizer, WeightQuantizer, optimal_clip
 
 #: Observed activations each candidate's MSE-optimal clip is searched on (a fixed random subset of them).
-_CLIP_SAMPLES = 65536
+_CLIP_SAMPLES = 16384
 
 
 def check_candidates(bits: Sequence[int]) -> tuple[int, ...]:
@@ -58,7 +58,7 @@ class MixedActQuantizer(ActQuantizer):
     @torch.no_grad()
     def finish_calibration(self) -> None:
         """Fix the sign mode and set every candidate's clip to its MSE-optimal value on the observed inputs (at most
-        65536 of them, a fixed random subset)."""
+        16384 of them, a fixed random subset)."""
         if not self._samples:
             raise RuntimeError("MixedActQuantizer.finish_calibration() called before any batch was observed")
         values = torch.cat(self._samples)
