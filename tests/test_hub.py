@@ -25,14 +25,6 @@ from gmpq.quant import functional as QF
 MIX = (2, 3, 4, 6)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a busy 2-core machine, calibration's many small ops run ~20x faster than with two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def mixed_model(arch: str, num_classes: int, size: int, kept_bits: int = 8) -> torch.nn.Module:
     """``arch`` quantized with searched layers cycling through W/A bits 2, 3, 4, 6, calibrated on random batches."""

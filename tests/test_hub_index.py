@@ -16,15 +16,6 @@ from gmpq.policy import LayerBits
 from gmpq.train.checkpoint import save_quantized_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a busy 2-core machine, model building and calibration run far faster than with two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def finetune_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
     """A run directory laid out like `gmpq finetune`'s: finetune/{model/, metrics.json}."""

@@ -62,27 +62,22 @@ def _embedded_top1(model: torch.nn.Module, dataset: str, split: str, size: int, 
 def test_published_models_load_from_a_fresh_clone_and_measure_what_their_cards_say(
         clone: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(clone)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for entry in list_hub(clone / "hub"):
-            model = gmpq.from_pretrained(f"hub/{entry.path}")
-            config = model.gmpq_config
-            m = config["metrics"]
-            weights = clone / "hub" / entry.path / F.WEIGHTS_FILE
-            assert weights.stat().st_size == m["file_bytes"] == entry.file_bytes
-            assert m["file_bytes"] <= 1.05 * (m["packed_bytes"] + m["extras_bytes"])
-            assert m["fp32_bytes"] == gmpq.hub.export.fp32_safetensors_bytes(model)
-            bops = gmpq.count_bops(model, m["bops_input_size"])
-            assert bops.bops_searched_g == pytest.approx(m["bops_searched_g"], rel=1e-9)
-            assert bops.bops_total_g == pytest.approx(m["bops_total_g"], rel=1e-9)
-            card = (clone / "hub" / entry.path / F.CARD_FILE).read_text()
-            assert f"| {m['top1']:.2f} % |" in card and f"{m['file_bytes']:,} bytes" in card
-            assert f"{m['bops_searched_g']:.4f} G" in card and f"{m['bops_total_g']:.4f} G" in card
-            assert m["dataset"] == "cifar10_embedded", "a published model is trained on the embedded data"
-            top1, n = _embedded_top1(model, m["dataset"], m["eval_split"], config["input_size"][-1],
-                                     config["mean"], config["std"])
-            assert n == m["eval_samples"]
-            assert abs(top1 - m["top1"]) <= 100.0 / n + 1e-9    # at most one image apart (batch-size rounding)
-    finally:
-        torch.set_num_threads(threads)
+    for entry in list_hub(clone / "hub"):
+        model = gmpq.from_pretrained(f"hub/{entry.path}")
+        config = model.gmpq_config
+        m = config["metrics"]
+        weights = clone / "hub" / entry.path / F.WEIGHTS_FILE
+        assert weights.stat().st_size == m["file_bytes"] == entry.file_bytes
+        assert m["file_bytes"] <= 1.05 * (m["packed_bytes"] + m["extras_bytes"])
+        assert m["fp32_bytes"] == gmpq.hub.export.fp32_safetensors_bytes(model)
+        bops = gmpq.count_bops(model, m["bops_input_size"])
+        assert bops.bops_searched_g == pytest.approx(m["bops_searched_g"], rel=1e-9)
+        assert bops.bops_total_g == pytest.approx(m["bops_total_g"], rel=1e-9)
+        card = (clone / "hub" / entry.path / F.CARD_FILE).read_text()
+        assert f"| {m['top1']:.2f} % |" in card and f"{m['file_bytes']:,} bytes" in card
+        assert f"{m['bops_searched_g']:.4f} G" in card and f"{m['bops_total_g']:.4f} G" in card
+        assert m["dataset"] == "cifar10_embedded", "a published model is trained on the embedded data"
+        top1, n = _embedded_top1(model, m["dataset"], m["eval_split"], config["input_size"][-1],
+                                 config["mean"], config["std"])
+        assert n == m["eval_samples"]
+        assert abs(top1 - m["top1"]) <= 100.0 / n + 1e-9    # at most one image apart (batch-size rounding)
