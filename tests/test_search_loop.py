@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -150,10 +151,15 @@ def test_search_under_torchrun_with_autograd_attribution(tmp_path, float_model, 
     script, recipe_file = tmp_path / "ddp_search.py", tmp_path / "recipe.yaml"
     script.write_text(DDP_SCRIPT)
     recipe_file.write_text(_recipe(tmp_path, float_model, budget, "search.max_steps=2").to_yaml())
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), str(recipe_file)], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(script), str(recipe_file)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
     metrics = json.loads((tmp_path / "search" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["attribution"] == "autograd"
     assert 0.97 * budget <= metrics["bops_searched_g"] <= budget

@@ -157,7 +157,10 @@ def _run(name: str, *args: Any) -> Any:
     if kernel is _KERNELS[name]:
         return kernel(*args)
     try:
-        return kernel(*args)
+        # No "duck sizing" (equal sizes sharing one symbol): one graph per kernel then serves every layer shape,
+        # instead of a recompilation for each pattern of coinciding sizes (and eager mode past the recompile limit).
+        with torch.fx.experimental._config.patch(use_duck_shape=False):
+            return kernel(*args)
     except Exception as e:  # noqa: BLE001 — any compiler/toolchain failure
         if _backend != "auto":
             raise
@@ -210,28 +213,43 @@ def mixed_weight(weight: torch.Tensor, probs: torch.Tensor, scales: torch.Tensor
     return _MixedWeight.apply(weight, probs, scales, bits)
 
 
+def _flat(t: torch.Tensor, *shape: int) -> torch.Tensor:
+    """``t`` (made contiguous) as a ``shape`` tensor sharing its memory that is neither a view nor a parameter.
+
+    A compiled kernel then sees one plain 1-D/2-D tensor: one graph serves every layer (a view would add guards on
+    its base's sizes, a parameter gets static sizes, and 4-D sizes of 1 are specialised — each a recompilation).
+    """
+    t = t.detach().contiguous()
+    strides = (shape[1], 1) if len(shape) == 2 else (1,)
+    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), shape, strides)
+
+
 def _act_forward(x: torch.Tensor, probs: torch.Tensor, spec: ActSpec) -> torch.Tensor:
-    return _run("act_fwd", x, probs, spec.lower, spec.clip, spec.inv_step, spec.step, spec.k)
+    out = _run("act_fwd", _flat(x, x.numel()), probs, spec.lower, spec.clip, spec.inv_step, spec.step, spec.k)
+    return out.view(x.shape)
 
 
 def _act_backward(x: torch.Tensor, grad: torch.Tensor, probs: torch.Tensor, spec: ActSpec):
-    return _run("act_bwd", x, grad, probs, spec.lower, spec.clip, spec.inv_step, spec.step, spec.inv_levels,
-                1.0 if spec.signed else 0.0, spec.k)
+    gx, gp, gc = _run("act_bwd", _flat(x, x.numel()), _flat(grad, grad.numel()), probs, spec.lower, spec.clip,
+                      spec.inv_step, spec.step, spec.inv_levels, 1.0 if spec.signed else 0.0, spec.k)
+    return gx.view(x.shape), gp, gc
 
 
 def _weight_forward(weight: torch.Tensor, probs: torch.Tensor, scales: torch.Tensor, bits: tuple[int, ...]):
     qmax = tuple(QF.weight_qmax(b) for b in bits)
+    rows, cols = weight.shape[0], weight[0].numel()
     eff = _effective_scales(scales, weight_gammas(weight, bits))
-    return _run("w_fwd", weight.reshape(weight.shape[0], -1), probs, eff, qmax).view_as(weight)
+    return _run("w_fwd", _flat(weight, rows, cols), probs, eff, qmax).view(weight.shape)
 
 
 def _weight_backward(weight: torch.Tensor, grad: torch.Tensor, probs: torch.Tensor, scales: torch.Tensor,
                      bits: tuple[int, ...]):
     qmax = tuple(QF.weight_qmax(b) for b in bits)
+    rows, cols = weight.shape[0], weight[0].numel()
     gammas = weight_gammas(weight, bits)
-    eff = _effective_scales(scales, gammas)
-    gw, gp, gs = _run("w_bwd", weight.reshape(weight.shape[0], -1), grad.reshape(grad.shape[0], -1), probs, eff, qmax)
-    return gw.view_as(weight), gp, gs * gammas[:, None]
+    gw, gp, gs = _run("w_bwd", _flat(weight, rows, cols), _flat(grad, rows, cols), probs,
+                      _effective_scales(scales, gammas), qmax)
+    return gw.view(weight.shape), gp, gs * gammas[:, None]
 
 
 class _MixedActivation(torch.autograd.Function):
