@@ -151,7 +151,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5, help="timed pairs (ABBA order)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each kind first")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each kind first")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     parser.add_argument("--backend", choices=fused.BACKENDS, default="auto", help="fused-kernel backend")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")

@@ -19,7 +19,7 @@ import types
 
 from gmpq.search.attribution import AttributionModel, cam_from_weights, class_weights, linear_head
 from gmpq.search.budget import LOWER_FRACTION, Decoded, bops_range, check_budget, decode, decode_uniform
-from gmpq.search.loop import SearchResult, alpha_entropy, search
+from gmpq.search.loop import SearchResult, alpha_entropy, reestimate_batchnorm, search
 from gmpq.search.losses import (
     BudgetPenalty,
     LossTerms,
@@ -49,7 +49,7 @@ __all__ = [
     "SearchResult", "SearchSpace", "Strategy", "alpha_entropy", "alpha_parameters", "alpha_table", "attribution_loss",
     "bops_range", "build_supernet", "cam_from_weights", "capacity_p", "check_budget", "class_weights", "decode",
     "decode_uniform", "deployment_macs", "expected_bits", "expected_bops_g", "fix_supernet", "get_strategy",
-    "layer_log_probabilities", "layer_probabilities", "linear_head", "search", "search_space",
+    "layer_log_probabilities", "layer_probabilities", "linear_head", "reestimate_batchnorm", "search", "search_space",
     "weight_param_groups", "weight_parameters",
 ]
 

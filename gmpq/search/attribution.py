@@ -86,7 +86,10 @@ def class_weights(head: nn.Linear, pooled: torch.Tensor, classes: torch.Tensor) 
         mask = 1.0 if aq.is_float else activation_ste_mask(pooled, aq.clip, bool(aq.signed))
     else:
         weight, mask = head.weight, 1.0
-    return weight[classes] * mask
+    # the rows W[c_b] as a one-hot product: its backward is a matrix product, whereas indexing's backward
+    # (index_put_ with accumulation over repeated classes) is not deterministic on several CPU threads
+    rows = F.one_hot(classes, weight.shape[0]).to(weight.dtype) @ weight
+    return rows * mask
 
 
 def cam_from_weights(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

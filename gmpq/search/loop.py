@@ -24,7 +24,8 @@ Steps (single process, or every process under ``torchrun`` / ``accelerate launch
    alphas, both optimizers, RNG states, the budget multiplier, the log) — ``resume=true`` continues from it and
    reaches the same result as an uninterrupted run.
 6. The policy: exact decoding under the budget (searched BOPs in [97%, 100%] of it), then the decoded fixed-bit
-   network is evaluated once (its top-1 before fine-tuning).
+   network is evaluated once — its top-1 before fine-tuning, with BN statistics re-estimated on the calibration
+   batches (:func:`reestimate_batchnorm`).
 
 Output in ``<output_dir>/search``: ``policy.json`` (with provenance), ``alphas.json`` (final logits and
 probabilities of every searched layer), ``search_log.jsonl`` (one JSON object per epoch: ``epoch, loss, loss_ce,
@@ -152,7 +153,8 @@ def _search_supernet(recipe: Recipe, run_recipe: Recipe, strategy: Strategy, mod
         teacher = AttributionModel(teacher_model, attribution).freeze()
     loaders = build_dataloaders(run_recipe, accelerator)
     build_supernet(model, space)
-    calibrate(model, calibration_batches(run_recipe, CALIBRATION_BATCHES, accelerator))
+    batches = calibration_batches(run_recipe, CALIBRATION_BATCHES, accelerator)
+    calibrate(model, batches)
     student = AttributionModel(model, attribution)
     opt_w = torch.optim.SGD(weight_param_groups(model, cfg.weight_decay), lr=cfg.lr_w, momentum=cfg.momentum)
     opt_a = torch.optim.SGD(alpha_parameters(model), lr=cfg.lr_alpha, momentum=cfg.momentum,
@@ -196,6 +198,7 @@ def _search_supernet(recipe: Recipe, run_recipe: Recipe, strategy: Strategy, mod
                           f"({row['epoch_s']:.1f}s)")
     decoded = strategy.decode(space, budget, supernet)
     fixed = fix_supernet(copy.deepcopy(supernet), decoded.choices)
+    reestimate_batchnorm(fixed, batches)
     decoded_eval = evaluate_loader(fixed, eval_loader, accelerator, desc="search: decoded policy eval")
     p_final = objective.exponent(supernet) if strategy.uses_attribution else None
     policy = space.policy(decoded.choices, _provenance(recipe, strategy, space, budget, decoded, p=p_final))
@@ -266,6 +269,30 @@ def _epoch_record(epoch: int, stats: dict[str, float], supernet: nn.Module, spac
         "probs": {n: {"w": w_probs[i].tolist(), "a": a_probs[i].tolist()} for i, n in enumerate(space.layers)},
         "bits": list(space.bits),
     }
+
+
+@torch.no_grad()
+def reestimate_batchnorm(model: nn.Module, batches: list[torch.Tensor]) -> None:
+    """Replace the BN running statistics of ``model`` by the plain average over ``batches`` (train-mode forwards).
+
+    The supernet's statistics were gathered under the bit *mixture*; the decoded fixed-bit network's activations
+    differ, so its accuracy before fine-tuning is only meaningful with statistics of its own.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or not batches:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: the mean over the batches
+    was_training = model.training
+    model.train()
+    device = next(model.parameters()).device
+    for batch in batches:
+        model(batch.to(device))
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    model.train(was_training)
 
 
 def alpha_entropy(w_probs: torch.Tensor, a_probs: torch.Tensor) -> float:
