@@ -132,6 +132,11 @@ def _mobilenetv2_cifar(arch: str, pretrained: bool, **kwargs: Any) -> nn.Module:
     model = _timm(arch, pretrained, **kwargs)
     model.conv_stem.stride = (1, 1)
     model.blocks[1][0].conv_dw.stride = (1, 1)
+    if not pretrained and isinstance(model.classifier, nn.Linear):
+        # timm draws the classifier from U(+-1/sqrt(num_classes)): for 10 classes the initial logits have std ~4 and
+        # the first epochs are spent shrinking them. N(0, 0.01) (torchvision's MobileNetV2 init) starts at log(K).
+        nn.init.normal_(model.classifier.weight, 0.0, 0.01)
+        nn.init.zeros_(model.classifier.bias)
     return model
 
 
