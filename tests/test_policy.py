@@ -105,13 +105,18 @@ def test_quantizing_twice_is_refused(resnet18) -> None:
 
 
 def test_saved_files_get_the_default_permissions(tmp_path) -> None:
+    """Text and safetensors files (safetensors re-creates its output file) are world-readable like open()'s."""
     import os
 
-    from gmpq.utils import atomic_write_text
+    import torch
+    from safetensors.torch import save_file
+
+    from gmpq.utils import atomic_write, atomic_write_text
 
     mask = os.umask(0o022)
     try:
-        path = atomic_write_text(tmp_path / "x.json", "{}")
+        paths = [atomic_write_text(tmp_path / "x.json", "{}"),
+                 atomic_write(tmp_path / "m.safetensors", lambda tmp: save_file({"w": torch.zeros(2)}, str(tmp)))]
     finally:
         os.umask(mask)
-    assert path.stat().st_mode & 0o777 == 0o644
+    assert [p.stat().st_mode & 0o777 for p in paths] == [0o644, 0o644]
