@@ -102,10 +102,10 @@ def run(recipe: Recipe) -> RunResult:
 
     result = RunResult(out, {})
     if state.is_main_process:
-        t_export = time.perf_counter()
-        result.export_dir, export_metrics = _export(target)
-        stage_metrics["export"] = {**export_metrics, "wall_s": time.perf_counter() - t_export}
         result.figures = _figures(out, uniform)
+        t_export = time.perf_counter()
+        result.export_dir, export_metrics = _export(target, out, uniform)
+        stage_metrics["export"] = {**export_metrics, "wall_s": time.perf_counter() - t_export}
         result.metrics = _summary(recipe, target, stage_metrics, uniform, time.perf_counter() - t0)
         write_metrics_json(out, result.metrics)
     state.wait_for_everyone()
@@ -148,14 +148,27 @@ def _uniform_baseline(recipe: Recipe) -> dict[str, Any]:
             "policy": str(stage_dir(base, "search") / "policy.json")}
 
 
-def _export(target: Recipe) -> tuple[Path, dict[str, Any]]:
+def _export(target: Recipe, out: Path, uniform: dict[str, Any] | None) -> tuple[Path, dict[str, Any]]:
+    """Export the fine-tuned model; its card shows the search's trajectory and the uniform policy beside it."""
     from gmpq.hub.export import export_trained
 
     export_dir = Path(target.export.dir) if target.export.dir else stage_dir(target, "export")
     same_arch = (target.model.deploy_arch or base_arch(target.model.arch)) == target.model.arch
+    figures = {}
+    if (out / "search.png").is_file():
+        figures["the search: expected BOPs against the budget, loss terms, per-layer expected bits over epochs"] = (
+            out / "search.png")
+    comparison = []
+    if uniform is not None:
+        tuned = uniform["finetune"]
+        comparison.append({"model": f"uniform W{tuned.get('mean_w_bits', 0):.0f}A{tuned.get('mean_a_bits', 0):.0f} "
+                                    "at the same budget",
+                           "top1": uniform["evaluate"]["top1"], "bops_searched_g": tuned["bops_searched_g"],
+                           "mean_w_bits": tuned.get("mean_w_bits"), "mean_a_bits": tuned.get("mean_a_bits")})
     report = export_trained(target.output_dir, export_dir, format=target.export.format,
                             name=target.export.name or target.name,
-                            bops_input_size=target.model.deploy_input_size if same_arch else None)
+                            bops_input_size=target.model.deploy_input_size if same_arch else None,
+                            figures=figures, comparison=comparison)
     return export_dir, {"size_bytes": report.file_bytes, "fp32_bytes": report.fp32_bytes,
                         "ratio_fp32": report.ratio_fp32, "export_dir": str(export_dir)}
 

@@ -299,4 +299,18 @@ def test_export_refuses_models_it_cannot_represent(tmp_path: Path) -> None:
     gmpq.calibrate(model, [torch.randn(2, 3, 32, 32)])
     with pytest.raises(ModelError, match="unknown export format 'int4'"):
         gmpq.save_pretrained(model, tmp_path / "c", format="int4")
-    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+    with pytest.raises(ModelError, match="figure 'the search' not found"):
+        gmpq.save_pretrained(model, tmp_path / "d", figures={"the search": tmp_path / "search.png"})
+    assert not any((tmp_path / d).exists() for d in "bcd")
+
+
+def test_card_shows_extra_figures_and_the_comparison_table(tmp_path: Path) -> None:
+    model = mixed_model("mobilenetv2_050_cifar", 10, 32)
+    figure = tmp_path / "search.png"
+    figure.write_bytes(b"\x89PNG\r\n\x1a\n")
+    gmpq.save_pretrained(model, tmp_path / "m", top1=40.0, dataset="d", figures={"the search": figure},
+                         comparison=[{"model": "uniform W4A4", "top1": 38.5, "bops_searched_g": 0.44,
+                                      "mean_w_bits": 4.0, "mean_a_bits": 4.0}])
+    card = (tmp_path / "m" / F.CARD_FILE).read_text()
+    assert "![the search](search.png)" in card and (tmp_path / "m" / "search.png").read_bytes() == figure.read_bytes()
+    assert "| this model | 40.00 % |" in card and "| uniform W4A4 | 38.50 % | 0.4400 G | 4.00 / 4.00 |" in card

@@ -110,6 +110,10 @@ def test_quickstart_export_loads_and_matches_the_fine_tuned_model(quickstart_run
         assert torch.allclose(exported(x), tuned(x), atol=1e-5)
     card = (result.export_dir / "README.md").read_text()
     assert f"{result.metrics['top1']:.2f}" in card or f"{result.metrics['top1']:.1f}" in card
+    # the card shows the run's search figure and the uniform policy it was compared with
+    assert "](search.png)" in card and (result.export_dir / "search.png").is_file()
+    uniform = result.metrics["uniform"]
+    assert f"| uniform W{uniform['w_bits']:.0f}A{uniform['a_bits']:.0f} at the same budget | {uniform['top1']:.2f} %" in card
 
 
 def test_a_finished_run_is_reused_and_a_killed_run_resumes(quickstart_run, monkeypatch) -> None:

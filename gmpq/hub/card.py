@@ -84,14 +84,17 @@ def render_card(config: Mapping[str, Any], policy: Policy, repo_id: str, has_fig
         f"| {F.WEIGHTS_FILE} | {m['file_bytes']:,} bytes ({layout}) |",
         f"| FP32 safetensors of the same network | {m['fp32_bytes']:,} bytes "
         f"(this file is {m['ratio_fp32']:.3f} of it, {1 / m['ratio_fp32']:.1f}x smaller) |",
-        "", "## Policy", "",
     ]
+    lines += _comparison_lines(config.get("comparison") or [], m)
+    lines += ["", "## Policy", ""]
     if has_figure:
         lines += [f"![per-layer weight and activation bits]({F.FIGURE_FILE})", ""]
     lines += [
         f"Searched layers ({len(policy.layers)}): {mix or 'none'}. Kept layers (not searched): {kept}. "
         f"The full policy is in [`{F.POLICY_FILE}`]({F.POLICY_FILE}).", "",
         "Provenance:", "", provenance, "",
+        *[line for file, caption in (config.get("figures") or {}).items()
+          for line in (f"![{caption}]({file})", "", f"*{caption}*", "")],
         "## Usage", "",
         "```python",
         "import torch, gmpq",
@@ -109,6 +112,21 @@ def render_card(config: Mapping[str, Any], policy: Policy, repo_id: str, has_fig
         "",
     ]
     return "\n".join(lines)
+
+
+def _comparison_lines(rows: list[Mapping[str, Any]], m: Mapping[str, Any]) -> list[str]:
+    """A table of this model beside the others it was compared with (same data, split and fine-tuning)."""
+    if not rows:
+        return []
+    this = {"model": "this model", "top1": m.get("top1"), "bops_searched_g": m.get("bops_searched_g"),
+            "mean_w_bits": m.get("mean_w_bits"), "mean_a_bits": m.get("mean_a_bits")}
+    lines = ["", "Compared on the same evaluation images after the same fine-tuning:", "",
+             "| model | top-1 | BOPs, searched layers | mean bits W / A |", "|---|---|---|---|"]
+    for row in (this, *rows):
+        lines.append(f"| {row.get('model')} | {_num(row.get('top1'), '.2f', ' %')} | "
+                     f"{_num(row.get('bops_searched_g'), '.4f', ' G')} | {_num(row.get('mean_w_bits'), '.2f')} / "
+                     f"{_num(row.get('mean_a_bits'), '.2f')} |")
+    return lines
 
 
 def _value(value: Any) -> str:

@@ -18,7 +18,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -152,6 +152,28 @@ def _float_tensors(state: Mapping[str, torch.Tensor], layers: Mapping[str, Quant
     return out
 
 
+def _check_figures(figures: Mapping[str, str | os.PathLike]) -> None:
+    """Refuse extra card figures that do not exist or would overwrite the export's own files (before writing)."""
+    for caption, path in figures.items():
+        src = Path(path)
+        if not src.is_file():
+            raise ModelError(f"figure {caption!r} not found at {src}; plot it first or leave it out")
+        if src.name in (F.FIGURE_FILE, F.CARD_FILE, F.WEIGHTS_FILE, F.POLICY_FILE, F.CONFIG_FILE):
+            raise ModelError(f"figure {src} would overwrite the export's own {src.name}; rename it")
+
+
+def _copy_figures(figures: Mapping[str, str | os.PathLike], out: Path) -> dict[str, str]:
+    """Copy the card's extra figures into ``out``; return file name -> caption."""
+    copied: dict[str, str] = {}
+    for caption, path in figures.items():
+        src = Path(path)
+        target = out / src.name
+        if src.resolve() != target.resolve():
+            atomic_write(target, lambda tmp, src=src: tmp.write_bytes(src.read_bytes()))
+        copied[src.name] = caption
+    return copied
+
+
 def fp32_safetensors_bytes(model: nn.Module) -> int:
     """Size of the safetensors file of ``model``'s network in FP32: its float state dict without quantizer state."""
     skip = _quantizer_keys(model)
@@ -190,7 +212,8 @@ def save_pretrained(
     model: nn.Module, save_dir: str | os.PathLike, *, format: str = "packed", name: str | None = None,
     dataset: str | None = None, top1: float | None = None, eval_split: str | None = None,
     eval_samples: int | None = None, bops_input_size: int | None = None, description: str | None = None,
-    repo_id: str | None = None, card: bool = True,
+    repo_id: str | None = None, card: bool = True, figures: Mapping[str, str | os.PathLike] | None = None,
+    comparison: Sequence[Mapping[str, Any]] = (),
 ) -> ExportReport:
     """Export a quantized ``model`` to ``save_dir``; return what was written and measured.
 
@@ -206,12 +229,18 @@ def save_pretrained(
         description: a paragraph for the card (how the model was made).
         repo_id: the id the card's loading snippet uses (default: ``save_dir`` as given).
         card: write README.md and policy.png.
+        figures: more PNG figures for the card, caption -> file (copied into ``save_dir``), e.g. the search's
+            trajectory.
+        comparison: rows of a table on the card comparing this model with others measured the same way, each
+            ``{"model", "top1", "bops_searched_g", "mean_w_bits", "mean_a_bits"}`` (e.g. the uniform policy at the
+            same budget).
     """
     if format not in F.LAYOUTS:
         raise ModelError(f"unknown export format {format!r}; choose one of {', '.join(F.LAYOUTS)}")
     if top1 is not None and not (isinstance(top1, (int, float)) and 0.0 <= top1 <= 100.0):
         raise ModelError(f"top1 is a percentage in [0, 100], got {top1!r}")
     policy = _check_exportable(model)
+    _check_figures(figures or {})
     out = Path(save_dir)
     config = model_config(model)
     layers = F.coded_layers(model)
@@ -248,6 +277,8 @@ def save_pretrained(
             "fp32_bytes": report.fp32_bytes, "ratio_fp32": report.ratio_fp32, "overhead": report.overhead,
         },
         "description": description,
+        "comparison": [dict(row) for row in comparison],
+        "figures": _copy_figures(figures or {}, out),
         "provenance": policy.provenance,
         "files": {p.name: {"sha256": F.sha256_file(p), "bytes": p.stat().st_size} for p in (weights_path, policy_path)},
     })
@@ -374,11 +405,13 @@ def _training_description(model_dir: Path, cfg: Mapping[str, Any]) -> str | None
 def export_trained(
     source: str | os.PathLike, save_dir: str | os.PathLike, *, format: str = "packed", name: str | None = None,
     bops_input_size: int | None = None, repo_id: str | None = None,
+    figures: Mapping[str, str | os.PathLike] | None = None, comparison: Sequence[Mapping[str, Any]] = (),
 ) -> ExportReport:
     """Export the quantized model of a gmpq fine-tune run (run dir, ``finetune`` stage dir or its ``model`` dir).
 
     The card's top-1, dataset, split and image count are those the run measured (see :func:`_measured_accuracy`);
-    its description states how the model was trained.
+    its description states how the model was trained. ``figures`` and ``comparison`` go to the card as in
+    :func:`save_pretrained`.
     """
     from gmpq.train.checkpoint import load_quantized_model, read_model_config
 
@@ -387,4 +420,4 @@ def export_trained(
     cfg = read_model_config(model_dir)
     return save_pretrained(model, save_dir, format=format, name=name, bops_input_size=bops_input_size,
                            description=_training_description(model_dir, cfg), repo_id=repo_id,
-                           **_measured_accuracy(model_dir, cfg))
+                           figures=figures, comparison=comparison, **_measured_accuracy(model_dir, cfg))
