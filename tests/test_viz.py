@@ -248,6 +248,20 @@ def test_compare_table_fills_from_policy_and_dashes_missing(runs):
     assert rows["from-policy"][1:5] == ["resnet18", "gmpq", "cars", "-"] and rows["from-policy"][5] == "67.25"
 
 
+def test_a_pipeline_run_brings_its_uniform_baseline_read_from_its_stages(tmp_path):
+    run = make_run(tmp_path, "quick", top1=34.0, bops_searched_g=0.45, strategy="gmpq", proxy_dataset="c10")
+    baseline = run / "uniform"
+    for stage, metrics in (("search", {"strategy": "uniform", "bops_searched_g": 0.44, "decoded_top1": 9.0}),
+                           ("finetune", {"bops_searched_g": 0.4402, "top1": 30.0}),
+                           ("evaluate", {"top1": 31.8, "top5": 86.6, "dataset": "c10"})):
+        (baseline / stage).mkdir(parents=True)
+        (baseline / stage / "metrics.json").write_text(json.dumps(metrics))
+    rows = [(r.run, r.strategy, r.top1, r.bops_searched_g, r.target_dataset) for r in compare_runs([run])]
+    assert rows == [("quick", "gmpq", 34.0, 0.45, None), ("quick/uniform", "uniform", 31.8, 0.4402, "c10")]
+    # named on the command line too, it is listed once
+    assert [r.run for r in compare_runs([run, baseline])] == ["quick", "uniform"]
+
+
 def test_compare_errors(tmp_path, runs):
     with pytest.raises(RunError, match="does not exist"):
         compare_runs([tmp_path / "nope"])

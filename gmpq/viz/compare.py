@@ -3,7 +3,10 @@
 A run directory is the ``output_dir`` of a stage (search, finetune, evaluate) or of a whole pipeline
 (``gmpq run``); either way its top-level ``metrics.json`` holds what this module reads: ``top1``, ``top5``
 (percent), ``bops_searched_g``, ``bops_total_g``, ``size_bytes``, ``strategy``, ``proxy_dataset`` and
-``target_dataset``. Missing keys are shown as ``-``. The run's ``policy.json`` (at the top or in a stage
+``target_dataset``. A directory without one but with stage subdirectories (``search``, ``finetune``, ``evaluate``,
+as in a pipeline's ``uniform/`` baseline) is read by merging the stages' ``metrics.json`` in that order. A pipeline
+run that compared itself with the uniform policy brings that baseline along as a second row
+(``<run>/uniform``). Missing keys are shown as ``-``. The run's ``policy.json`` (at the top or in a stage
 subdirectory) adds the architecture and the mean weight/activation bits, and fills in strategy, proxy dataset and
 BOPs where ``metrics.json`` lacks them.
 """
@@ -23,6 +26,8 @@ from gmpq.viz._render import figure_format, new_figure, save_figure
 METRICS_NAME = "metrics.json"
 POLICY_NAME = "policy.json"
 BOPS_AXES = ("searched", "total")
+STAGES = ("search", "finetune", "evaluate")  # merged in this order when a directory has no metrics.json of its own
+UNIFORM_DIR = "uniform"  # a pipeline run's uniform baseline (gmpq.pipeline)
 
 
 @dataclass
@@ -90,11 +95,16 @@ def summarize_run(run_dir: str | os.PathLike, label: str | None = None) -> RunSu
     if not run.is_dir():
         raise RunError(f"{str(run)!r} is not a directory; pass a run's output_dir (it holds {METRICS_NAME})")
     metrics_path = run / METRICS_NAME
-    if not metrics_path.is_file():
+    stage_paths = [run / stage / METRICS_NAME for stage in STAGES if (run / stage / METRICS_NAME).is_file()]
+    if not metrics_path.is_file() and not stage_paths:
         raise RunError(f"{str(run)!r} has no {METRICS_NAME}; pass the output_dir of a finished stage or pipeline run")
-    metrics = _read_json(metrics_path, "metrics file")
-    if not isinstance(metrics, dict):
-        raise RunError(f"{metrics_path}: expected a JSON object, got {type(metrics).__name__}")
+    metrics: dict[str, Any] = {}
+    for path in [metrics_path] if metrics_path.is_file() else stage_paths:
+        part = _read_json(path, "metrics file")
+        if not isinstance(part, dict):
+            raise RunError(f"{path}: expected a JSON object, got {type(part).__name__}")
+        metrics.update(part)
+        metrics_path = path
     size = _num(metrics, "size_bytes", metrics_path)
     summary = RunSummary(
         run=label or run.resolve().name, path=str(run),
@@ -102,7 +112,8 @@ def summarize_run(run_dir: str | os.PathLike, label: str | None = None) -> RunSu
         bops_searched_g=_num(metrics, "bops_searched_g", metrics_path),
         bops_total_g=_num(metrics, "bops_total_g", metrics_path),
         size_bytes=None if size is None else int(size), strategy=_text(metrics, "strategy"),
-        proxy_dataset=_text(metrics, "proxy_dataset"), target_dataset=_text(metrics, "target_dataset"),
+        proxy_dataset=_text(metrics, "proxy_dataset"),
+        target_dataset=_text(metrics, "target_dataset") or (_text(metrics, "dataset") if "top1" in metrics else None),
         arch=_text(metrics, "arch"),
     )
     policy_path = _find_policy(run)
@@ -129,7 +140,16 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike]) -> list[RunSummary]:
     if not run_dirs:
         raise RunError("no run directories to compare; pass at least one")
     names = [Path(d).resolve().name for d in run_dirs]
-    return [summarize_run(d, label=str(d) if names.count(n) > 1 else n) for d, n in zip(run_dirs, names, strict=True)]
+    given = {Path(d).resolve() for d in run_dirs}
+    summaries = []
+    for d, n in zip(run_dirs, names, strict=True):
+        label = str(d) if names.count(n) > 1 else n
+        summaries.append(summarize_run(d, label=label))
+        baseline = Path(d) / UNIFORM_DIR
+        if ((Path(d) / METRICS_NAME).is_file() and (baseline / "evaluate" / METRICS_NAME).is_file()
+                and baseline.resolve() not in given):
+            summaries.append(summarize_run(baseline, label=f"{label}/{UNIFORM_DIR}"))
+    return summaries
 
 
 COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -262,5 +282,7 @@ def plot_compare(
                  loc="left")
     _place_labels(fig, ax, labels)
     if hidden:
-        fig.text(0.01, 0.005, f"not shown (no top1 or {key}): {', '.join(hidden)}", fontsize=7, color="#606060")
+        # supxlabel takes part in the constrained layout, so the note sits below the axis label instead of on it
+        fig.supxlabel(f"not shown (no top1 or {key}): {', '.join(hidden)}", x=0.01, ha="left", fontsize=7,
+                      color="#606060")
     return save_figure(fig, out)
