@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -146,12 +147,18 @@ def cmd_hub(args: argparse.Namespace) -> int:
     return 0
 
 
+def _say(text: str) -> None:
+    """Print the result of a training verb once: under torchrun / accelerate launch only rank 0 prints it."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(text)
+
+
 def _print_metrics(metrics: dict, as_json: bool) -> None:
     if as_json:
-        print(json.dumps(metrics, indent=2, sort_keys=True))
+        _say(json.dumps(metrics, indent=2, sort_keys=True))
         return
     keys = ("top1", "top5", "loss", "bops_searched_g", "bops_total_g", "model_size_mb", "wall_s")
-    print(" | ".join(f"{k} {metrics[k]:.4g}" for k in keys if isinstance(metrics.get(k), (int, float))))
+    _say(" | ".join(f"{k} {metrics[k]:.4g}" for k in keys if isinstance(metrics.get(k), (int, float))))
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -179,10 +186,10 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     metrics = search(load_recipe(args.recipe, args.overrides))
     if args.json:
-        print(json.dumps(dict(metrics), indent=2, sort_keys=True))
+        _say(json.dumps(dict(metrics), indent=2, sort_keys=True))
         return 0
-    print(f"{metrics['strategy']} policy: {metrics['policy']}")
-    print(f"searched BOPs {metrics['bops_searched_g']:.4g} G of budget {metrics['budget_g']:.4g} G "
+    _say(f"{metrics['strategy']} policy: {metrics['policy']}")
+    _say(f"searched BOPs {metrics['bops_searched_g']:.4g} G of budget {metrics['budget_g']:.4g} G "
           f"({100 * metrics['budget_fraction']:.1f} %), total {metrics['bops_total_g']:.4g} G on "
           f"{metrics['deploy_arch']} at {metrics['deploy_input_size']} | mean bits W{metrics['mean_w_bits']:.2f} "
           f"A{metrics['mean_a_bits']:.2f}" + (f" | decoded top1 {metrics['decoded_top1']:.2f}"
@@ -205,10 +212,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from gmpq.recipes import load_recipe
 
     result = run(load_recipe(args.recipe, args.overrides))
-    if args.json:
-        print(json.dumps(result.metrics, indent=2))
-    else:
-        print(format_summary(result))
+    _say(json.dumps(result.metrics, indent=2) if args.json else format_summary(result))
     return 0
 
 

@@ -30,6 +30,7 @@ from typing import Any
 from gmpq.errors import RecipeError
 from gmpq.models import base_arch, create_model
 from gmpq.recipes import Recipe
+from gmpq.train.engine import process_state
 from gmpq.train.runlog import write_metrics_json
 from gmpq.train.stages import evaluate, finetune, pretrain, stage_dir
 
@@ -82,11 +83,9 @@ def uniform_recipe(recipe: Recipe) -> Recipe:
 
 def run(recipe: Recipe) -> RunResult:
     """Run the whole pipeline of ``recipe`` (see the module docstring); return the summary."""
-    from accelerate import PartialState
-
     from gmpq.search import search
 
-    state = PartialState()
+    state = process_state()
     check_recipe_budget(recipe)
     staged = _staged(recipe)
     out = Path(recipe.output_dir)

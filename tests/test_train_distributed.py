@@ -29,12 +29,31 @@ RECIPE = {
 }
 
 
-def torchrun(args: list[str]) -> None:
+def torchrun(args: list[str]) -> str:
+    """Run ``gmpq ARGS`` on two processes; return their stdout."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "gmpq.cli",
            *args]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_the_whole_pipeline_runs_unchanged_on_two_processes(tmp_path):
+    """``gmpq run`` under torchrun: every stage on 2 processes, one export, one summary printed (by rank 0)."""
+    quickstart = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+    out = tmp_path / "run"
+    stdout = torchrun(["run", str(quickstart), "data.max_train_samples=64", "data.max_eval_samples=37",
+                       "data.batch_size=16", "pretrain.epochs=1", "pretrain.max_steps=2", "search.epochs=1",
+                       "search.max_steps=2", "finetune.epochs=1", "finetune.max_steps=2",
+                       "finetune.calibration_batches=1", f"output_dir={out}"])
+    assert stdout.count("gmpq run quickstart:") == 1, stdout
+    for stage in ("pretrain", "search", "finetune", "evaluate", "uniform/finetune"):
+        assert json.loads((out / stage / "metrics.json").read_text())["world_size"] == 2, stage
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["top1"] == json.loads((out / "evaluate" / "metrics.json").read_text())["top1"]
+    assert 0.97 * 0.45 <= summary["bops_searched_g"] <= 0.45
+    assert (out / "export" / "model.safetensors").is_file() and (out / "export" / "search.png").is_file()
 
 
 def test_two_processes_match_one(tmp_path):

@@ -43,6 +43,7 @@ from gmpq.train.engine import (
     fit,
     make_accelerator,
     optimizer_steps_per_epoch,
+    process_state,
     train_one_epoch,
 )
 from gmpq.train.loaders import Loaders, ModelDataConfig, build_dataloaders, calibration_batches, model_data_config
@@ -56,7 +57,7 @@ __all__ = [
     "build_optimizer", "build_scheduler", "calibration_batches", "cross_entropy_loss", "distillation_loss",
     "environment", "evaluate", "evaluate_stage", "finetune", "fit", "init_from_checkpoint", "load_float_model",
     "load_model", "load_quantized_model", "make_accelerator", "model_data_config", "model_size_mb",
-    "optimizer_steps_per_epoch", "policy_bops", "prepare_output_dir", "pretrain", "read_model_config",
+    "optimizer_steps_per_epoch", "policy_bops", "prepare_output_dir", "pretrain", "process_state", "read_model_config",
     "resolve_model_dir", "resolve_policy", "save_float_model", "save_quantized_model", "stage_dir",
     "train_one_epoch", "write_metrics_json", "write_run_info",
 ]

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
+from accelerate.state import AcceleratorState, GradientState, PartialState
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch import nn
 from torch.utils.data import DataLoader
@@ -42,6 +42,16 @@ if TYPE_CHECKING:
 
 #: ``loss_fn(model, images, labels) -> (loss, logits)``; the default is cross-entropy with label smoothing.
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def process_state() -> PartialState:
+    """This process's rank and world size, set up the way :func:`make_accelerator` sets it up.
+
+    Call this (not a bare ``PartialState()``) before the first accelerator of a process exists: the state is a
+    process-wide singleton, and one made without ``cpu=True`` on a machine without CUDA ignores torchrun's
+    ``WORLD_SIZE`` — every later accelerator would then run as an independent single process.
+    """
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def make_accelerator(recipe: Recipe, train_cfg: TrainConfig | None = None) -> Accelerator:
