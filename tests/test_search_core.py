@@ -341,3 +341,15 @@ def test_strategies_share_one_interface():
     with pytest.raises(gmpq.RecipeError, match="unknown search.strategy"):
         get_strategy("random")
     assert isinstance(mixed_layers(model)[space.layers[0]], MixedConv2d)
+
+
+def test_the_search_core_loads_neither_train_nor_data() -> None:
+    """Layering: the supernet, losses and decoder (layer 4) import nothing above them; the stage loads lazily."""
+    import subprocess
+    import sys
+
+    code = ("import sys, gmpq.search, gmpq.search.supernet, gmpq.search.losses, gmpq.search.budget; "
+            "assert not {'gmpq.train', 'gmpq.data', 'accelerate'} & set(sys.modules), sorted(sys.modules); "
+            "from gmpq.search import search; assert search.__module__ == 'gmpq.search.loop'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""Layer 4 — the mixed-precision search: supernet, attribution, losses, budget decoding, strategies, the stage.
+"""Layer 4 — the mixed-precision search: supernet, attribution, losses, budget decoding, strategies; and the stage.
 
 * :mod:`gmpq.search.supernet` — ``build_supernet`` (mixed searched layers, fixed-bit kept ones), ``SearchSpace``
   (layers, candidate bits, MACs at the deployment resolution), alpha/weight parameter split.
@@ -8,7 +8,9 @@
   budget-steering penalty (``SearchObjective``).
 * :mod:`gmpq.search.budget` — exact decoding under the budget (ILP), feasibility checks (``BudgetError``).
 * :mod:`gmpq.search.strategies` — ``gmpq`` / ``edmips`` / ``uniform``.
-* :mod:`gmpq.search.loop` — ``search(recipe)``, the stage behind ``gmpq search``.
+* :mod:`gmpq.search.loop` — ``search(recipe)``, the stage behind ``gmpq search``. It trains the supernet with
+  :mod:`gmpq.train`'s accelerate engine on :mod:`gmpq.data`'s loaders, so it sits above them (layer 6, beside the
+  other stages) and is imported lazily: ``import gmpq.search`` and the modules above load neither train nor data.
 
 The package itself is callable: ``gmpq.search(recipe)`` is ``gmpq.search.search(recipe)``, and its submodules stay
 reachable as ``gmpq.search.budget`` etc.
@@ -19,7 +21,6 @@ import types
 
 from gmpq.search.attribution import AttributionModel, cam_from_weights, class_weights, linear_head
 from gmpq.search.budget import LOWER_FRACTION, Decoded, bops_range, check_budget, decode, decode_uniform
-from gmpq.search.loop import SearchResult, alpha_entropy, reestimate_batchnorm, search
 from gmpq.search.losses import (
     BudgetPenalty,
     LossTerms,
@@ -54,10 +55,23 @@ __all__ = [
 ]
 
 
+_STAGE_NAMES = ("SearchResult", "alpha_entropy", "reestimate_batchnorm", "search")
+
+
+def __getattr__(name: str):  # noqa: ANN202 — PEP 562: the stage's names load gmpq.search.loop on first use
+    if name in _STAGE_NAMES:
+        from gmpq.search import loop
+
+        return getattr(loop, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 class _CallableModule(types.ModuleType):
     """This package's module type: calling it runs :func:`gmpq.search.loop.search`."""
 
     def __call__(self, recipe, attribution="auto"):  # noqa: ANN001 — same signature as loop.search
+        from gmpq.search.loop import search
+
         return search(recipe, attribution)
 
 
