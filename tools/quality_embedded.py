@@ -52,6 +52,9 @@ def main() -> None:
     float_metrics = pretrain(float_recipe)
     results = {"arch": args.arch, "dataset": "cifar10_embedded (1500 train / 500 test)", "seed": args.seed,
                "float": float_metrics, "quantized": {}}
+    previous = out / "results.json"
+    if args.resume and previous.is_file():  # keep the rows of earlier invocations with other --bits / --variants
+        results["quantized"] = json.loads(previous.read_text()).get("quantized", {})
     float_dir = out / "float" / "pretrain" / "model"
     for b in args.bits:
         for mode in args.variants:
@@ -84,7 +87,10 @@ def _table(results: dict) -> str:
              "|---|---|---|---|---|---|",
              f"| float | {f['epochs']} | {f['top1']:.2f} | {f['top5']:.2f} | - | - |"]
     labels = {"ptq": "calibration only (PTQ)", "qat": "QAT", "qat_fbn": "QAT, frozen BN statistics"}
-    for key, m in results["quantized"].items():
+    order = list(labels)
+    rows = sorted(results["quantized"].items(),
+                  key=lambda kv: (-int(kv[0].split("a", 1)[0][1:]), order.index(kv[0].split("_", 1)[1])))
+    for key, m in rows:
         bits, mode = key.split("_", 1)
         label = f"{bits.upper()} {labels[mode]}"
         if "diverged" in m:
@@ -93,7 +99,8 @@ def _table(results: dict) -> str:
         lines.append(f"| {label} | {m['epochs']} | {m['top1']:.2f} | {m['top5']:.2f} | {m['top1'] - f['top1']:+.2f} | "
                      f"{m['bops_searched_g']:.2f} / {m['bops_total_g']:.2f} |")
     lines.append("")
-    lines.append(f"total wall time {results['total_wall_s'] / 60:.1f} min")
+    lines.append(f"wall time of this invocation {results['total_wall_s'] / 60:.1f} min (stages reused with --resume "
+                 "not counted)")
     return "\n".join(lines) + "\n"
 
 
