@@ -35,6 +35,7 @@ from gmpq.train.runlog import write_metrics_json
 from gmpq.train.stages import evaluate, finetune, pretrain, stage_dir
 
 STAGES = ("pretrain", "search", "finetune", "evaluate", "export")
+SEARCH_FIGURE = "search.png"  # the search's figure in the run directory, also shown on the export's card
 
 
 @dataclass
@@ -102,8 +103,9 @@ def run(recipe: Recipe) -> RunResult:
     result = RunResult(out, {})
     if state.is_main_process:
         result.figures = _figures(out, uniform)
+        search_figure = next((f for f in result.figures if f.name == SEARCH_FIGURE), None)
         t_export = time.perf_counter()
-        result.export_dir, export_metrics = _export(target, out, uniform)
+        result.export_dir, export_metrics = _export(target, uniform, search_figure)
         stage_metrics["export"] = {**export_metrics, "wall_s": time.perf_counter() - t_export}
         result.metrics = _summary(recipe, target, stage_metrics, uniform, time.perf_counter() - t0)
         write_metrics_json(out, result.metrics)
@@ -147,23 +149,21 @@ def _uniform_baseline(recipe: Recipe) -> dict[str, Any]:
             "policy": str(stage_dir(base, "search") / "policy.json")}
 
 
-def _export(target: Recipe, out: Path, uniform: dict[str, Any] | None) -> tuple[Path, dict[str, Any]]:
+def _export(target: Recipe, uniform: dict[str, Any] | None,
+            search_figure: Path | None) -> tuple[Path, dict[str, Any]]:
     """Export the fine-tuned model; its card shows the search's trajectory and the uniform policy beside it."""
     from gmpq.hub.export import export_trained
 
     export_dir = Path(target.export.dir) if target.export.dir else stage_dir(target, "export")
     same_arch = (target.model.deploy_arch or base_arch(target.model.arch)) == target.model.arch
-    figures = {}
-    if (out / "search.png").is_file():
-        figures["the search: expected BOPs against the budget, loss terms, per-layer expected bits over epochs"] = (
-            out / "search.png")
+    figures = {} if search_figure is None else {
+        "the search: expected BOPs against the budget, loss terms, per-layer expected bits over epochs": search_figure}
     comparison = []
     if uniform is not None:
-        tuned = uniform["finetune"]
-        comparison.append({"model": f"uniform W{tuned.get('mean_w_bits', 0):.0f}A{tuned.get('mean_a_bits', 0):.0f} "
-                                    "at the same budget",
-                           "top1": uniform["evaluate"]["top1"], "bops_searched_g": tuned["bops_searched_g"],
-                           "mean_w_bits": tuned.get("mean_w_bits"), "mean_a_bits": tuned.get("mean_a_bits")})
+        u = _uniform_metrics(uniform)
+        comparison.append({"model": f"{_uniform_name(u)} at the same budget", "top1": u["top1"],
+                           "bops_searched_g": u["bops_searched_g"], "mean_w_bits": u["w_bits"],
+                           "mean_a_bits": u["a_bits"]})
     report = export_trained(target.output_dir, export_dir, format=target.export.format,
                             name=target.export.name or target.name,
                             bops_input_size=target.model.deploy_input_size if same_arch else None,
@@ -181,7 +181,7 @@ def _figures(out: Path, uniform: dict[str, Any] | None) -> list[Path]:
         policies.append(Policy.load(uniform["policy"]))
     figures = [plot_policies(policies, out / "policy.png")]
     if (out / "search" / "search_log.jsonl").exists():
-        figures.append(plot_search(out / "search", out / "search.png"))
+        figures.append(plot_search(out / "search", out / SEARCH_FIGURE))
     return [Path(f) for f in figures]
 
 
@@ -202,15 +202,23 @@ def _summary(recipe: Recipe, target: Recipe, stages: dict[str, dict[str, Any]], 
     if "pretrain" in stages:
         summary["float_top1"] = stages["pretrain"]["top1"]
     if uniform is not None:
-        summary["uniform"] = {
-            "top1": uniform["evaluate"]["top1"], "top5": uniform["evaluate"]["top5"],
-            "bops_searched_g": uniform["finetune"]["bops_searched_g"],
-            "bops_total_g": uniform["finetune"]["bops_total_g"],
-            "w_bits": uniform["finetune"].get("mean_w_bits"), "a_bits": uniform["finetune"].get("mean_a_bits"),
-        }
+        summary["uniform"] = _uniform_metrics(uniform)
         summary["wall_s"]["uniform"] = sum(uniform[k].get("wall_s") or 0.0 for k in ("search", "finetune", "evaluate"))
     summary["wall_s"]["total"] = wall_s
     return summary
+
+
+def _uniform_metrics(uniform: dict[str, Any]) -> dict[str, Any]:
+    """What a run records of its uniform baseline (``metrics.json``'s ``uniform``), from the baseline's stages."""
+    tuned, evaluated = uniform["finetune"], uniform["evaluate"]
+    return {"top1": evaluated["top1"], "top5": evaluated["top5"], "bops_searched_g": tuned["bops_searched_g"],
+            "bops_total_g": tuned["bops_total_g"], "w_bits": tuned.get("mean_w_bits"),
+            "a_bits": tuned.get("mean_a_bits")}
+
+
+def _uniform_name(u: dict[str, Any]) -> str:
+    """``uniform WbAb`` of a baseline's :func:`_uniform_metrics`."""
+    return f"uniform W{u['w_bits']:.0f}A{u['a_bits']:.0f}"
 
 
 def format_summary(result: RunResult) -> str:
@@ -226,7 +234,7 @@ def format_summary(result: RunResult) -> str:
     ]
     if "uniform" in m:
         u = m["uniform"]
-        lines.append(f"  uniform W{u['w_bits']:.0f}A{u['a_bits']:.0f} at the same budget: top-1 {u['top1']:.2f} % at "
+        lines.append(f"  {_uniform_name(u)} at the same budget: top-1 {u['top1']:.2f} % at "
                      f"{u['bops_searched_g']:.3f} G  ->  gmpq {m['top1'] - u['top1']:+.2f} points")
     if "float_top1" in m:
         lines.append(f"  float teacher top-1 {m['float_top1']:.2f} %")
