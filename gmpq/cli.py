@@ -35,21 +35,29 @@ def _model_for_report(arch: str, policy: str | None, num_classes: int):
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
-    """``gmpq layers ARCH``: the quantizable layers with their MACs and which are kept."""
+    """``gmpq layers ARCH``: the quantizable layers with their type, how gmpq converts them, MACs and role."""
     from gmpq.complexity import count_bops
 
     report = count_bops(_model_for_report(args.arch, None, args.num_classes), args.input_size)
+    unsupported = [r for r in report.layers if r.conversion is None]
     if args.json:
         print(json.dumps({"arch": report.arch, "input_size": report.input_size, "macs": report.macs,
-                          "layers": [{"name": r.name, "kind": r.kind, "macs": r.macs, "kept": r.kept}
-                                     for r in report.layers]}, indent=2))
+                          "layers": [{"name": r.name, "type": r.layer_type, "conversion": r.conversion,
+                                      "kind": r.kind, "macs": r.macs, "kept": r.kept} for r in report.layers]},
+                         indent=2))
         return 0
     width = max(len(r.name) for r in report.layers)
+    type_width = max(len(r.layer_type) for r in report.layers)
     print(f"{report.arch} at {report.input_size}x{report.input_size}: {len(report.layers)} quantizable layers, "
           f"{report.macs / 1e6:.1f} M MACs")
-    print(f"{'layer':<{width}}  {'kind':<7} {'MMACs':>9}  role")
+    print(f"{'layer':<{width}}  {'type':<{type_width}}  {'kind':<7} {'MMACs':>9}  {'role':<8}  quantized as")
     for r in report.layers:
-        print(f"{r.name:<{width}}  {r.kind:<7} {r.macs / 1e6:>9.2f}  {'kept' if r.kept else 'searched'}")
+        print(f"{r.name:<{width}}  {r.layer_type:<{type_width}}  {r.kind:<7} {r.macs / 1e6:>9.2f}  "
+              f"{'kept' if r.kept else 'searched':<8}  {r.conversion or 'no conversion: gmpq.quantize refuses it'}")
+    if unsupported:
+        types = ", ".join(sorted({r.layer_type for r in unsupported}))
+        print(f"{len(unsupported)} layer(s) of a type without a conversion ({types}): gmpq cannot quantize this model "
+              "as it is")
     return 0
 
 

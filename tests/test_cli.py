@@ -36,6 +36,18 @@ def test_layers_lists_kept_layers(capsys) -> None:
     assert kept == ["conv_stem", "classifier"] and len(out["layers"]) == 53
 
 
+def test_layers_shows_each_layer_type_and_how_it_is_quantized(capsys) -> None:
+    assert main(["layers", "tf_mobilenetv3_small_100", "--input-size", "32"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[:2] == ["layer", "type"] and lines[1].endswith("quantized as")
+    stem = next(line for line in lines if line.startswith("conv_stem "))
+    assert stem.split()[1] == "Conv2dSame" and stem.endswith("conv2d, TF 'SAME' padding")
+    assert main(["layers", "nf_resnet26", "--input-size", "32", "--json"]) == 0
+    layers = json.loads(capsys.readouterr().out)["layers"]
+    assert {(layer["type"], layer["conversion"]) for layer in layers} == {
+        ("ScaledStdConv2d", "conv2d, scaled standardised weight"), ("Linear", "linear")}
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [(["bops", "resnet1"], "unknown architecture 'resnet1'"),

@@ -244,7 +244,7 @@ def save_pretrained(
     out = Path(save_dir)
     config = model_config(model)
     layers = F.coded_layers(model)
-    state = model.state_dict()
+    state = F.deployment_state(model)
     metadata = {"format": F.FORMAT_NAME, "format_version": str(F.FORMAT_VERSION), "weights": format,
                 "bits": F.encode_bits(_layer_bits(model))}
     if format == "packed":

@@ -15,8 +15,11 @@ An export directory holds::
   ``q = W_q / s`` in ``[-Q_p, Q_p]`` (``Q_p = 2^(b-1) - 1``), offset to ``u = q + Q_p`` in ``[0, 2^b - 2]`` and packed
   densely to ``b`` bits (:mod:`gmpq.hub.packing`). Everything else of the model's state dict — per-channel weight
   steps ``wq.scale``, activation clips ``aq.clip``, sign modes ``aq.signed``, calibration flags, BN statistics,
-  biases, float layers — is kept exactly. To keep the safetensors header small (a few hundred tensors of a small
-  CNN would otherwise cost over 10 % of the file), tensors are concatenated into four streams::
+  biases, float layers — is kept exactly. A layer whose float type transforms its weight (timm's weight-standardised
+  convolutions) is stored with the transform folded in: ``weight`` is ``T(W)`` and the transform's parameters are
+  left out (:func:`deployment_state`); a loader folds the rebuilt model's layers the same way before loading.
+  To keep the safetensors header small (a few hundred tensors of a small CNN would otherwise cost over 10 % of the
+  file), tensors are concatenated into four streams::
 
       codes    uint8    packed codes, layer after layer (each layer starts on a byte boundary)
       float32  float32  every floating-point tensor, flattened
@@ -49,7 +52,7 @@ from torch import nn
 
 from gmpq.errors import CheckpointError
 from gmpq.models import quantizable_layers
-from gmpq.quant import QuantMixin
+from gmpq.quant import QuantMixin, fold_weight_transform
 
 FORMAT_NAME = "gmpq"
 FORMAT_VERSION = 1
@@ -178,6 +181,29 @@ def coded_layers(model: nn.Module) -> dict[str, QuantMixin]:
     """The layers whose weights a packed file stores as codes: quantized, ``w_bits`` in 2..8; by module path."""
     return {name: m for name, m in quantizable_layers(model).items()
             if isinstance(m, QuantMixin) and not m.wq.is_float}
+
+
+def deployment_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict an export stores: ``model.state_dict()`` with every quantized layer's weight transform folded
+    in — ``weight`` holds ``T(W)`` and the transform's own parameters (e.g. ``gain``) are gone (see
+    :func:`gmpq.quant.fold_weight_transform`); the packed codes are those of ``Q_w(T(W))`` either way."""
+    state = model.state_dict()
+    for name, layer in quantizable_layers(model).items():
+        conversion = getattr(layer, "conversion", None)
+        if isinstance(layer, QuantMixin) and conversion is not None and conversion.weight is not None:
+            state[f"{name}.weight"] = layer.effective_weight().detach()
+            for param in conversion.parameters:
+                del state[f"{name}.{param}"]
+    return state
+
+
+def fold_weight_transforms(model: nn.Module) -> nn.Module:
+    """Fold every quantized layer's weight transform into its weight, in place: the model a loader fills with a
+    :func:`deployment_state`."""
+    for layer in quantizable_layers(model).values():
+        if isinstance(layer, QuantMixin):
+            fold_weight_transform(layer)
+    return model
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -93,7 +93,7 @@ def load_export_dir(directory: str | os.PathLike) -> nn.Module:
         policy = Policy.load(root / F.POLICY_FILE)
     except GmpqError as e:
         raise CheckpointError(f"{root}: invalid {F.POLICY_FILE}: {e}") from None
-    model = _rebuild(root, config, policy)
+    model = F.fold_weight_transforms(_rebuild(root, config, policy))
     state = _read_state(root / F.WEIGHTS_FILE, config["weights"], model)
     try:
         model.load_state_dict(state, strict=True)

@@ -15,9 +15,10 @@ import timm
 from torch import nn
 
 from gmpq.errors import ModelError, PolicyError
+from gmpq.models import timm_layers  # noqa: F401 — registers timm's layer types in the conversion table
 from gmpq.models.registry import get_backbone, list_backbones
 from gmpq.policy import DEFAULT_KEPT_BITS, LayerBits, Policy, as_policy
-from gmpq.quant import QUANTIZABLE_TYPES, check_bits, to_quantized
+from gmpq.quant import QUANTIZABLE_TYPES, check_bits, conversion_for, to_quantized
 
 PolicyLike = Policy | Mapping[str, Any] | str | os.PathLike
 
@@ -75,8 +76,12 @@ def quantize(model: nn.Module, policy: PolicyLike) -> nn.Module:
     """Quantize ``model`` in place with ``policy`` (a :class:`Policy`, dict or JSON path) and return it.
 
     Every Conv2d/Linear becomes a :class:`~gmpq.quant.QConv2d` / :class:`~gmpq.quant.QLinear` with the policy's
-    bits, under the same module path. The policy must name every quantizable layer exactly once; anything else
-    raises :class:`~gmpq.errors.PolicyError`. The policy is attached as ``model.gmpq_policy``.
+    bits, under the same module path and on the same device and dtype, computing what the float layer computed
+    (by the conversion table, :mod:`gmpq.quant.conversion`: timm's 'SAME'-padded and weight-standardised
+    convolutions included). The policy must name every quantizable layer exactly once; anything else raises
+    :class:`~gmpq.errors.PolicyError`; a layer type without a conversion (or an already quantized layer) raises
+    :class:`~gmpq.errors.ModelError` naming the layer and its type, before anything is replaced. The policy is
+    attached as ``model.gmpq_policy``.
     """
     source = os.fspath(policy) if isinstance(policy, (str, os.PathLike)) else None
     policy = as_policy(policy)
@@ -85,15 +90,10 @@ def quantize(model: nn.Module, policy: PolicyLike) -> nn.Module:
         policy.validate_layers(layers)
     except PolicyError as e:
         raise PolicyError(f"{source}: {e}" if source else str(e)) from None
+    for name, module in layers.items():  # every layer is convertible before any is replaced
+        conversion_for(module, name)
     bits = policy.all_layers()
-
-    def make(name: str, module: nn.Module) -> nn.Module:
-        b = bits[name]
-        if isinstance(module, QUANTIZABLE_TYPES) and type(module) not in (nn.Conv2d, nn.Linear):
-            raise PolicyError(f"layer {name!r} is already quantized ({type(module).__name__}); quantize a float model")
-        return to_quantized(module, b.w_bits, b.a_bits)
-
-    replace_layers(model, make, list(layers))
+    replace_layers(model, lambda name, m: to_quantized(m, bits[name].w_bits, bits[name].a_bits, name), list(layers))
     model.gmpq_policy = policy
     return model
 
@@ -115,6 +115,8 @@ def create_model(
 
     ``name`` is a registered backbone (see ``gmpq.list_backbones()``) or any timm model name. Without a policy the
     float model is returned. ``kept_bits`` overrides the bits of the policy's kept layers (32 keeps them float).
+    Other keyword arguments go to timm's ``create_model``: e.g. ``device="cuda"`` and ``dtype`` build the model, and
+    its quantized layers, there directly.
     The model carries ``gmpq_arch`` and ``gmpq_input_size`` attributes (and ``gmpq_policy`` when quantized).
     """
     if num_classes is not None:
