@@ -20,6 +20,7 @@ from gmpq.errors import (
     PolicyError,
     RecipeError,
     RunError,
+    StorageError,
 )
 from gmpq.hub import from_pretrained, push_to_hub, save_pretrained
 from gmpq.models import (
@@ -44,7 +45,7 @@ __all__ = [
     "Policy", "PolicyError", "RecipeError", "__version__", "base_arch", "calibrate", "count_bops", "create_model",
     "expected_bops", "kept_layer_names", "layer_macs", "list_backbones", "quantizable_layers", "quantize",
     "register_backbone", "searchable_layer_names", "uniform_policy",
-    "RunError", "compare_runs", "plot_compare", "plot_policies", "plot_search",
+    "RunError", "StorageError", "compare_runs", "plot_compare", "plot_policies", "plot_search",
     "from_pretrained", "push_to_hub", "save_pretrained",
     "search", "pretrain", "finetune", "evaluate", "run",
 ]

@@ -33,6 +33,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from gmpq.errors import RecipeError
+from gmpq.utils import read_user_text
 
 #: Marks a field that the recipe must set.
 REQUIRED: Any = "<required>"
@@ -242,16 +243,13 @@ class Recipe:
 def load_recipe(path: str | os.PathLike | None = None, overrides: Sequence[str] = (), **defaults: Any) -> Recipe:
     """Load a YAML recipe (or start from the defaults when ``path`` is None), apply ``overrides``, validate.
 
-    ``name`` defaults to the file's stem. Raises :class:`RecipeError` for an unreadable file, invalid YAML or any
-    schema violation, naming the dotted key.
+    ``name`` defaults to the file's stem. Raises :class:`RecipeError` for an unreadable or non-UTF-8 file, invalid
+    YAML or any schema violation, naming the dotted key.
     """
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        try:
-            text = p.read_text()
-        except OSError as e:
-            raise RecipeError(f"cannot read recipe {str(p)!r}: {e.strerror or e}") from None
+        text = read_user_text(p, "recipe", RecipeError)
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as e:

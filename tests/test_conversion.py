@@ -289,14 +289,6 @@ def test_a_registered_conversion_makes_a_subclass_quantizable():
         del _TABLE[_OwnConv]
 
 
-def test_an_already_quantized_model_is_refused_as_such():
-    model = gmpq.create_model("resnet18_cifar", num_classes=10)
-    policy = gmpq.uniform_policy(model, 4, 4)
-    gmpq.quantize(model, policy)
-    with pytest.raises(gmpq.ModelError, match="layer 'conv1' is already quantized"):
-        gmpq.quantize(model, policy)
-
-
 # ------------------------------------------------------------------------------------------------ device and dtype
 def _tensors(model: nn.Module):
     yield from model.named_parameters()

@@ -304,21 +304,38 @@ def test_infeasible_and_too_large_budgets():
     _, space = _supernet("resnet18_cifar", "resnet18")
     lo, hi = bops_range(space)
     assert lo == pytest.approx(sum(space.macs) * 4 / 1e9)
-    smallest = math.ceil(lo * 1e4) / 1e4
-    with pytest.raises(gmpq.BudgetError, match=rf"smallest feasible budget is search.budget_g={smallest}"):
+    with pytest.raises(gmpq.BudgetError, match=r"smallest feasible budget is search.budget_g=") as info:
         check_budget(space, 0.5 * lo)
+    smallest = float(str(info.value).rpartition("=")[2])
+    assert lo <= smallest <= lo * 1.0001
     with pytest.raises(gmpq.BudgetError, match="nothing to search"):
         check_budget(space, 2 * hi)
     with pytest.raises(gmpq.BudgetError, match="positive"):
         check_budget(space, -1.0)
-    check_budget(space, math.ceil(lo * 1e4) / 1e4)  # the suggested budget is feasible
+    check_budget(space, smallest)  # the suggested budget is feasible
     check_budget(space, hi)
     with pytest.raises(gmpq.BudgetError):
         decode_uniform(space, 0.5 * lo)
     # a space whose achievable BOPs leave a gap around the budget
     sparse = _tiny_space(macs=(10_000_000,))
-    with pytest.raises(gmpq.BudgetError, match="nearest policy below it costs 0.1600"):
+    with pytest.raises(gmpq.BudgetError, match="nearest policy below it costs 0.16 GBOPs"):
         check_budget(sparse, 0.175)
+
+
+@pytest.mark.parametrize("budget", [0.5, 3.0, 200.0])
+def test_every_budget_suggestion_is_itself_feasible(budget):
+    """Whatever the message suggests passes check_budget: suggestions are rounded up, to 5 significant digits (a
+    policy costing 11.111111 G gets 11.112, not 11.1111; a tiny one 3.3334e-05 G gets 0.000033334, not 0.0000)."""
+    for macs in ((2_777_777_750,), (1_111_111, 2_222_222_222), (8_333,), (123_456_789, 987)):
+        space = SearchSpace("tiny", "tiny", 32, tuple(f"l{i}" for i in range(len(macs))), macs, (), (), (2, 8), 8)
+        for scale in (1e-6, 1.0):
+            try:
+                check_budget(space, budget * scale)
+            except gmpq.BudgetError as e:
+                suggested = float(str(e).split("search.budget_g=")[1].split()[0])
+                check_budget(space, suggested)
+    lo, _ = bops_range(SearchSpace("t", "t", 32, ("l0",), (2_777_777_750,), (), (), (2, 8), 8))
+    assert lo == pytest.approx(11.111111)
 
 
 def test_strategies_share_one_interface():

@@ -53,6 +53,7 @@ from torch import nn
 from gmpq.errors import CheckpointError
 from gmpq.models import quantizable_layers
 from gmpq.quant import QuantMixin, fold_weight_transform
+from gmpq.utils import read_user_text
 
 FORMAT_NAME = "gmpq"
 FORMAT_VERSION = 1
@@ -169,11 +170,10 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def read_json(path: Path) -> Any:
     """Parse a JSON file of an export; an unreadable or invalid file raises :class:`CheckpointError`."""
+    text = read_user_text(path, "export file", CheckpointError)
     try:
-        return json.loads(path.read_text())
-    except OSError as e:
-        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON ({e}); the export is corrupted — export it again") from None
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from gmpq.errors import ModelError, PolicyError
 from gmpq.models import timm_layers  # noqa: F401 — registers timm's layer types in the conversion table
-from gmpq.models.registry import get_backbone, list_backbones
+from gmpq.models.registry import base_arch, get_backbone, list_backbones
 from gmpq.policy import DEFAULT_KEPT_BITS, LayerBits, Policy, as_policy
 from gmpq.quant import QUANTIZABLE_TYPES, check_bits, conversion_for, to_quantized
 
@@ -89,6 +89,10 @@ def quantize(model: nn.Module, policy: PolicyLike) -> nn.Module:
     try:
         policy.validate_layers(layers)
     except PolicyError as e:
+        model_arch = getattr(model, "gmpq_arch", None)
+        if model_arch and base_arch(policy.arch) != base_arch(model_arch):
+            e = PolicyError(f"the policy was made for {policy.arch!r}, not for {model_arch!r} ({e}); use a policy "
+                            f"searched for {model_arch!r} (or an architecture with the same layer names)")
         raise PolicyError(f"{source}: {e}" if source else str(e)) from None
     for name, module in layers.items():  # every layer is convertible before any is replaced
         conversion_for(module, name)

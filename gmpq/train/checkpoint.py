@@ -28,7 +28,7 @@ from gmpq.errors import CheckpointError
 from gmpq.models import create_model, default_input_size
 from gmpq.policy import Policy
 from gmpq.quant import QuantMixin
-from gmpq.utils import atomic_write, atomic_write_text
+from gmpq.utils import atomic_write, atomic_write_text, read_user_text
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -164,10 +164,10 @@ def read_model_config(directory: str | os.PathLike) -> dict[str, Any]:
     """The ``config.json`` of a gmpq model directory, checked."""
     d = Path(directory)
     path = d / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{str(d)!r} is not a gmpq model directory (no readable config.json)")
     try:
-        cfg = json.loads(path.read_text())
-    except OSError:
-        raise CheckpointError(f"{str(d)!r} is not a gmpq model directory (no readable config.json)") from None
+        cfg = json.loads(read_user_text(path, "model config", CheckpointError))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{str(path)!r} is not valid JSON ({e.msg})") from None
     if not isinstance(cfg, dict) or cfg.get("format") not in (FLOAT_FORMAT, QUANTIZED_FORMAT):
