@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from timm.layers import SelectAdaptivePool2d
 from torch import nn
 
 import gmpq
@@ -370,3 +371,60 @@ def test_the_search_core_loads_neither_train_nor_data() -> None:
             "from gmpq.search import search; assert search.__module__ == 'gmpq.search.loop'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+class _ChannelsLastNet(nn.Module):
+    """A timm-style model whose forward_features returns [B, H, W, C] (timm's output_fmt = 'NHWC')."""
+
+    output_fmt = "NHWC"
+
+    def __init__(self, linear_head: bool) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.global_pool = SelectAdaptivePool2d(pool_type="avg", flatten=True, input_fmt="NHWC")
+        self.norm = nn.Identity() if linear_head else nn.LayerNorm(8)
+        self.fc = nn.Linear(8, 5)
+        self.num_features = 8
+
+    def forward_features(self, x):
+        return torch.relu(self.stem(x)).permute(0, 2, 3, 1)
+
+    def forward_head(self, x):
+        return self.fc(self.norm(self.global_pool(x)))
+
+    def get_classifier(self):
+        return self.fc
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+@pytest.mark.parametrize("linear", [True, False], ids=["closed", "autograd"])
+def test_channels_last_feature_maps_give_the_same_grad_cam(linear):
+    """For an NHWC model (MambaOut-style) both methods give the Grad-CAM of the channels-first formula."""
+    net = _ChannelsLastNet(linear)
+    wrapped = AttributionModel(net)
+    assert wrapped.method == ("closed" if linear else "autograd")
+    x = torch.randn(3, 3, 6, 5)
+    logits, cam = wrapped(x)
+    assert cam.shape == (3, 6, 5)
+    feats = net.forward_features(x).detach().requires_grad_()
+    score = net.forward_head(feats).gather(1, logits.argmax(1)[:, None]).sum()
+    (grad,) = torch.autograd.grad(score, feats)
+    want = torch.relu((grad.sum((1, 2))[:, None, None, :] * feats).sum(3))
+    torch.testing.assert_close(cam, want.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_token_sequence_is_refused_with_a_clear_error():
+    vit = gmpq.create_model("test_vit", num_classes=5)
+    with pytest.raises(gmpq.ModelError, match=r"forward_features returns \[2, \d+, \d+\].*search.strategy=edmips"):
+        AttributionModel(vit)(torch.randn(2, 3, 160, 160))
+
+
+def test_attribution_loss_is_finite_for_large_teacher_maps():
+    """n(A^p) is scale-free, so a map of 1e20 (whose cube overflows float32) gives the loss of the same map at 1."""
+    cam = torch.rand(2, 4, 4)
+    student = torch.rand(2, 4, 4)
+    small = attribution_loss(cam, student, 3.0)
+    large = attribution_loss(cam * 1e20, student, 3.0)
+    assert torch.isfinite(large) and torch.allclose(large, small, rtol=1e-5)
