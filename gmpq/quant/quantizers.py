@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from gmpq.quant import functional as QF
+from gmpq.quant import fused
 
 #: Values kept per calibration batch and in total to estimate an activation clip.
 _SAMPLES_PER_BATCH = 32768
@@ -26,6 +27,21 @@ _MAX_SAMPLES = 262144
 
 
 _BYPASS = False
+
+
+def host_bool(flag: torch.Tensor) -> bool:
+    """``bool(flag)`` for a one-element buffer, read from its device only when its value may have changed.
+
+    The value is cached on the tensor with its storage address and in-place version counter (every ``fill_``,
+    ``copy_`` or ``load_state_dict`` bumps the counter; a copy or a move to another device is another storage), so a
+    forward pass on a GPU does not wait for the device to answer ``bool()`` of a flag that has not changed.
+    """
+    key = (flag.data_ptr(), flag._version)
+    cached = getattr(flag, "_gmpq_host_bool", None)
+    if cached is None or cached[0] != key:
+        cached = (key, bool(flag))
+        flag._gmpq_host_bool = cached
+    return cached[1]
 
 
 @contextmanager
@@ -65,9 +81,9 @@ class WeightQuantizer(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if self.is_float or _BYPASS:
             return weight
-        if not bool(self.initialized):
+        if not host_bool(self.initialized):
             self.init_scale(weight)
-        return QF.quantize_weight(weight, self.scale, self.bits)
+        return fused.fake_quant_weight(weight, self.scale, self.bits)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}"
@@ -124,10 +140,10 @@ class ActQuantizer(nn.Module):
             return x
         if self.is_float:
             return x
-        if not bool(self.calibrated):
+        if not host_bool(self.calibrated):
             self.observe(x)
             self.finish_calibration()
-        return QF.quantize_activation(x, self.clip, self.bits, bool(self.signed))
+        return fused.fake_quant_activation(x, self.clip, self.bits, host_bool(self.signed))
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, signed={bool(self.signed)}"
