@@ -29,8 +29,8 @@ Backends (:func:`set_backend`, or the ``GMPQ_FUSED_BACKEND`` environment variabl
 * ``compile`` — the elementwise kernels below handed to ``torch.compile`` (a C++/OpenMP loop on CPUs).
 * ``eager`` — the same kernels op by op (slow on large tensors, but dependency-free and bit-identical in value).
 * ``auto`` (default) — ``triton`` for CUDA tensors, ``compile`` for the others; each falls back (to ``compile``,
-  then ``eager``) with one warning if it fails to build. Fixed-bit quantizers use the fused kernels under ``triton``
-  only; elsewhere they keep the autograd form of :mod:`gmpq.quant.functional` (as fast on CPUs, and exact).
+  then ``eager``) with one warning if it fails to build. Under ``eager``, fixed-bit quantizers keep the autograd form
+  of :mod:`gmpq.quant.functional` (the reference the fused kernels are tested against).
 
 No call moves data between host and device: per-candidate constants (levels, LSQ gradient scales) are cached device
 tensors, and every scalar stays on the device. Under autocast the mixtures are written directly in the autocast
@@ -165,7 +165,8 @@ def set_backend(name: str) -> None:
 
 def get_backend(device: torch.device | str | None = None) -> str:
     """The backend kernels on ``device`` run on now (``triton``, ``compile`` or ``eager``; no device: a CPU)."""
-    device_type = torch.device(device).type if device is not None else "cpu"
+    device_type = "cpu" if device is None else device.type if isinstance(device, torch.device) else \
+        torch.device(device).type
     if _backend == "triton" or (_backend == "auto" and device_type == "cuda" and not _triton_failed):
         return "triton"
     if _backend == "eager" or (_backend == "auto" and _compile_failed):
@@ -180,6 +181,9 @@ def _triton_module() -> Any:
     return triton_kernels
 
 
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def _triton_kernels(*tensors: torch.Tensor) -> Any | None:
     """The Triton kernel module if the ``triton`` backend serves ``tensors``, else ``None`` (use the torch kernels).
 
@@ -188,7 +192,7 @@ def _triton_kernels(*tensors: torch.Tensor) -> Any | None:
     global _triton_failed
     if get_backend(tensors[0].device) != "triton":
         return None
-    if any(t.dtype not in (torch.float32, torch.bfloat16, torch.float16) for t in tensors):
+    if any(t.dtype not in _TRITON_DTYPES for t in tensors):
         return None  # float64 and others: the torch kernels compute them in their own precision
     try:
         module = _triton_module()
@@ -313,8 +317,9 @@ def _memory_format(t: torch.Tensor) -> torch.memory_format:
 
 
 def _dense(t: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
-    """``t`` detached, in layout ``fmt`` (a no-op when it already is): the Triton kernels index its storage flat."""
-    return t.detach().contiguous(memory_format=fmt)
+    """``t`` in layout ``fmt`` (itself when it already is): the Triton kernels index its storage flat (they run
+    inside autograd functions, where nothing is recorded)."""
+    return t.contiguous(memory_format=fmt)
 
 
 def _act_forward(x: torch.Tensor, probs: torch.Tensor, clip: torch.Tensor, bits: tuple[int, ...], signed: bool,
@@ -322,8 +327,8 @@ def _act_forward(x: torch.Tensor, probs: torch.Tensor, clip: torch.Tensor, bits:
     levels = act_levels(bits, signed, clip.device, clip.dtype)
     tk = _triton_kernels(x, clip)
     if tk is not None:
-        out = _triton_run(tk.act_forward, _dense(x, _memory_format(x)), probs.detach(), clip.detach(),
-                          levels.float(), signed, out_dtype)
+        out = _triton_run(tk.act_forward, _dense(x, _memory_format(x)), probs, clip, levels.float(), signed,
+                          out_dtype)
         if out is not None:
             return out
     out = _run("act_fwd", _flat(x, x.numel()), probs.detach(), clip.detach(), levels, signed, len(bits))
@@ -337,8 +342,8 @@ def _act_backward(x: torch.Tensor, grad: torch.Tensor, probs: torch.Tensor, clip
     tk = _triton_kernels(x, grad, clip)
     if tk is not None:
         fmt = _memory_format(x)
-        grads = _triton_run(tk.act_backward, _dense(x, fmt), _dense(grad, fmt), probs.detach(), clip.detach(),
-                            levels.float(), signed, need_x, need_probs)
+        grads = _triton_run(tk.act_backward, _dense(x, fmt), _dense(grad, fmt), probs, clip, levels.float(), signed,
+                            need_x, need_probs)
         if grads is not None:
             return grads
     gx, gp, gc = _run("act_bwd", _flat(x, x.numel()), _flat(grad, grad.numel()), probs.detach(), clip.detach(),
@@ -353,8 +358,7 @@ def _weight_forward(weight: torch.Tensor, probs: torch.Tensor, scales: torch.Ten
     tk = _triton_kernels(weight, scales)
     if tk is not None:
         w = _dense(weight, _memory_format(weight))
-        out = _triton_run(tk.weight_forward, _rows(w), probs.detach(), scales.detach(), qmax_t, gammas.float(),
-                          out_dtype)
+        out = _triton_run(tk.weight_forward, _rows(w), probs, scales, qmax_t, gammas.float(), out_dtype)
         if out is not None:
             return _as_layout(out, w)
     out = _run("w_fwd", _flat(weight, rows, cols), probs.detach(), scales.detach(), gammas, qmax)
@@ -370,8 +374,8 @@ def _weight_backward(weight: torch.Tensor, grad: torch.Tensor, probs: torch.Tens
     if tk is not None:
         fmt = _memory_format(weight)
         w, g = _dense(weight, fmt), _dense(grad, fmt)
-        grads = _triton_run(tk.weight_backward, _rows(w), _rows(g), probs.detach(), scales.detach(), qmax_t,
-                            gammas.float(), need_probs)
+        grads = _triton_run(tk.weight_backward, _rows(w), _rows(g), probs, scales, qmax_t, gammas.float(),
+                            need_probs)
         if grads is not None:
             return _as_layout(grads[0], w), grads[1], grads[2]
     gw, gp, gs = _run("w_bwd", _flat(weight, rows, cols), _flat(grad, rows, cols), probs.detach(), scales.detach(),
@@ -382,8 +386,9 @@ def _weight_backward(weight: torch.Tensor, grad: torch.Tensor, probs: torch.Tens
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """A dense tensor whose output-channel rows are contiguous (contiguous or channels_last) as its [C, M] storage."""
     rows = t.shape[0]
-    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), (rows, t.numel() // rows),
-                               (t.numel() // rows, 1))
+    if t.is_contiguous():
+        return t.view(rows, -1)
+    return t.as_strided((rows, t.numel() // rows), (t.numel() // rows, 1))
 
 
 def _as_layout(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -408,17 +413,19 @@ def mixed_weight(weight: torch.Tensor, probs: torch.Tensor, scales: torch.Tensor
 
 def fake_quant_activation(x: torch.Tensor, clip: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
     """:func:`gmpq.quant.functional.quantize_activation` (same values and gradients): one fused kernel each way
-    under the ``triton`` backend, written in autocast's dtype where autocast is on; the autograd form elsewhere."""
-    if get_backend(x.device) != "triton":
+    (``triton`` and ``compile`` backends), written in autocast's dtype where autocast is on; the autograd form under
+    ``eager`` (the reference)."""
+    if get_backend(x.device) == "eager":
         return QF.quantize_activation(x, clip, bits, signed)
     return _MixedActivation.apply(x, _one(clip.device, clip.dtype), clip.reshape(1), (bits,), signed,
                                   operand_dtype(x))
 
 
 def fake_quant_weight(weight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """:func:`gmpq.quant.functional.quantize_weight` (same values and gradients): one fused kernel each way under
-    the ``triton`` backend, written in autocast's dtype where autocast is on; the autograd form elsewhere."""
-    if get_backend(weight.device) != "triton":
+    """:func:`gmpq.quant.functional.quantize_weight` (same values and gradients): one fused kernel each way
+    (``triton`` and ``compile`` backends), written in autocast's dtype where autocast is on; the autograd form under
+    ``eager`` (the reference)."""
+    if get_backend(weight.device) == "eager":
         return QF.quantize_weight(weight, scale, bits)
     return _MixedWeight.apply(weight, _one(scale.device, scale.dtype), scale.reshape(1, -1), (bits,),
                               operand_dtype(weight))

@@ -8,9 +8,10 @@ round half to even, as ``torch.round``):
 * :func:`act_forward` — ``x_mix = sum_i p_i Q_a(x; c_i, b_i)``: one pass over ``x``;
 * :func:`act_backward` — ``dL/dx``, and per-block partial sums of ``dL/dp_i`` and ``dL/dc_i`` (summed on the device
   afterwards: deterministic, no atomics): one pass over ``x`` and the incoming gradient;
-* :func:`weight_forward` — ``W_mix = sum_j p_j Q_w(W; s_j, b_j)`` for ``W`` seen as ``[C_out, M]``;
-* :func:`weight_backward` — ``dL/dW``, the per-channel step gradients (LSQ's gradient scale applied) and per-row
-  partial sums of ``dL/dp_j``: one program per output channel.
+* :func:`weight_forward` — ``W_mix = sum_j p_j Q_w(W; s_j, b_j)`` for ``W`` seen as ``[C_out, M]``, one program per
+  chunk of a row (so every program reads its channel's steps once);
+* :func:`weight_backward` — ``dL/dW``, and per-(channel, chunk) partial sums of the step gradients (LSQ's gradient
+  scale applied) and of ``dL/dp_j``.
 
 Per-candidate scalars (probabilities, clips, steps, levels) are read from device tensors inside the kernels, so a
 call never moves data between host and device. Any float input dtype is read and computed in float32; outputs are
@@ -141,41 +142,32 @@ def _weight_fwd_kernel(w_ptr, out_ptr, probs_ptr, scales_ptr, qmax_ptr, gammas_p
 
 
 @triton.jit(do_not_specialize=["C", "M"])
-def _weight_bwd_kernel(w_ptr, g_ptr, gw_ptr, gscales_ptr, part_ptr, probs_ptr, scales_ptr, qmax_ptr, gammas_ptr,
-                       C, M, K: tl.constexpr, KP: tl.constexpr, NEED_PROBS: tl.constexpr, BLOCK: tl.constexpr,
+def _weight_bwd_kernel(w_ptr, g_ptr, gw_ptr, part_scales_ptr, part_probs_ptr, probs_ptr, scales_ptr, qmax_ptr,
+                       gammas_ptr, C, M, K: tl.constexpr, NEED_PROBS: tl.constexpr, BLOCK: tl.constexpr,
                        RINT: tl.constexpr):
     row = tl.program_id(0)
-    cand = tl.arange(0, KP)
-    valid = cand < K
-    # per-candidate constants as [KP, 1] columns; padding candidates get p = 0 and finite values
-    p = tl.load(probs_ptr + cand, mask=valid, other=0.0).to(tl.float32)[:, None]
-    s = tl.load(scales_ptr + cand * C + row, mask=valid, other=1.0).to(tl.float32)
-    sg = s * tl.load(gammas_ptr + cand, mask=valid, other=0.0)
-    s = ((s - sg) + sg)[:, None]
-    q = tl.load(qmax_ptr + cand, mask=valid, other=1.0)[:, None]
-    acc_probs = tl.zeros([KP, BLOCK], dtype=tl.float32)
-    acc_scales = tl.zeros([KP, BLOCK], dtype=tl.float32)
-    base = row.to(tl.int64) * M
-    for start in range(0, M, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        mask = cols < M
-        g_row = tl.load(g_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
-        g = g_row[None, :]
-        w = tl.load(w_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)[None, :]
+    chunk = tl.program_id(1)
+    chunks = tl.num_programs(1)
+    cols = chunk * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < M
+    offs = row.to(tl.int64) * M + cols
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    through = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in tl.static_range(K):
+        p = tl.load(probs_ptr + j).to(tl.float32)
+        s = _effective_scale(scales_ptr, gammas_ptr, j, row, C)
+        q = tl.load(qmax_ptr + j)
         z = tl.math.div_rn(w, s)
         r = _round(tl.minimum(tl.maximum(z, -q, propagate_nan=tl.PropagateNan.ALL), q,
                               propagate_nan=tl.PropagateNan.ALL), RINT)
         inside = (z > -q) & (z < q)  # torch.clamp passes no gradient at its bounds
+        part = (j * C + row).to(tl.int64) * chunks + chunk  # partial sums laid out [K, C, chunks]
         if NEED_PROBS:
-            acc_probs += g * (r * s)
-        acc_scales += g * tl.where(inside, r - z, r)
-        through = tl.sum(p * inside.to(tl.float32), axis=0)
-        tl.store(gw_ptr + base + cols, (g_row * through).to(gw_ptr.dtype.element_ty), mask=mask)
-    gamma = tl.load(gammas_ptr + cand, mask=valid, other=0.0)
-    p_row = tl.load(probs_ptr + cand, mask=valid, other=0.0).to(tl.float32)
-    tl.store(gscales_ptr + cand * C + row, p_row * tl.sum(acc_scales, axis=1) * gamma, mask=valid)
-    if NEED_PROBS:
-        tl.store(part_ptr + row.to(tl.int64) * K + cand, tl.sum(acc_probs, axis=1), mask=valid)
+            tl.store(part_probs_ptr + part, tl.sum(g * (r * s), axis=0))
+        through = through + p * inside.to(tl.float32)
+        tl.store(part_scales_ptr + part, p * tl.sum(g * tl.where(inside, r - z, r), axis=0) * tl.load(gammas_ptr + j))
+    tl.store(gw_ptr + offs, (g * through).to(gw_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------- launchers
@@ -232,11 +224,13 @@ def weight_backward(w: torch.Tensor, grad: torch.Tensor, probs: torch.Tensor, sc
     """``(dL/dW [C, M], dL/dprobs [K] or None, dL/dscales [K, C])``, the last with LSQ's gradient scale applied."""
     c, m = w.shape
     k = qmax.numel()
+    block = _weight_block(m)
+    chunks = triton.cdiv(m, block)
     gw = torch.empty((c, m), dtype=w.dtype, device=w.device)
-    gscales = torch.empty((k, c), dtype=torch.float32, device=w.device)
-    partials = torch.empty((c, k), dtype=torch.float32, device=w.device) if need_probs else gscales
-    _weight_bwd_kernel[(c,)](w, grad, gw, gscales, partials, probs, scales, qmax, gammas, c, m, K=k,
-                             KP=triton.next_power_of_2(k), NEED_PROBS=need_probs, BLOCK=_weight_block(m),
-                             RINT=not _INTERPRETED, **_OPTIONS)
-    grad_probs = partials.sum(0).to(probs.dtype) if need_probs else None
-    return gw, grad_probs, gscales.to(scales.dtype)
+    part_scales = torch.empty((k, c, chunks), dtype=torch.float32, device=w.device)
+    part_probs = torch.empty((k, c * chunks), dtype=torch.float32, device=w.device) if need_probs else part_scales
+    _weight_bwd_kernel[(c, chunks)](w, grad, gw, part_scales, part_probs, probs, scales, qmax, gammas, c, m, K=k,
+                                    NEED_PROBS=need_probs, BLOCK=block, RINT=not _INTERPRETED, **_OPTIONS)
+    grad_scales = part_scales.squeeze(2) if chunks == 1 else part_scales.sum(2)
+    grad_probs = part_probs.sum(1).to(probs.dtype) if need_probs else None
+    return gw, grad_probs, grad_scales.to(scales.dtype)
