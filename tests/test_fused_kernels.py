@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from gmpq.quant import functional as QF
 from gmpq.quant import fused, to_mixed, to_quantized
 
 BITS = (2, 3, 4, 6)
@@ -231,6 +232,24 @@ def test_triton_backend_refuses_cpu_tensors_without_the_interpreter(monkeypatch)
     layer, x = _ready_mixed(*LAYERS[0][1:])
     with backend("triton"), pytest.raises(RuntimeError, match="CUDA tensors"):
         layer(x)
+
+
+def test_quantized_weight_is_kept_without_autograd_until_it_changes():
+    """Evaluation quantizes a weight once: without autograd the result is reused until the weight or its steps change
+    in place (an optimizer step, a loaded state dict); with autograd it is computed every time."""
+    layer, x = _ready_fixed(*LAYERS[0][1:])
+    with torch.no_grad():
+        first = layer.quantized_weight()
+        assert layer.quantized_weight() is first
+        layer.weight.mul_(1.5)
+        second = layer.quantized_weight()
+        assert second is not first and torch.equal(second, QF.quantize_weight(layer.weight, layer.wq.scale, 4))
+        layer.load_state_dict({k: v * 2 if k == "wq.scale" else v for k, v in layer.state_dict().items()})
+        third = layer.quantized_weight()
+        assert third is not second
+        assert torch.equal(third, QF.quantize_weight(layer.weight, layer.wq.scale, 4))
+    with_grad = layer.quantized_weight()
+    assert with_grad is not third and with_grad.requires_grad and torch.equal(with_grad, third)
 
 
 # ------------------------------------------------------------------------------------------------ bf16 autocast

@@ -36,6 +36,8 @@ def host_bool(flag: torch.Tensor) -> bool:
     ``copy_`` or ``load_state_dict`` bumps the counter; a copy or a move to another device is another storage), so a
     forward pass on a GPU does not wait for the device to answer ``bool()`` of a flag that has not changed.
     """
+    if flag.is_inference():  # no version counter to key a cache on
+        return bool(flag)
     key = (flag.data_ptr(), flag._version)
     cached = getattr(flag, "_gmpq_host_bool", None)
     if cached is None or cached[0] != key:
@@ -63,6 +65,7 @@ class WeightQuantizer(nn.Module):
         self.bits = QF.check_bits(bits)
         self.scale = nn.Parameter(torch.ones(out_channels))
         self.register_buffer("initialized", torch.tensor(False))
+        self._kept: tuple[tuple, torch.Tensor] | None = None
 
     @property
     def is_float(self) -> bool:
@@ -79,11 +82,22 @@ class WeightQuantizer(nn.Module):
         self.initialized.fill_(True)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        """``Q_w(weight)``. Without autograd (evaluation, inference) the result is kept and reused for as long as
+        neither the weight nor the steps change (their storages and in-place version counters say so), so an
+        evaluation quantizes every weight once, not once per batch."""
         if self.is_float or _BYPASS:
             return weight
         if not host_bool(self.initialized):
             self.init_scale(weight)
-        return fused.fake_quant_weight(weight, self.scale, self.bits)
+        if torch.is_grad_enabled() or weight.is_inference() or self.scale.is_inference():
+            self._kept = None
+            return fused.fake_quant_weight(weight, self.scale, self.bits)
+        key = (weight.data_ptr(), weight._version, self.scale.data_ptr(), self.scale._version,
+               fused.operand_dtype(weight))
+        kept = getattr(self, "_kept", None)
+        if kept is None or kept[0] != key:
+            kept = self._kept = (key, fused.fake_quant_weight(weight, self.scale, self.bits))
+        return kept[1]
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}"
