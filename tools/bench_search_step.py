@@ -17,6 +17,8 @@ float weights. ``--bf16`` runs every step (float ones too) under bf16 autocast, 
 Timing: after warm-up (which includes compiling the fused kernels), the float step and the measured step alternate
 ``--repeats`` times (ABBA order, so that a change of machine load hits both; on CUDA each step is bracketed by
 ``torch.cuda.synchronize``); the time ratio is the median over repeats of step / float step of the adjacent pair.
+``host_s`` is the time until a step had queued all its work on the device: near the step's time, the step is bound
+by Python and kernel launches, not by the GPU.
 Memory: the persistent state (parameters, gradients, optimizer buffers, and the teacher for GMPQ) plus the step's
 peak transient allocation above what was allocated when it started — on CPUs from ``torch.profiler`` memory events
 (allocator-level, so caching or reuse tricks cannot hide anything), on CUDA from the caching allocator's peak.
@@ -63,6 +65,8 @@ from gmpq.search import (
 from gmpq.utils import atomic_write_text
 
 Step = Callable[[], None]
+#: perf_counter() when the running step had queued all its GPU work (before any wait for the device).
+_queued: list[float] = []
 #: (arch, batch, input size) measured by default.
 CPU_CONFIGS = [("resnet18_cifar", 32, 32)]
 CUDA_CONFIGS = [("resnet18_cifar", 256, 32), ("resnet18", 64, 224), ("mobilenetv2_100", 64, 224)]
@@ -85,6 +89,7 @@ def float_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool) -
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        _queued.append(time.perf_counter())
 
     return step, [model, optimizer]
 
@@ -122,7 +127,8 @@ def gmpq_step(float_model: nn.Module, x: torch.Tensor, y: torch.Tensor, arch: st
         terms.total.backward()
         opt_w.step()
         opt_a.step()
-        objective.penalty.update(terms.expected_bops_g.item())
+        _queued.append(time.perf_counter())
+        objective.penalty.update(terms.expected_bops_g.item())  # the loop's one wait for the device per step
 
     return step, [model, opt_w, opt_a, teacher]
 
@@ -181,14 +187,18 @@ def peak_bytes(step: Step, objects: list, device: torch.device) -> int:
     return persistent + max(0, peak - before)
 
 
-def timed(step: Step, device: torch.device) -> float:
+def timed(step: Step, device: torch.device) -> tuple[float, float]:
+    """``(wall seconds, host seconds)`` of one step: on CUDA the wall time runs until the device has finished, the
+    host time until the step had queued all its work (close to the wall time: the step is bound by the host)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
+    _queued.clear()
     t0 = time.perf_counter()
     step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    t1 = time.perf_counter()
+    return t1 - t0, (_queued[-1] if _queued else t1) - t0
 
 
 def compare(f_step: Step, m_step: Step, device: torch.device, warmup: int, repeats: int) -> dict[str, Any]:
@@ -200,18 +210,21 @@ def compare(f_step: Step, m_step: Step, device: torch.device, warmup: int, repea
     if device.type == "cuda":
         torch.cuda.synchronize()
     warmup_s = time.perf_counter() - t0
-    f_times, m_times, ratios = [], [], []
+    f_times, m_times, ratios, f_host, m_host = [], [], [], [], []
     for r in range(repeats):
         if r % 2 == 0:
-            f, m = timed(f_step, device), timed(m_step, device)
+            (f, fh), (m, mh) = timed(f_step, device), timed(m_step, device)
         else:
-            m, f = timed(m_step, device), timed(f_step, device)
+            (m, mh), (f, fh) = timed(m_step, device), timed(f_step, device)
         f_times.append(f)
         m_times.append(m)
+        f_host.append(fh)
+        m_host.append(mh)
         ratios.append(m / f)
     return {"float_step_s": statistics.median(f_times), "step_s": statistics.median(m_times),
             "time_ratio": statistics.median(ratios),
             "time_ratio_of_medians": statistics.median(m_times) / statistics.median(f_times),
+            "float_host_s": statistics.median(f_host), "host_s": statistics.median(m_host),
             "float_step_s_all": [round(t, 5) for t in f_times], "step_s_all": [round(t, 5) for t in m_times],
             "warmup_s": round(warmup_s, 2)}
 

@@ -9,7 +9,8 @@
 # 3. tools/bench_search_step.py on CUDA, fp32 then bf16: the GMPQ search step and the W4A4 QAT step against the float
 #    step on resnet18_cifar b256 32x32, resnet18 b64 224x224 and mobilenetv2_100 b64 224x224 (each record is written
 #    as soon as it is measured, so a stage cut by its time limit keeps what it measured);
-# 4. a table of the ratios, printed last (summary.txt).
+# 4. a table of the ratios, printed last (summary.txt); "host ms" is the time until a step had queued its work (near
+#    the step's time: bound by Python and launches, not by the GPU).
 # Every stage has its own time limit (the whole script stays under 4 minutes) and a failing stage does not stop the
 # next ones. Files: gpu_check.log (everything printed), tests.log, bench_fp32.json, bench_bf16.json, summary.txt.
 # GMPQ_GPU_BASELINE=1 also times the torch.compile kernels of before (resnet18_cifar only; up to 90 s more).
@@ -86,7 +87,7 @@ tests = (out / "tests.log").read_text() if (out / "tests.log").exists() else ""
 counts = re.findall(r"^=* ?(\d+ (?:passed|failed|skipped|deselected|error).*?) in [\d.]+s", tests, re.M)
 print("CUDA tests:", counts[-1] if counts else "no pytest summary line (see tests.log)")
 print(f"{'prec':5} {'step':5} {'arch':18} {'batch':>5} {'size':>4} {'float ms':>9} {'step ms':>8} {'time x':>7} "
-      f"{'target':>6} {'mem x':>6} {'float MB':>9} {'step MB':>8}")
+      f"{'target':>6} {'mem x':>6} {'float MB':>9} {'step MB':>8} {'host ms f/s':>12}")
 for name in ("bench_fp32.json", "bench_bf16.json", "bench_baseline.json"):
     path = out / name
     if not path.exists():
@@ -100,7 +101,8 @@ for name in ("bench_fp32.json", "bench_bf16.json", "bench_baseline.json"):
         print(f"{r['precision']:5} {r['step']:5} {r['arch']:18} {r['batch']:>5} {r['input_size']:>4} "
               f"{1e3 * r['float_step_s']:>9.2f} {1e3 * r['step_s']:>8.2f} {r['time_ratio']:>7.2f} "
               f"{r['targets'].get('time_ratio', float('nan')):>6.1f} {r.get('memory_ratio', float('nan')):>6.2f} "
-              f"{r.get('float_peak_mb', float('nan')):>9.0f} {r.get('peak_mb', float('nan')):>8.0f}")
+              f"{r.get('float_peak_mb', float('nan')):>9.0f} {r.get('peak_mb', float('nan')):>8.0f} "
+              f"{1e3 * r['float_host_s']:>5.1f}/{1e3 * r['host_s']:<6.1f}")
     env = data["environment"]
     print(f"  ^ {name}: backend {env.get('backend')}, {env.get('gpu')}, torch {env.get('torch')}, "
           f"triton {env.get('triton')}, {len(data['results'])} records")

@@ -189,7 +189,6 @@ def _triton_kernels(*tensors: torch.Tensor) -> Any | None:
 
     Under ``auto``, a Triton that cannot be imported switches CUDA tensors to ``compile`` with one warning; under an
     explicit ``triton`` any failure raises."""
-    global _triton_failed
     if get_backend(tensors[0].device) != "triton":
         return None
     if any(t.dtype not in _TRITON_DTYPES for t in tensors):
@@ -197,11 +196,7 @@ def _triton_kernels(*tensors: torch.Tensor) -> Any | None:
     try:
         module = _triton_module()
     except Exception as e:  # noqa: BLE001 — missing or broken Triton
-        if _backend != "auto":
-            raise
-        _triton_failed = True
-        warnings.warn(f"gmpq: the Triton quantization kernels are unavailable ({type(e).__name__}: {e}); using "
-                      "torch.compile'd kernels instead (slower)", RuntimeWarning, stacklevel=4)
+        _give_up_triton(e)
         return None
     if tensors[0].device.type != "cuda" and not module.interpreted():
         raise RuntimeError("gmpq: the 'triton' fused-kernel backend needs CUDA tensors (or TRITON_INTERPRET=1 set "
@@ -212,17 +207,22 @@ def _triton_kernels(*tensors: torch.Tensor) -> Any | None:
 def _triton_run(launch: Callable[..., Any], *args: Any) -> Any | None:
     """``launch(*args)``; under ``auto`` a Triton failure (compilation, launch) switches CUDA tensors to the
     ``compile`` backend for the rest of the process, with one warning, and returns ``None``."""
-    global _triton_failed
     try:
         return launch(*args)
     except Exception as e:  # noqa: BLE001 — any Triton compiler or launch failure
-        if _backend != "auto":
-            raise
-        _triton_failed = True
-        warnings.warn(f"gmpq: a Triton quantization kernel failed ({type(e).__name__}: "
-                      f"{str(e).splitlines()[0] if str(e) else ''}); using torch.compile'd kernels instead (slower)",
-                      RuntimeWarning, stacklevel=4)
+        _give_up_triton(e)
         return None
+
+
+def _give_up_triton(error: Exception) -> None:
+    """Re-raise ``error`` unless the backend is ``auto``; then use the torch kernels on CUDA from now on."""
+    global _triton_failed
+    if _backend != "auto":
+        raise error
+    _triton_failed = True
+    first_line = str(error).splitlines()[0] if str(error) else ""
+    warnings.warn(f"gmpq: the Triton quantization kernels failed ({type(error).__name__}: {first_line}); using "
+                  "torch.compile'd kernels instead (slower)", RuntimeWarning, stacklevel=5)
 
 
 def _kernel(name: str) -> Callable[..., Any]:
