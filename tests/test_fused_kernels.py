@@ -224,6 +224,38 @@ def test_channels_last_and_long_rows_on_triton_in_the_interpreter(interpreted_tr
     _compare(_grads(layer, x), _grads(reference, x), exact=("output",), rtol=1e-5, atol=2e-6)
 
 
+def test_triton_kernels_compile_for_a_gpu_without_one():
+    """The four kernels compile ahead of time for a Hopper GPU (sm_90; Triton's own ptxas, no GPU needed), in bf16,
+    and their PTX rounds with ``cvt.rni``, divides with ``div.rn`` and has no fused multiply-add: the eager kernels'
+    arithmetic, operation by operation."""
+    if INTERPRETER:
+        pytest.skip("the kernels are built for the interpreter in this process")
+    pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+
+    from gmpq.quant import triton_kernels as tk
+
+    pointers = {"fp32": "*fp32", "bf16": "*bf16"}
+
+    def ptx(kernel, types: dict[str, str], constants: dict) -> str:
+        signature = {name: pointers.get(types.get(name, "fp32"), "*fp32") if name.endswith("_ptr") else "i32"
+                     for name in kernel.arg_names if name not in constants}
+        signature.update({name: "constexpr" for name in constants})
+        source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
+        return compile(source, target=GPUTarget("cuda", 90, 32), options=dict(tk._OPTIONS)).asm["ptx"]
+
+    bf16 = {"x_ptr": "bf16", "out_ptr": "bf16", "g_ptr": "bf16", "gx_ptr": "bf16"}
+    act = {"K": 4, "SIGNED": True, "BLOCK": tk.ACT_BLOCK, "RINT": True}
+    weight = {"K": 4, "BLOCK": tk.WEIGHT_BLOCKS[-1], "RINT": True}
+    codes = [ptx(tk._act_fwd_kernel, bf16, act),
+             ptx(tk._act_bwd_kernel, bf16, {**act, "NEED_GX": True, "NEED_PROBS": True}),
+             ptx(tk._weight_fwd_kernel, bf16, weight), ptx(tk._weight_bwd_kernel, bf16, {**weight, "NEED_PROBS": True})]
+    for code in codes:
+        assert "cvt.rni.f32.f32" in code and "fma.rn.f32" not in code
+    assert all("div.rn.f32" in code for code in codes)
+
+
 def test_triton_backend_refuses_cpu_tensors_without_the_interpreter(monkeypatch):
     pytest.importorskip("triton")
     tk = pytest.importorskip("gmpq.quant.triton_kernels")
