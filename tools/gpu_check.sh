@@ -39,7 +39,7 @@ run() {
 
 stage "environment"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "nvidia-smi failed"
-run 60 "$PY" - <<'EOF'
+run 40 "$PY" - <<'EOF'
 import importlib, platform, sys
 print("python", platform.python_version())
 for name in ("torch", "triton", "timm", "accelerate", "safetensors", "huggingface_hub", "yaml", "scipy", "numpy",
@@ -60,15 +60,15 @@ except Exception:
 EOF
 
 stage "CUDA tests of the fused kernels"
-run 80 "$PY" -m pytest tests/test_fused_kernels.py -k cuda -q -rfEs -p no:cacheprovider --durations=5 --tb=short \
+run 65 "$PY" -m pytest tests/test_fused_kernels.py -k cuda -q -rfEs -p no:cacheprovider --durations=5 --tb=short \
     2>&1 | tee "$OUT_DIR/tests.log"
 
 stage "benchmark fp32: GMPQ search step and W4A4 QAT step against the float step"
-run 75 "$PY" tools/bench_search_step.py --device "$DEVICE" --step gmpq qat --repeats 8 --quiet \
+run 70 "$PY" tools/bench_search_step.py --device "$DEVICE" --step gmpq qat --repeats 8 --quiet \
     --out "$OUT_DIR/bench_fp32.json" "${BENCH_ARGS[@]}"
 
 stage "benchmark bf16"
-run 70 "$PY" tools/bench_search_step.py --device "$DEVICE" --step gmpq qat --repeats 8 --bf16 --quiet \
+run 55 "$PY" tools/bench_search_step.py --device "$DEVICE" --step gmpq qat --repeats 8 --bf16 --quiet \
     --out "$OUT_DIR/bench_bf16.json" "${BENCH_ARGS[@]}"
 
 if [ "${GMPQ_GPU_BASELINE:-0}" = "1" ]; then
