@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
 import platform
@@ -311,8 +312,9 @@ def main() -> None:
                 record = {"step": kind, "arch": arch, "batch": batch, "input_size": size,
                           "precision": "bf16" if args.bf16 else "fp32", "error": f"{type(e).__name__}: {e}",
                           "traceback": traceback.format_exc(limit=8)}
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+            gc.collect()  # the previous configuration's models and optimizers go before the next one's
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
             output["results"].append(record)
             summary = {k: record.get(k) for k in ("step", "arch", "precision", "time_ratio", "memory_ratio",
                                                   "float_step_s", "step_s", "error")}
