@@ -100,32 +100,30 @@ def test_triton_kernels_in_the_interpreter():
     assert passed and int(passed.group(1)) >= 7, result.stdout[-3000:]  # the kernel, bf16 and layer tests ran
 
 
+def _compiled(run):
+    """``run()`` on the compiled kernels; skips where compilation is unavailable (no C++ compiler)."""
+    with backend("compile"):
+        try:
+            return run()
+        except Exception as e:  # noqa: BLE001
+            pytest.skip(f"torch.compile unavailable here: {type(e).__name__}")
+
+
 # ------------------------------------------------------------------------------------------------ kernels
 @pytest.mark.parametrize("signed", [False, True])
 def test_compiled_kernels_match_eager(signed):
-    """torch.compile'd kernels (one fused loop per tensor) equal the eager ones; skipped where compilation is
-    unavailable (no C++ compiler)."""
+    """torch.compile'd kernels (one fused loop per tensor) equal the eager ones."""
     t = _kernel_inputs()
     assert fused.get_backend() == "eager"  # tests/conftest.py selects the eager kernels
     eager = _all_kernels(t, signed)
-    with backend("compile"):
-        try:
-            compiled = _all_kernels(t, signed)
-        except Exception as e:  # noqa: BLE001
-            pytest.skip(f"torch.compile unavailable here: {type(e).__name__}")
-    _compare(compiled, eager, rtol=1e-5, atol=2e-6)
+    _compare(_compiled(lambda: _all_kernels(t, signed)), eager, rtol=1e-5, atol=2e-6)
 
 
 def test_compiled_fixed_layer_matches_autograd():
     """A fixed-bit layer on the compiled K = 1 kernels gives the autograd quantizers' output and gradients."""
     layer, x = _ready_fixed(*LAYERS[0][1:])
     want = _grads(layer, x)
-    with backend("compile"):
-        try:
-            got = _grads(layer, x)
-        except Exception as e:  # noqa: BLE001
-            pytest.skip(f"torch.compile unavailable here: {type(e).__name__}")
-    _compare(got, want, exact=("output",), rtol=1e-5, atol=2e-6)
+    _compare(_compiled(lambda: _grads(layer, x)), want, exact=("output",), rtol=1e-5, atol=2e-6)
 
 
 @pytest.mark.parametrize("signed", [False, True])

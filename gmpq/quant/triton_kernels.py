@@ -56,6 +56,21 @@ def _round(z, RINT: tl.constexpr):
     return r
 
 
+@triton.jit
+def _act_candidate(x, probs_ptr, clip_ptr, levels_ptr, i, SIGNED: tl.constexpr, RINT: tl.constexpr):
+    """Candidate ``i``: ``(p_i, c_i, n_i, lower_i, z = clamp(x, lower_i, c_i) * (n_i / c_i), round(z))``."""
+    p = tl.load(probs_ptr + i).to(tl.float32)
+    c = tl.load(clip_ptr + i).to(tl.float32)
+    n = tl.load(levels_ptr + i)
+    if SIGNED:
+        lower = -c
+    else:
+        lower = c * 0.0
+    y = tl.minimum(tl.maximum(x, lower, propagate_nan=tl.PropagateNan.ALL), c, propagate_nan=tl.PropagateNan.ALL)
+    z = y * tl.math.div_rn(n, c)
+    return p, c, n, lower, z, _round(z, RINT)
+
+
 # Sizes are not specialised on (divisibility by 16, equality to 1): one compiled kernel serves every layer.
 @triton.jit(do_not_specialize=["n_elements"])
 def _act_fwd_kernel(x_ptr, out_ptr, probs_ptr, clip_ptr, levels_ptr, n_elements,
@@ -66,14 +81,7 @@ def _act_fwd_kernel(x_ptr, out_ptr, probs_ptr, clip_ptr, levels_ptr, n_elements,
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for i in tl.static_range(K):
-        p = tl.load(probs_ptr + i).to(tl.float32)
-        c = tl.load(clip_ptr + i).to(tl.float32)
-        n = tl.load(levels_ptr + i)
-        if SIGNED:
-            y = tl.minimum(tl.maximum(x, -c, propagate_nan=tl.PropagateNan.ALL), c, propagate_nan=tl.PropagateNan.ALL)
-        else:
-            y = tl.minimum(tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL), c, propagate_nan=tl.PropagateNan.ALL)
-        r = _round(y * tl.math.div_rn(n, c), RINT)
+        p, c, n, lower, z, r = _act_candidate(x, probs_ptr, clip_ptr, levels_ptr, i, SIGNED, RINT)
         acc = acc + p * (r * tl.math.div_rn(c, n))
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -90,16 +98,7 @@ def _act_bwd_kernel(x_ptr, g_ptr, gx_ptr, part_ptr, probs_ptr, clip_ptr, levels_
     through = tl.zeros([BLOCK], dtype=tl.float32)
     part = part_ptr + pid.to(tl.int64) * (2 * K)
     for i in tl.static_range(K):
-        p = tl.load(probs_ptr + i).to(tl.float32)
-        c = tl.load(clip_ptr + i).to(tl.float32)
-        n = tl.load(levels_ptr + i)
-        if SIGNED:
-            lower = -c
-        else:
-            lower = c * 0.0
-        y = tl.minimum(tl.maximum(x, lower, propagate_nan=tl.PropagateNan.ALL), c, propagate_nan=tl.PropagateNan.ALL)
-        z = y * tl.math.div_rn(n, c)
-        r = _round(z, RINT)
+        p, c, n, lower, z, r = _act_candidate(x, probs_ptr, clip_ptr, levels_ptr, i, SIGNED, RINT)
         if NEED_PROBS:
             tl.store(part + i, tl.sum(g * (r * tl.math.div_rn(c, n)), axis=0))
         above = (x > c).to(tl.float32) + 0.5 * (x == c).to(tl.float32)
@@ -114,11 +113,18 @@ def _act_bwd_kernel(x_ptr, g_ptr, gx_ptr, part_ptr, probs_ptr, clip_ptr, levels_
 
 
 @triton.jit
-def _effective_scale(scales_ptr, gammas_ptr, j, row, C):
-    """The forward value of LSQ's gradient-scaled step, ``(s - s g) + s g`` (as :func:`gmpq.quant.functional.scale_grad`)."""
+def _weight_candidate(w, probs_ptr, scales_ptr, qmax_ptr, gammas_ptr, j, row, C, RINT: tl.constexpr):
+    """Candidate ``j`` of channel ``row``: ``(p_j, s, Q_p, z = w / s, round(clamp(z, -Q_p, Q_p)))`` with ``s`` the
+    forward value of LSQ's gradient-scaled step, ``(s - s g) + s g`` (:func:`gmpq.quant.functional.scale_grad`)."""
+    p = tl.load(probs_ptr + j).to(tl.float32)
     s = tl.load(scales_ptr + j * C + row).to(tl.float32)
     sg = s * tl.load(gammas_ptr + j)
-    return (s - sg) + sg
+    s = (s - sg) + sg
+    q = tl.load(qmax_ptr + j)
+    z = tl.math.div_rn(w, s)
+    r = _round(tl.minimum(tl.maximum(z, -q, propagate_nan=tl.PropagateNan.ALL), q, propagate_nan=tl.PropagateNan.ALL),
+               RINT)
+    return p, s, q, z, r
 
 
 @triton.jit(do_not_specialize=["C", "M"])
@@ -131,12 +137,7 @@ def _weight_fwd_kernel(w_ptr, out_ptr, probs_ptr, scales_ptr, qmax_ptr, gammas_p
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for j in tl.static_range(K):
-        p = tl.load(probs_ptr + j).to(tl.float32)
-        s = _effective_scale(scales_ptr, gammas_ptr, j, row, C)
-        q = tl.load(qmax_ptr + j)
-        z = tl.math.div_rn(w, s)
-        r = _round(tl.minimum(tl.maximum(z, -q, propagate_nan=tl.PropagateNan.ALL), q,
-                              propagate_nan=tl.PropagateNan.ALL), RINT)
+        p, s, q, z, r = _weight_candidate(w, probs_ptr, scales_ptr, qmax_ptr, gammas_ptr, j, row, C, RINT)
         acc = acc + p * (r * s)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -155,12 +156,7 @@ def _weight_bwd_kernel(w_ptr, g_ptr, gw_ptr, part_scales_ptr, part_probs_ptr, pr
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     through = tl.zeros([BLOCK], dtype=tl.float32)
     for j in tl.static_range(K):
-        p = tl.load(probs_ptr + j).to(tl.float32)
-        s = _effective_scale(scales_ptr, gammas_ptr, j, row, C)
-        q = tl.load(qmax_ptr + j)
-        z = tl.math.div_rn(w, s)
-        r = _round(tl.minimum(tl.maximum(z, -q, propagate_nan=tl.PropagateNan.ALL), q,
-                              propagate_nan=tl.PropagateNan.ALL), RINT)
+        p, s, q, z, r = _weight_candidate(w, probs_ptr, scales_ptr, qmax_ptr, gammas_ptr, j, row, C, RINT)
         inside = (z > -q) & (z < q)  # torch.clamp passes no gradient at its bounds
         part = (j * C + row).to(tl.int64) * chunks + chunk  # partial sums laid out [K, C, chunks]
         if NEED_PROBS:
