@@ -9,10 +9,13 @@
 # 3. tools/bench_search_step.py on CUDA, fp32 then bf16: the GMPQ search step and the W4A4 QAT step against the float
 #    step on resnet18_cifar b256 32x32, resnet18 b64 224x224 and mobilenetv2_100 b64 224x224 (each record is written
 #    as soon as it is measured, so a stage cut by its time limit keeps what it measured);
-# 4. a table of the ratios, printed last (summary.txt); "host ms" is the time until a step had queued its work (near
+# 4. tools/bench_kernels.py --sweep: each Triton kernel's time and bandwidth against a torch op moving the same
+#    bytes, and the activation kernels at other block sizes / warp counts (kernels.json);
+# 5. a table of the ratios, printed last (summary.txt); "host ms" is the time until a step had queued its work (near
 #    the step's time: bound by Python and launches, not by the GPU).
 # Every stage has its own time limit (the whole script stays under 4 minutes) and a failing stage does not stop the
-# next ones. Files: gpu_check.log (everything printed), tests.log, bench_fp32.json, bench_bf16.json, summary.txt.
+# next ones. Files: gpu_check.log (everything printed), tests.log, bench_fp32.json, bench_bf16.json, kernels.json,
+# summary.txt.
 # GMPQ_GPU_BASELINE=1 also times the torch.compile kernels of before (resnet18_cifar only; up to 90 s more).
 # A dry run of the plumbing on a CPU: GMPQ_CHECK_DEVICE=cpu GMPQ_CHECK_BENCH_ARGS="--arch mobilenetv2_050_cifar
 # --batch 4 --repeats 1 --warmup 1 --backend eager" bash tools/gpu_check.sh
@@ -39,7 +42,7 @@ run() {
 
 stage "environment"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "nvidia-smi failed"
-run 40 "$PY" - <<'EOF'
+run 30 "$PY" - <<'EOF'
 import importlib, platform, sys
 print("python", platform.python_version())
 for name in ("torch", "triton", "timm", "accelerate", "safetensors", "huggingface_hub", "yaml", "scipy", "numpy",
@@ -60,16 +63,21 @@ except Exception:
 EOF
 
 stage "CUDA tests of the fused kernels"
-run 65 "$PY" -m pytest tests/test_fused_kernels.py -k cuda -q -rfEs -p no:cacheprovider --durations=5 --tb=short \
+run 60 "$PY" -m pytest tests/test_fused_kernels.py -k cuda -q -rfEs -p no:cacheprovider --durations=5 --tb=short \
     2>&1 | tee "$OUT_DIR/tests.log"
 
 stage "benchmark fp32: GMPQ search step and W4A4 QAT step against the float step"
-run 70 "$PY" tools/bench_search_step.py --device "$DEVICE" --step gmpq qat --repeats 8 --quiet \
+run 65 "$PY" tools/bench_search_step.py --device "$DEVICE" --step gmpq qat --repeats 8 --quiet \
     --out "$OUT_DIR/bench_fp32.json" "${BENCH_ARGS[@]}"
 
 stage "benchmark bf16"
 run 55 "$PY" tools/bench_search_step.py --device "$DEVICE" --step gmpq qat --repeats 8 --bf16 --quiet \
     --out "$OUT_DIR/bench_bf16.json" "${BENCH_ARGS[@]}"
+
+if [ "$DEVICE" = "cuda" ]; then
+    stage "kernel micro-benchmark (tools/bench_kernels.py --sweep)"
+    run 25 "$PY" tools/bench_kernels.py --sweep --reps 10 --quiet --out "$OUT_DIR/kernels.json"
+fi
 
 if [ "${GMPQ_GPU_BASELINE:-0}" = "1" ]; then
     stage "baseline: the torch.compile kernels of before, resnet18_cifar b256 fp32"
@@ -91,7 +99,8 @@ print(f"{'prec':5} {'step':5} {'arch':18} {'batch':>5} {'size':>4} {'float ms':>
 for name in ("bench_fp32.json", "bench_bf16.json", "bench_baseline.json"):
     path = out / name
     if not path.exists():
-        print(f"{name}: not written (see gpu_check.log)")
+        if name != "bench_baseline.json":  # that one only with GMPQ_GPU_BASELINE=1
+            print(f"{name}: not written (see gpu_check.log)")
         continue
     data = json.loads(path.read_text())
     for r in data["results"]:
@@ -106,5 +115,11 @@ for name in ("bench_fp32.json", "bench_bf16.json", "bench_baseline.json"):
     env = data["environment"]
     print(f"  ^ {name}: backend {env.get('backend')}, {env.get('gpu')}, torch {env.get('torch')}, "
           f"triton {env.get('triton')}, {len(data['results'])} records")
+if (out / "kernels.json").exists():
+    kernels = json.loads((out / "kernels.json").read_text())
+    print("kernels (us, GB/s, x a torch op moving the same bytes):",
+          "; ".join(f"{k['kernel']} {k['us']:.0f} {k['gb_per_s']:.0f} {k['vs_torch']:.2f}x" for k in kernels["kernels"]))
+    print("sweep (block/warps: fwd/bwd us):", "; ".join(
+        f"{s['block']}/{s['num_warps']}: {s['act_forward_us']:.0f}/{s['act_backward_us']:.0f}" for s in kernels["sweep"]))
 EOF
 echo "total $(elapsed) s; files in $OUT_DIR: $(ls "$OUT_DIR" | tr '\n' ' ')"

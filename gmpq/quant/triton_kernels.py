@@ -173,27 +173,31 @@ _INTERPRETED = type(_act_fwd_kernel).__name__ == "InterpretedFunction"
 _OPTIONS = {} if _INTERPRETED else {"num_warps": 8, "enable_fp_fusion": False}
 
 
+def _options(num_warps: int | None) -> dict:
+    return _OPTIONS if num_warps is None or _INTERPRETED else {**_OPTIONS, "num_warps": num_warps}
+
+
 def act_forward(x: torch.Tensor, probs: torch.Tensor, clip: torch.Tensor, levels: torch.Tensor, signed: bool,
-                out_dtype: torch.dtype) -> torch.Tensor:
-    """``x_mix`` (same shape as the contiguous ``x``, dtype ``out_dtype``); ``probs``, ``clip``, ``levels``: [K]."""
+                out_dtype: torch.dtype, block: int = ACT_BLOCK, num_warps: int | None = None) -> torch.Tensor:
+    """``x_mix`` (same shape and layout as the dense ``x``, dtype ``out_dtype``); ``probs``, ``clip``, ``levels``: [K].
+    ``block`` (elements per program) and ``num_warps`` are tuning knobs (tools/bench_kernels.py)."""
     n = x.numel()
     out = torch.empty_like(x, dtype=out_dtype)  # the layout of x: the kernel indexes both flat
-    grid = (triton.cdiv(n, ACT_BLOCK),)
-    _act_fwd_kernel[grid](x, out, probs, clip, levels, n, K=levels.numel(), SIGNED=signed, BLOCK=ACT_BLOCK,
-                          RINT=not _INTERPRETED, **_OPTIONS)
+    _act_fwd_kernel[(triton.cdiv(n, block),)](x, out, probs, clip, levels, n, K=levels.numel(), SIGNED=signed,
+                                              BLOCK=block, RINT=not _INTERPRETED, **_options(num_warps))
     return out
 
 
 def act_backward(x: torch.Tensor, grad: torch.Tensor, probs: torch.Tensor, clip: torch.Tensor, levels: torch.Tensor,
-                 signed: bool, need_x: bool, need_probs: bool
+                 signed: bool, need_x: bool, need_probs: bool, block: int = ACT_BLOCK, num_warps: int | None = None
                  ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-    """``(dL/dx or None, dL/dprobs [K] or None, dL/dclip [K])`` for contiguous ``x`` and ``grad`` of one shape."""
+    """``(dL/dx or None, dL/dprobs [K] or None, dL/dclip [K])`` for dense ``x`` and ``grad`` of one layout."""
     n, k = x.numel(), levels.numel()
-    blocks = triton.cdiv(n, ACT_BLOCK)
+    blocks = triton.cdiv(n, block)
     gx = torch.empty_like(x) if need_x else x  # x is a placeholder pointer the kernel never writes
     partials = torch.empty((blocks, 2 * k), dtype=torch.float32, device=x.device)
     _act_bwd_kernel[(blocks,)](x, grad, gx, partials, probs, clip, levels, n, K=k, SIGNED=signed, NEED_GX=need_x,
-                               NEED_PROBS=need_probs, BLOCK=ACT_BLOCK, RINT=not _INTERPRETED, **_OPTIONS)
+                               NEED_PROBS=need_probs, BLOCK=block, RINT=not _INTERPRETED, **_options(num_warps))
     sums = partials.sum(0) if need_probs else partials[:, k:].sum(0)
     return ((gx if need_x else None), (sums[:k].to(probs.dtype) if need_probs else None),
             sums[-k:].to(clip.dtype))
