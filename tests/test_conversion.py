@@ -241,6 +241,26 @@ def test_an_export_reloads_to_the_same_logits(tmp_path, arch, layout):
     assert not any(name.endswith("gain") for name, _ in loaded.named_parameters())
 
 
+@pytest.mark.parametrize("make,shape", [c[1:] for c in CASES if "Std" in c[0]], ids=[i for i in IDS if "Std" in i])
+def test_an_evaluation_after_a_weight_update_sees_the_new_weight(make, shape):
+    """Without autograd T(W) and Q_w(T(W)) are kept between calls; every in-place update of the weight or the gain
+    (what an optimizer step does) is seen by the next call, which equals a fresh copy's output."""
+    torch.manual_seed(0)
+    x = torch.randn(*shape)
+    q = to_quantized(make(), 4, 4)
+    calibrate(q, [x])
+    with torch.no_grad():
+        previous = q(x)
+        assert torch.equal(q(x), previous)
+        for step in range(6):
+            q.weight.add_(torch.randn_like(q.weight) * 0.3)
+            if hasattr(q, "gain") and step % 2:
+                q.gain.mul_(1.5)
+            got = q(x)
+            assert torch.equal(got, copy.deepcopy(q)(x)) and not torch.equal(got, previous), step
+            previous = got
+
+
 # ------------------------------------------------------------------------------------------------ refusal
 class _OwnConv(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:

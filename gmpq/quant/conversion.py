@@ -142,9 +142,26 @@ def conversion_for(module: nn.Module, name: str = "") -> Conversion:
 
 
 def effective_weight(layer: nn.Module) -> torch.Tensor:
-    """``T(W)``: the weight a quantized ``layer``'s operation uses before quantization."""
-    transform = layer.conversion.weight
-    return layer.weight if transform is None else transform(layer, layer.weight)
+    """``T(W)``: the weight a quantized ``layer``'s operation uses before quantization.
+
+    Without autograd the transformed weight is kept on the layer for as long as the tensors it is computed from
+    (``weight`` and the conversion's parameters) keep their storage and in-place version: an evaluation transforms
+    each weight once, and the weight quantizer, which keeps its result for an unchanged input tensor, sees the same
+    tensor until a source changes (a new one is made while the old one is still held, so it never takes its place in
+    memory).
+    """
+    conversion: Conversion = layer.conversion
+    if conversion.weight is None:
+        return layer.weight
+    sources = [layer.weight, *(getattr(layer, name) for name in conversion.parameters)]
+    if torch.is_grad_enabled() or any(t.is_inference() for t in sources):
+        return conversion.weight(layer, layer.weight)
+    key = (conversion, *((t.data_ptr(), t._version) for t in sources))
+    kept = layer.__dict__.get("_gmpq_effective_weight")
+    if kept is None or kept[0] != key:
+        kept = (key, conversion.weight(layer, layer.weight))
+        layer.__dict__["_gmpq_effective_weight"] = kept
+    return kept[1]
 
 
 def pad_input(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
