@@ -35,9 +35,8 @@ from gmpq.models import (
 )
 from gmpq.policy import LayerBits, Policy
 from gmpq.quant import calibrate
+from gmpq.version import __version__
 from gmpq.viz import compare_runs, plot_compare, plot_policies, plot_search
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BopsReport", "BudgetError", "CheckpointError", "DatasetError", "GmpqError", "LayerBits", "ModelError",

@@ -217,7 +217,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from gmpq import __version__
+    from gmpq.version import __version__
 
     parser = argparse.ArgumentParser(prog="gmpq", description="Generalizable mixed-precision quantization for timm CNNs.")
     parser.add_argument("--version", action="version", version=f"gmpq {__version__}")

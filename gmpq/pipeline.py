@@ -34,7 +34,6 @@ from gmpq.train.engine import process_state
 from gmpq.train.runlog import write_metrics_json
 from gmpq.train.stages import evaluate, finetune, pretrain, stage_dir
 
-STAGES = ("pretrain", "search", "finetune", "evaluate", "export")
 SEARCH_FIGURE = "search.png"  # the search's figure in the run directory, also shown on the export's card
 
 

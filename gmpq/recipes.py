@@ -400,12 +400,11 @@ def _coerce(value: Any, tp: Any, dotted: str) -> Any:
     origin = typing.get_origin(tp)
     bad = RecipeError(f"recipe key {dotted!r} must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
     if origin in (Union, types.UnionType):
-        errors = []
         for option in typing.get_args(tp):
             try:
                 return _coerce(value, option, dotted)
-            except RecipeError as e:
-                errors.append(e)
+            except RecipeError:
+                continue
         raise bad
     if tp is type(None):
         if value is None:

@@ -263,7 +263,7 @@ def save_pretrained(
     report = ExportReport(out, format, weights_path.stat().st_size, packed_bytes, extras_bytes,
                           fp32_safetensors_bytes(model), size, bops.bops_searched_g, bops.bops_total_g)
     w_mean, a_mean = policy.mean_bits
-    from gmpq import __version__
+    from gmpq.version import __version__
 
     config.update({
         "format": F.FORMAT_NAME, "format_version": F.FORMAT_VERSION, "gmpq_version": __version__,

@@ -35,7 +35,7 @@ def download_snapshot(
         RevisionNotFoundError,
     )
 
-    from gmpq import __version__
+    from gmpq.version import __version__
 
     at = f" at revision {revision!r}" if revision else ""
     try:

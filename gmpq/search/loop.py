@@ -339,7 +339,7 @@ def _float_sources(recipe: Recipe, strategy: Strategy) -> tuple[str | None, str 
 
 def _provenance(recipe: Recipe, strategy: Strategy, space: SearchSpace, budget: float, decoded: Decoded,
                 p: float | None) -> dict[str, Any]:
-    from gmpq import __version__
+    from gmpq.version import __version__
 
     cfg = recipe.search
     return {

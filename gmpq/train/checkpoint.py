@@ -106,7 +106,7 @@ class CheckpointManager:
 
 # ------------------------------------------------------------------------------------------------ model directories
 def _config(model: nn.Module, fmt: str, extra: dict[str, Any] | None) -> dict[str, Any]:
-    from gmpq import __version__
+    from gmpq.version import __version__
 
     cfg = getattr(model, "pretrained_cfg", None) or {}
     return {

@@ -73,7 +73,7 @@ def environment(accelerator: Accelerator | None = None) -> dict[str, Any]:
     import timm
     import torch
 
-    from gmpq import __version__
+    from gmpq.version import __version__
 
     env: dict[str, Any] = {
         "gmpq": __version__, "torch": torch.__version__, "timm": timm.__version__,
