@@ -26,10 +26,9 @@ from gmpq.models import (
     base_arch,
     create_model,
     kept_layer_names,
-    list_backbones,
+    list_cifar_variants,
     quantizable_layers,
     quantize,
-    register_backbone,
     searchable_layer_names,
     uniform_policy,
 )
@@ -41,8 +40,8 @@ from gmpq.viz import compare_runs, plot_compare, plot_policies, plot_search
 __all__ = [
     "BopsReport", "BudgetError", "CheckpointError", "DatasetError", "GmpqError", "LayerBits", "ModelError",
     "Policy", "PolicyError", "RecipeError", "__version__", "base_arch", "calibrate", "count_bops", "create_model",
-    "expected_bops", "kept_layer_names", "layer_macs", "list_backbones", "quantizable_layers", "quantize",
-    "register_backbone", "searchable_layer_names", "uniform_policy",
+    "expected_bops", "kept_layer_names", "layer_macs", "list_cifar_variants", "quantizable_layers", "quantize",
+    "searchable_layer_names", "uniform_policy",
     "RunError", "compare_runs", "plot_compare", "plot_policies", "plot_search",
     "from_pretrained", "push_to_hub", "save_pretrained",
     "search", "pretrain", "finetune", "evaluate", "run",

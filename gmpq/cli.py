@@ -77,12 +77,14 @@ def cmd_bops(args: argparse.Namespace) -> int:
 
 
 def cmd_backbones(args: argparse.Namespace) -> int:
-    """``gmpq backbones``: the registered backbones."""
-    from gmpq.models import get_backbone, list_backbones
+    """``gmpq backbones``: the CIFAR variants gmpq registers in timm (any other timm name works too)."""
+    import timm
 
-    for name in list_backbones():
-        entry = get_backbone(name)
-        print(f"{name:<24} base={entry.base:<18} input={entry.input_size:<4} {entry.description}")
+    from gmpq.models import base_arch, list_cifar_variants, model_data_config
+
+    for name in list_cifar_variants():
+        size = model_data_config(name).input_size
+        print(f"{name:<24} base={base_arch(name):<18} input={size:<4} {timm.get_pretrained_cfg(name).description}")
     return 0
 
 
@@ -237,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--input-size", type=_positive_int, default=None, help="input resolution (default: native)")
         p.add_argument("--num-classes", type=_positive_int, default=1000, help="classifier outputs (default 1000)")
         p.add_argument("--json", action="store_true", help="print one JSON object")
-    verb("backbones", cmd_backbones, "list the registered backbones")
+    verb("backbones", cmd_backbones, "list the CIFAR variants gmpq adds to timm's registry")
     p = verb("plot", cmd_plot, "draw policies (per-layer W/A bits) or a search run (BOPs, bit probabilities)")
     p.add_argument("policies", nargs="*", metavar="POLICY.json", help="policy files, one panel each")
     p.add_argument("--search", metavar="RUN_DIR", help="a search output_dir (or its search_log.jsonl) instead")
