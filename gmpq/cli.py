@@ -118,9 +118,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """``gmpq export RUN_DIR --out DIR``: packed low-bit safetensors + policy + config + model card."""
-    from gmpq.hub.export import export_report_dict, export_trained
+    from gmpq.hub.export import export_report_dict
+    from gmpq.pipeline import export_run
 
-    report = export_trained(args.source, args.out, format=args.format, name=args.name,
+    report = export_run(args.source, args.out, format=args.format, name=args.name,
                             bops_input_size=args.bops_input_size, repo_id=args.repo_id)
     print(json.dumps(export_report_dict(report), indent=2) if args.json else report.summary())
     return 0

@@ -22,14 +22,19 @@ processes and only the main process writes the summary, figures and export.
 from __future__ import annotations
 
 import json
+import os
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gmpq.errors import RecipeError
+from gmpq.errors import ModelError, RecipeError
+from gmpq.hub import ExportReport, is_model_dir, load_model_dir, save_pretrained
+from gmpq.hub.format import is_quantized, read_config, read_json
 from gmpq.models import base_arch, create_model
 from gmpq.recipes import Recipe
+from gmpq.rundir import RunDir, StageDir
 from gmpq.train.engine import process_state
 from gmpq.train.runlog import write_metrics_json
 from gmpq.train.stages import evaluate, finetune, pretrain, stage_dir
@@ -151,8 +156,6 @@ def _uniform_baseline(recipe: Recipe) -> dict[str, Any]:
 def _export(target: Recipe, uniform: dict[str, Any] | None,
             search_figure: Path | None) -> tuple[Path, dict[str, Any]]:
     """Export the fine-tuned model; its card shows the search's trajectory and the uniform policy beside it."""
-    from gmpq.hub.export import export_trained
-
     export_dir = Path(target.export.dir) if target.export.dir else stage_dir(target, "export")
     same_arch = (target.model.deploy_arch or base_arch(target.model.arch)) == target.model.arch
     figures = {} if search_figure is None else {
@@ -163,12 +166,98 @@ def _export(target: Recipe, uniform: dict[str, Any] | None,
         comparison.append({"model": f"{_uniform_name(u)} at the same budget", "top1": u["top1"],
                            "bops_searched_g": u["bops_searched_g"], "mean_w_bits": u["w_bits"],
                            "mean_a_bits": u["a_bits"]})
-    report = export_trained(target.output_dir, export_dir, format=target.export.format,
+    report = export_run(target.output_dir, export_dir, format=target.export.format,
                             name=target.export.name or target.name,
                             bops_input_size=target.model.deploy_input_size if same_arch else None,
                             figures=figures, comparison=comparison)
     return export_dir, {"size_bytes": report.file_bytes, "fp32_bytes": report.fp32_bytes,
                         "ratio_fp32": report.ratio_fp32, "export_dir": str(export_dir)}
+
+
+def find_tuned_model(source: str | os.PathLike) -> Path:
+    """The quantized model directory of a run, of its fine-tune stage, or ``source`` itself if it is one."""
+    root = Path(source)
+    candidates = (root, StageDir.of(root).model, RunDir(root).tuned_model)
+    for candidate in candidates:
+        if is_model_dir(candidate) and is_quantized(read_config(candidate)):
+            return candidate
+    raise ModelError(f"no quantized model found at {str(root)!r} (looked in {', '.join(map(str, candidates))}); "
+                     f"export the result of `gmpq finetune`")
+
+
+def export_run(
+    source: str | os.PathLike, save_dir: str | os.PathLike, *, format: str = "packed", name: str | None = None,
+    bops_input_size: int | None = None, repo_id: str | None = None,
+    figures: Mapping[str, str | os.PathLike] | None = None, comparison: Sequence[Mapping[str, Any]] = (),
+) -> ExportReport:
+    """Export the quantized model of a run (run dir, ``finetune`` stage dir or its ``model`` dir) — ``gmpq export``.
+
+    The card's top-1, dataset, split and image count are those the run measured (:func:`_measured_accuracy`); its
+    description states how the model was trained. ``figures`` and ``comparison`` go to the card as in
+    :func:`gmpq.save_pretrained`.
+    """
+    model_dir = find_tuned_model(source)
+    model = load_model_dir(model_dir)
+    cfg = read_config(model_dir)
+    stage = StageDir.holding(model_dir)
+    return save_pretrained(model, save_dir, format=format, name=name, bops_input_size=bops_input_size,
+                           description=_training_description(stage, cfg), repo_id=repo_id, figures=figures,
+                           comparison=comparison, data=cfg.get("data"), **_measured_accuracy(model_dir, stage, cfg))
+
+
+def _measured_accuracy(model_dir: Path, stage: StageDir | None, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Top-1 of the model in ``model_dir`` as its run measured it, with dataset, split and image count.
+
+    A held-out evaluation of this very model (the run's evaluate stage naming ``model_dir``) is preferred; else the
+    fine-tune stage's final evaluation. Empty when neither exists.
+    """
+    data = cfg.get("data") or {}
+    if stage is None:
+        return {}
+    evaluation = stage.run.evaluate.metrics
+    if evaluation.is_file():
+        ev = read_json(evaluation)
+        if isinstance(ev, dict) and ev.get("top1") is not None and ev.get("model_dir") and \
+                Path(ev["model_dir"]).resolve() == model_dir.resolve():
+            dataset = ev.get("dataset") or data.get("dataset")
+            return {"top1": ev["top1"], "dataset": dataset, "eval_split": _split_name(dataset, ev.get("split")),
+                    "eval_samples": ev.get("num_eval_samples")}
+    if not stage.finished:
+        return {}
+    metrics = read_json(stage.metrics)
+    if not isinstance(metrics, dict) or metrics.get("top1") is None:
+        return {}
+    return {"top1": metrics["top1"], "dataset": data.get("dataset"),
+            "eval_split": _split_name(data.get("dataset"), data.get("eval_split")),
+            "eval_samples": metrics.get("num_eval_samples")}
+
+
+def _split_name(dataset: str | None, split: str | None) -> str | None:
+    """``split``, or the dataset's default evaluation split when the run recorded none (or "default")."""
+    if split not in (None, "default") or not dataset:
+        return split
+    from gmpq.data import get_dataset_spec
+
+    return get_dataset_spec(dataset).eval_split
+
+
+def _training_description(stage: StageDir | None, cfg: Mapping[str, Any]) -> str | None:
+    metrics = read_json(stage.metrics) if stage is not None and stage.finished else None
+    if not isinstance(metrics, dict):
+        return None
+    facts = ["Quantization-aware fine-tuning by `gmpq finetune`"]
+    if cfg.get("recipe_name"):
+        facts.append(f"recipe `{cfg['recipe_name']}`")
+    if metrics.get("epochs") is not None:
+        facts.append(f"{metrics['epochs']} epochs")
+    if metrics.get("num_train_samples") is not None:
+        dataset = (cfg.get("data") or {}).get("dataset") or "its dataset"
+        facts.append(f"{metrics['num_train_samples']:,} training images of {dataset}")
+    if metrics.get("distill"):
+        facts.append(f"distillation weight {metrics['distill']}")
+    if metrics.get("float_checkpoint"):
+        facts.append(f"from the float model `{metrics['float_checkpoint']}`")
+    return ", ".join(facts) + "."
 
 
 def _figures(out: Path, uniform: dict[str, Any] | None) -> list[Path]:

@@ -12,9 +12,9 @@ import torch
 
 import gmpq
 from gmpq.cli import main
+from gmpq.hub import load_model_dir, write_model_dir
 from gmpq.pipeline import format_summary, run, target_recipe
 from gmpq.recipes import load_recipe
-from gmpq.train import save_float_model
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 ARCHS = {"mobilenetv2_100": 7.4, "resnet18": 15.3, "resnet50": 30.7}
@@ -48,7 +48,7 @@ def float_checkpoints(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("float")
     out = {}
     for arch in [*ARCHS, *(f"{a}_cifar" for a in ARCHS)]:
-        out[arch] = str(save_float_model(gmpq.create_model(arch, num_classes=10), root / arch))
+        out[arch] = str(write_model_dir(gmpq.create_model(arch, num_classes=10), root / arch))
     return out
 
 
@@ -100,11 +100,9 @@ def test_quickstart_writes_every_stage_summary_figures_and_export(quickstart_run
 
 
 def test_quickstart_export_loads_and_matches_the_fine_tuned_model(quickstart_run) -> None:
-    from gmpq.train import load_model
-
     _, result = quickstart_run
     exported = gmpq.from_pretrained(result.export_dir)
-    tuned = load_model(result.output_dir / "finetune" / "model").eval()
+    tuned = load_model_dir(result.output_dir / "finetune" / "model")
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(exported(x), tuned(x), atol=1e-5)

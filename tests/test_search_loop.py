@@ -15,9 +15,9 @@ import torch
 
 import gmpq
 from gmpq.cli import main
+from gmpq.hub import write_model_dir
 from gmpq.recipes import load_recipe
 from gmpq.search import bops_range, deployment_macs, search, search_space
-from gmpq.train import save_float_model
 from gmpq.viz import read_search_log
 
 ARCH, DEPLOY = "mobilenetv2_050_cifar", "mobilenetv2_050"
@@ -30,7 +30,7 @@ LOG_KEYS = {"epoch", "loss", "loss_ce", "loss_attr", "loss_complexity", "expecte
 def float_model(tmp_path_factory) -> str:
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("float") / "model"
-    save_float_model(gmpq.create_model(ARCH, num_classes=10), out)
+    write_model_dir(gmpq.create_model(ARCH, num_classes=10), out)
     return str(out)
 
 

@@ -8,12 +8,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import gmpq
 from gmpq.errors import CheckpointError, RecipeError
+from gmpq.hub import load_model_dir, read_state_dict, write_model_dir
 from gmpq.recipes import TrainConfig, load_recipe
 from gmpq.train import (
     CheckpointManager,
@@ -23,14 +24,9 @@ from gmpq.train import (
     distillation_loss,
     evaluate,
     init_from_checkpoint,
-    load_float_model,
-    load_model,
-    load_quantized_model,
     make_accelerator,
     model_size_mb,
     prepare_output_dir,
-    save_float_model,
-    save_quantized_model,
     write_metrics_json,
     write_run_info,
 )
@@ -124,49 +120,67 @@ def trained_like(model: nn.Module) -> nn.Module:
 
 def test_float_model_round_trip(tmp_path):
     model = trained_like(gmpq.create_model(ARCH, num_classes=10))
-    path = save_float_model(model, tmp_path / "m", extra={"data": {"dataset": "cifar10_embedded"}})
+    path = write_model_dir(model, tmp_path / "m", input_size=32, extra={"data": {"dataset": "cifar10_embedded"}})
     assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
     cfg = json.loads((path / "config.json").read_text())
-    assert cfg["format"] == "gmpq-float" and cfg["arch"] == ARCH and cfg["num_classes"] == 10
-    assert cfg["data"]["dataset"] == "cifar10_embedded"
+    assert cfg["format"] == "gmpq" and cfg["weights"] == "float" and cfg["arch"] == ARCH and cfg["num_classes"] == 10
+    assert cfg["data"]["dataset"] == "cifar10_embedded" and cfg["input_size"] == [3, 32, 32]
+    assert list(cfg["files"]) == ["model.safetensors"]  # no policy: a float model
     x = torch.randn(2, 3, 32, 32)
-    assert torch.equal(load_float_model(path)(x), model(x))
-    with pytest.raises(CheckpointError, match="holds a float model"):
-        load_quantized_model(path)
-    with pytest.raises(CheckpointError, match="quantized model; use save_quantized_model"):
-        save_float_model(gmpq.quantize(model, gmpq.uniform_policy(model, 4, 4)), tmp_path / "x")
+    rng = torch.get_rng_state()
+    loaded = gmpq.from_pretrained(path)
+    assert torch.equal(torch.get_rng_state(), rng), "loading leaves the caller's random numbers alone"
+    assert torch.equal(loaded(x), model(x)) and loaded.gmpq_input_size == 32
+    assert getattr(loaded, "gmpq_policy", None) is None
 
 
-def test_quantized_model_round_trip(tmp_path):
+def test_quantized_model_round_trip_keeps_the_training_state(tmp_path):
     model = trained_like(gmpq.create_model(ARCH, num_classes=10))
     gmpq.quantize(model, gmpq.uniform_policy(model, 3, 4))
     gmpq.calibrate(model, [torch.randn(8, 3, 32, 32)])
-    path = save_quantized_model(model, tmp_path / "q")
+    path = write_model_dir(model, tmp_path / "q")
     assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors", "policy.json"]
-    loaded = load_quantized_model(path)
+    loaded = load_model_dir(path)
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(loaded(x), model.eval()(x))
     assert loaded.gmpq_policy.layers == model.gmpq_policy.layers
-    with pytest.raises(CheckpointError, match="holds a quantized model"):
-        load_float_model(path)
+    stored = load_file(str(path / "model.safetensors"))
+    assert all(torch.equal(stored[k], v) for k, v in model.state_dict().items())  # latent weights, as trained
 
 
 def test_model_directory_errors(tmp_path):
     model = gmpq.create_model(ARCH, num_classes=10)
-    path = save_float_model(model, tmp_path / "m")
+    path = write_model_dir(model, tmp_path / "m")
     with pytest.raises(CheckpointError, match="not a gmpq model directory"):
-        load_model(tmp_path)
+        load_model_dir(tmp_path)
     (path / "model.safetensors").write_bytes(b"truncated")
-    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
-        load_model(path)
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_model_dir(path)
     (path / "config.json").write_text(json.dumps({"format": "pickle", "arch": ARCH}))
-    with pytest.raises(CheckpointError, match="unknown format"):
-        load_model(path)
-    other = save_float_model(gmpq.create_model(ARCH, num_classes=5), tmp_path / "o")
+    with pytest.raises(CheckpointError, match="not a gmpq model config"):
+        load_model_dir(path)
+    other = write_model_dir(gmpq.create_model(ARCH, num_classes=5), tmp_path / "o")
     cfg = json.loads((other / "config.json").read_text())
-    (other / "config.json").write_text(json.dumps({**cfg, "num_classes": 10}))
-    with pytest.raises(CheckpointError, match="do not fit test_resnet"):
-        load_model(other)
+    (other / "config.json").write_text(json.dumps({**cfg, "model_kwargs": {"num_classes": 10, "in_chans": 3}}))
+    with pytest.raises(CheckpointError, match=r"'fc\.(weight|bias)'.*shape \[5.*needs \[10"):
+        load_model_dir(other)
+
+
+def test_directories_of_gmpq_0_1_training_stages_still_load(tmp_path):
+    """Format version 0: config 'gmpq-float' / 'gmpq-quantized', a plain state dict, no file hashes."""
+    model = trained_like(gmpq.create_model(ARCH, num_classes=10))
+    gmpq.quantize(model, gmpq.uniform_policy(model, 4, 4))
+    gmpq.calibrate(model, [torch.randn(8, 3, 32, 32)])
+    old = tmp_path / "finetune" / "model"
+    old.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(old / "model.safetensors"),
+              metadata={"format": "pt"})
+    model.gmpq_policy.save(old / "policy.json")
+    (old / "config.json").write_text(json.dumps({"schema_version": 1, "format": "gmpq-quantized", "arch": ARCH,
+                                                 "num_classes": 10, "input_size": 32}))
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(load_model_dir(old)(x), model.eval()(x))
+    assert read_state_dict(old).keys() == model.state_dict().keys()
 
 
 def test_init_from_checkpoint_sources(tmp_path):
@@ -174,7 +188,7 @@ def test_init_from_checkpoint_sources(tmp_path):
     state = source.state_dict()
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "w.safetensors"))
     torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "w.pth")
-    save_float_model(source, tmp_path / "run" / "pretrain" / "model")
+    write_model_dir(source, tmp_path / "run" / "pretrain" / "model")
     for src in (tmp_path / "w.safetensors", tmp_path / "w.pth", tmp_path / "run"):
         target = gmpq.create_model(ARCH, num_classes=10)
         report = init_from_checkpoint(target, str(src))

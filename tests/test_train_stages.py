@@ -48,7 +48,8 @@ def test_pretrain_writes_its_directory(pretrained):
     assert load_recipe(stage / "recipe.yaml").model.arch == "test_resnet"
     assert json.loads((stage / "env.json").read_text())["world_size"] == 1
     assert [p.name for p in sorted((stage / "checkpoints").iterdir())] == ["epoch_0001", "epoch_0002"]
-    assert json.loads((stage / "model" / "config.json").read_text())["format"] == "gmpq-float"
+    config = json.loads((stage / "model" / "config.json").read_text())
+    assert config["format"] == "gmpq" and list(config["files"]) == ["model.safetensors"]  # a float model
 
 
 def test_finetune_with_distillation_then_evaluate_reloads_the_same_model(pretrained):

@@ -3,12 +3,14 @@ timm's registry, and the structural role of every quantizable layer."""
 
 from gmpq.models.adapter import (
     ModelDataConfig,
+    ModelSignature,
     classifier,
     create_model,
     default_input_size,
     gap_linear_classifier,
     kept_layer_names,
     model_data_config,
+    model_signature,
     quantizable_layers,
     quantize,
     replace_layers,
@@ -18,7 +20,7 @@ from gmpq.models.adapter import (
 from gmpq.models.cifar import base_arch, list_cifar_variants
 
 __all__ = [
-    "ModelDataConfig", "base_arch", "classifier", "create_model", "default_input_size", "gap_linear_classifier",
-    "kept_layer_names", "list_cifar_variants", "model_data_config", "quantizable_layers", "quantize",
-    "replace_layers", "searchable_layer_names", "uniform_policy",
+    "ModelDataConfig", "ModelSignature", "base_arch", "classifier", "create_model", "default_input_size",
+    "gap_linear_classifier", "kept_layer_names", "list_cifar_variants", "model_data_config", "model_signature",
+    "quantizable_layers", "quantize", "replace_layers", "searchable_layer_names", "uniform_policy",
 ]

@@ -145,6 +145,33 @@ def model_data_config(model_or_arch: nn.Module | str) -> ModelDataConfig:
     return ModelDataConfig(int(cfg["input_size"][-1]), tuple(cfg["mean"]), tuple(cfg["std"]))
 
 
+@dataclass(frozen=True)
+class ModelSignature:
+    """What rebuilds a network (``create_model(arch, num_classes=, in_chans=)``) and what it is fed."""
+
+    arch: str
+    num_classes: int
+    in_chans: int
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def model_signature(model: nn.Module) -> ModelSignature:
+    """The :class:`ModelSignature` of a model made by :func:`create_model` (or any timm model)."""
+    arch = getattr(model, "gmpq_arch", None) or (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    if not arch:
+        raise ModelError("cannot tell the model's architecture: create it with gmpq.create_model(name, ...) so that "
+                         "it carries gmpq_arch")
+    num_classes = getattr(model, "num_classes", None)
+    if not isinstance(num_classes, int):
+        raise ModelError(f"cannot tell the number of classes of {arch!r}: expected a timm model with num_classes")
+    first = next(iter(quantizable_layers(model).values()))
+    in_chans = first.in_channels if isinstance(first, nn.Conv2d) else first.in_features
+    data = model_data_config(model)
+    return ModelSignature(arch, num_classes, in_chans, default_input_size(model), data.mean, data.std)
+
+
 def default_input_size(model: nn.Module) -> int:
     """The model's native input resolution (``gmpq_input_size``, else :func:`model_data_config`)."""
     size = getattr(model, "gmpq_input_size", None)

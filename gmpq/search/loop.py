@@ -47,6 +47,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gmpq.errors import RecipeError
+from gmpq.hub import is_model_dir
+from gmpq.hub.format import read_config as read_model_config
 from gmpq.models import base_arch, create_model
 from gmpq.policy import Policy
 from gmpq.quant import calibrate
@@ -72,8 +74,6 @@ from gmpq.train import (
     init_from_checkpoint,
     make_accelerator,
     prepare_output_dir,
-    read_model_config,
-    resolve_model_dir,
     write_metrics_json,
     write_run_info,
 )
@@ -326,7 +326,7 @@ def _float_sources(recipe: Recipe, strategy: Strategy) -> tuple[str | None, str 
     """(student initialisation, teacher) float weights; see the module docstring for the order of precedence."""
     own = stage_dir(recipe, "pretrain") / "model"
     pretrained_run = None
-    if resolve_model_dir(own) is not None and read_model_config(own).get("arch") == recipe.model.arch:
+    if is_model_dir(own) and read_model_config(own).get("arch") == recipe.model.arch:
         pretrained_run = str(own)
     student = recipe.model.checkpoint or recipe.search.teacher or pretrained_run
     teacher = recipe.search.teacher or recipe.model.checkpoint or pretrained_run

@@ -5,9 +5,8 @@ Modules (one concept each):
 * :mod:`gmpq.train.engine` — ``make_accelerator``, ``build_optimizer``, ``build_scheduler``, ``evaluate`` (top-1/top-5
   with ``gather_for_metrics``), ``train_one_epoch``, ``fit`` (epochs, logging, per-epoch checkpoints, resume).
 * :mod:`gmpq.train.loaders` — ``build_dataloaders`` (global batches, split across processes), ``calibration_batches``.
-* :mod:`gmpq.train.checkpoint` — ``CheckpointManager`` (atomic ``save_state`` per epoch), ``save_float_model`` /
-  ``load_float_model``, ``save_quantized_model`` / ``load_quantized_model`` / ``load_model`` (safetensors + JSON),
-  ``init_from_checkpoint``.
+* :mod:`gmpq.train.checkpoint` — ``CheckpointManager`` (atomic ``save_state`` per epoch), ``init_from_checkpoint``,
+  ``find_model_dir``.
 * :mod:`gmpq.train.runlog` — ``MetricsLogger`` (JSONL + CSV per epoch), ``write_metrics_json``, ``write_run_info``
   (resolved recipe + environment), ``prepare_output_dir`` (resume / force rules).
 * :mod:`gmpq.train.losses` — ``distillation_loss``.
@@ -22,17 +21,7 @@ A stage written elsewhere (e.g. the search) reuses the same blocks::
     metrics = evaluate(model, accelerator.prepare(loaders.eval), accelerator)
 """
 
-from gmpq.train.checkpoint import (
-    CheckpointManager,
-    init_from_checkpoint,
-    load_float_model,
-    load_model,
-    load_quantized_model,
-    read_model_config,
-    resolve_model_dir,
-    save_float_model,
-    save_quantized_model,
-)
+from gmpq.train.checkpoint import CheckpointManager, find_model_dir, init_from_checkpoint
 from gmpq.train.engine import (
     FitResult,
     build_optimizer,
@@ -52,11 +41,9 @@ from gmpq.train.stages import evaluate as evaluate_stage
 from gmpq.train.stages import finetune, model_size_mb, policy_bops, pretrain, resolve_policy, stage_dir
 
 __all__ = [
-    "CheckpointManager", "FitResult", "Loaders", "MetricsLogger", "build_dataloaders",
-    "build_optimizer", "build_scheduler", "calibration_batches", "cross_entropy_loss", "distillation_loss",
-    "environment", "evaluate", "evaluate_stage", "finetune", "fit", "init_from_checkpoint", "load_float_model",
-    "load_model", "load_quantized_model", "make_accelerator", "model_size_mb",
-    "optimizer_steps_per_epoch", "policy_bops", "prepare_output_dir", "pretrain", "process_state", "read_model_config",
-    "resolve_model_dir", "resolve_policy", "save_float_model", "save_quantized_model", "stage_dir",
-    "train_one_epoch", "write_metrics_json", "write_run_info",
+    "CheckpointManager", "FitResult", "Loaders", "MetricsLogger", "build_dataloaders", "build_optimizer",
+    "build_scheduler", "calibration_batches", "cross_entropy_loss", "distillation_loss", "environment", "evaluate",
+    "evaluate_stage", "find_model_dir", "finetune", "fit", "init_from_checkpoint", "make_accelerator",
+    "model_size_mb", "optimizer_steps_per_epoch", "policy_bops", "prepare_output_dir", "pretrain", "process_state",
+    "resolve_policy", "stage_dir", "train_one_epoch", "write_metrics_json", "write_run_info",
 ]

@@ -33,17 +33,13 @@ from torch import nn
 
 from gmpq.complexity import count_bops
 from gmpq.errors import CheckpointError, RecipeError
+from gmpq.hub import is_model_dir, load_model_dir, resolve_model_dir, write_model_dir
+from gmpq.hub.format import is_quantized
+from gmpq.hub.format import read_config as read_model_config
 from gmpq.models import base_arch, create_model, quantize, uniform_policy
 from gmpq.policy import LayerBits, Policy, as_policy
 from gmpq.quant import QuantMixin, calibrate
-from gmpq.train.checkpoint import (
-    init_from_checkpoint,
-    load_model,
-    read_model_config,
-    resolve_model_dir,
-    save_float_model,
-    save_quantized_model,
-)
+from gmpq.train.checkpoint import find_model_dir, init_from_checkpoint
 from gmpq.train.engine import evaluate as evaluate_loader
 from gmpq.train.engine import fit, make_accelerator
 from gmpq.train.loaders import build_dataloaders, calibration_batches
@@ -80,7 +76,7 @@ def pretrain(recipe: Recipe) -> dict[str, Any]:
     result = fit(model, loaders.train, loaders.eval, recipe.pretrain, accelerator, out, resume=recipe.resume,
                  stage="pretrain")
     if accelerator.is_main_process:
-        save_float_model(model, out / "model", extra=_data_extra(recipe, loaders.input_size))
+        write_model_dir(model, out / "model", input_size=loaders.input_size, extra=_data_extra(recipe))
     metrics = {
         **_accuracy(result.final), "stage": "pretrain", "arch": recipe.model.arch, "precision": "float",
         "epochs": recipe.pretrain.epochs, "resumed_from_epoch": result.resumed_from,
@@ -130,7 +126,7 @@ def finetune(recipe: Recipe, policy: Policy | str | os.PathLike | None = None) -
     result = fit(model, loaders.train, loaders.eval, cfg, accelerator, out, resume=recipe.resume, loss_fn=loss_fn,
                  stage="finetune", extra_modules=[teacher] if teacher is not None else [])
     if accelerator.is_main_process:
-        save_quantized_model(model, out / "model", extra=_data_extra(recipe, loaders.input_size))
+        write_model_dir(model, out / "model", input_size=loaders.input_size, extra=_data_extra(recipe))
     w_mean, a_mean = pol.mean_bits
     metrics = {
         **_accuracy(result.final), "stage": "finetune", "arch": recipe.model.arch, "precision": "quantized",
@@ -170,7 +166,7 @@ def _float_source(recipe: Recipe) -> str | None:
     if recipe.model.checkpoint:
         return recipe.model.checkpoint
     own = stage_dir(recipe, "pretrain") / "model"
-    if resolve_model_dir(own) is not None and read_model_config(own).get("arch") == recipe.model.arch:
+    if is_model_dir(own) and read_model_config(own).get("arch") == recipe.model.arch:
         return str(own)
     if recipe.model.pretrained:
         return None
@@ -189,7 +185,7 @@ def evaluate(target: Recipe | str | os.PathLike, overrides: list[str] | tuple[st
     recipe, model_dir = _evaluation_target(target, list(overrides))
     accelerator = make_accelerator(recipe, None)
     t0 = time.perf_counter()
-    model = load_model(model_dir)
+    model = load_model_dir(model_dir)
     cfg = read_model_config(model_dir)
     loaders = build_dataloaders(recipe, accelerator, train=False, eval_split=recipe.evaluate.split,
                                 eval_batch_size=recipe.evaluate.batch_size)
@@ -225,28 +221,31 @@ def _evaluation_target(target: Recipe | str | os.PathLike, overrides: list[str])
     if path.is_file():
         return _model_of_run(load_recipe(path, overrides))
     if not path.is_dir():
-        raise CheckpointError(f"nothing to evaluate at {str(path)!r}: give a recipe YAML, a run directory or a model "
-                              f"directory")
+        path = resolve_model_dir(target)  # hub/<name> of the gmpq checkout, or a Hugging Face Hub repo id
     for stage in ("finetune", "pretrain"):
-        if resolve_model_dir(path / stage) is not None and (path / stage / "recipe.yaml").exists():
+        if find_model_dir(path / stage) is not None and (path / stage / "recipe.yaml").exists():
             return load_recipe(path / stage / "recipe.yaml", overrides), path / stage / "model"
     if (path / "model").is_dir() and (path / "recipe.yaml").exists():
         return load_recipe(path / "recipe.yaml", overrides), path / "model"
-    model_dir = resolve_model_dir(path)
+    model_dir = find_model_dir(path)
     if model_dir is None:
         raise CheckpointError(f"{str(path)!r} holds no gmpq model (config.json + model.safetensors) or run")
     if (model_dir.parent / "recipe.yaml").exists():
         return load_recipe(model_dir.parent / "recipe.yaml", overrides), model_dir
     cfg = read_model_config(model_dir)
-    data = cfg.get("data") or {}
+    metrics = cfg.get("metrics") or {}  # an export made outside a run records where it was measured
+    data = cfg.get("data") or {"dataset": metrics.get("dataset"), "eval_split": metrics.get("eval_split")}
     base = [f"model.arch={cfg['arch']}", f"output_dir={Path('runs') / ('evaluate-' + model_dir.resolve().name)}"]
     base += [f"data.{k}={json.dumps(v)}" for k, v in data.items() if v is not None]
+    if is_quantized(cfg):  # BOPs where the policy states them: its deployment arch and resolution
+        policy = Policy.load(model_dir / "policy.json")
+        base += [f"model.deploy_arch={policy.arch}", f"model.deploy_input_size={policy.input_size}"]
     return load_recipe(None, base + overrides), model_dir
 
 
 def _model_of_run(recipe: Recipe) -> tuple[Recipe, Path]:
     for stage in ("finetune", "pretrain"):
-        d = resolve_model_dir(stage_dir(recipe, stage) / "model")
+        d = find_model_dir(stage_dir(recipe, stage) / "model")
         if d is not None:
             return recipe, d
     raise CheckpointError(f"run {recipe.output_dir!r} has no trained model yet (no finetune/model or pretrain/model); "
@@ -288,9 +287,9 @@ def _accuracy(result: dict[str, float]) -> dict[str, float]:
     return {"top1": result["top1"], "top5": result["top5"], "loss": result["loss"]}
 
 
-def _data_extra(recipe: Recipe, input_size: int) -> dict[str, Any]:
+def _data_extra(recipe: Recipe) -> dict[str, Any]:
     d = recipe.data
-    return {"input_size": input_size, "recipe_name": recipe.name,
+    return {"recipe_name": recipe.name,
             "data": {"dataset": d.dataset, "path": d.path, "train_split": d.train_split, "eval_split": d.eval_split,
                      "input_size": d.input_size}}
 
