@@ -9,7 +9,9 @@ The public API, one import away::
     gmpq.pretrain(recipe); gmpq.finetune(recipe); gmpq.evaluate(recipe); gmpq.run(recipe)   # the other stages
 """
 
-from gmpq import search  # a callable package: gmpq.search(recipe) runs the search stage
+import types
+
+from gmpq import search  # the search core's package, made callable below: gmpq.search(recipe) runs the stage
 from gmpq.complexity import BopsReport, count_bops, expected_bops, layer_macs
 from gmpq.errors import (
     BudgetError,
@@ -48,8 +50,19 @@ __all__ = [
 ]
 
 #: Stages and the pipeline, imported on first use (they pull in accelerate and datasets).
-_LAZY = {"pretrain": "gmpq.train.stages", "finetune": "gmpq.train.stages", "evaluate": "gmpq.train.stages",
-         "run": "gmpq.pipeline"}
+_LAZY = {"pretrain": "gmpq.stages", "finetune": "gmpq.stages", "evaluate": "gmpq.stages", "run": "gmpq.pipeline"}
+
+
+class _SearchPackage(types.ModuleType):
+    """The type of :mod:`gmpq.search`: the search core's package, which calling runs the search stage."""
+
+    def __call__(self, recipe, attribution="auto"):  # noqa: ANN001, ANN204 — the signature of gmpq.stages.search
+        from gmpq.stages import search as search_stage
+
+        return search_stage(recipe, attribution)
+
+
+search.__class__ = _SearchPackage
 
 
 def __getattr__(name: str):

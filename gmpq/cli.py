@@ -167,7 +167,7 @@ def _print_metrics(metrics: dict, as_json: bool) -> None:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     """``gmpq pretrain RECIPE [key=value ...]``: full-precision training (the search's teacher)."""
     from gmpq.recipes import load_recipe
-    from gmpq.train import pretrain
+    from gmpq.stages import pretrain
 
     _print_metrics(pretrain(load_recipe(args.recipe, args.overrides)), args.json)
     return 0
@@ -176,7 +176,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     """``gmpq finetune RECIPE [key=value ...]``: calibrate and quantization-aware fine-tune a policy."""
     from gmpq.recipes import load_recipe
-    from gmpq.train import finetune
+    from gmpq.stages import finetune
 
     _print_metrics(finetune(load_recipe(args.recipe, args.overrides)), args.json)
     return 0
@@ -185,7 +185,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     """``gmpq search RECIPE [key=value ...]``: mixed-precision search under ``search.budget_g``; writes policy.json."""
     from gmpq.recipes import load_recipe
-    from gmpq.search import search
+    from gmpq.stages import search
 
     metrics = search(load_recipe(args.recipe, args.overrides))
     if args.json:
@@ -203,9 +203,9 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``gmpq evaluate RECIPE|DIR [key=value ...]``: top-1/top-5, BOPs and size of a run's or a directory's model."""
-    from gmpq.train import evaluate_stage
+    from gmpq.stages import evaluate
 
-    _print_metrics(evaluate_stage(args.target, args.overrides), args.json)
+    _print_metrics(evaluate(args.target, args.overrides), args.json)
     return 0
 
 

@@ -63,6 +63,9 @@ class StageDir:
     path: Path
     kind: str = "train"
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
     @classmethod
     def of(cls, directory: str | os.PathLike | StageDir) -> StageDir:
         """``directory`` as a StageDir (a plain path: a stand-alone training run)."""
@@ -132,12 +135,15 @@ class RunDir:
 
     root: Path
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
     @classmethod
     def of(cls, recipe_or_dir: Recipe | str | os.PathLike) -> RunDir:
         """The run directory of a recipe (its ``output_dir``) or at a path."""
         if isinstance(recipe_or_dir, (str, os.PathLike)):
-            return cls(Path(recipe_or_dir))
-        return cls(Path(recipe_or_dir.output_dir))
+            return cls(recipe_or_dir)
+        return cls(recipe_or_dir.output_dir)
 
     def stage(self, name: str) -> StageDir:
         if name not in STAGES:

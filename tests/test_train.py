@@ -16,6 +16,7 @@ import gmpq
 from gmpq.errors import CheckpointError, RecipeError
 from gmpq.hub import load_model_dir, read_state_dict, write_model_dir
 from gmpq.recipes import TrainConfig, load_recipe
+from gmpq.stages import model_size_mb
 from gmpq.train import (
     CheckpointManager,
     MetricsLogger,
@@ -25,7 +26,6 @@ from gmpq.train import (
     evaluate,
     init_from_checkpoint,
     make_accelerator,
-    model_size_mb,
     prepare_output_dir,
     write_metrics_json,
     write_run_info,
@@ -337,3 +337,57 @@ def test_freeze_bn_keeps_running_statistics(tmp_path):
 def test_divergence_stops_with_a_clear_error(tmp_path):
     with pytest.raises(RecipeError, match="training diverged.*lower the learning rate.*freeze_bn"):
         _fit_linear(tmp_path, "boom", lr=1e30, epochs=3)
+
+
+def test_a_training_step_sees_every_optimizer_step_and_keeps_its_state_across_resume(tmp_path):
+    """The step hook of the one loop: optimizers and schedules over the total step count, on_step_end after each
+    optimizer step (not after accumulating batches), its state in every checkpoint, a named lr per optimizer."""
+    from gmpq.train import Progress, ScheduledOptimizer, StepOutput, TrainingStep, fit, lr_factor
+
+    class Recorder(TrainingStep):
+        def __init__(self):
+            self.seen: list[Progress] = []
+            self.counter = 0
+
+        def configure_optimizers(self, model, steps_per_epoch, total_steps):
+            self.total = total_steps
+            opt_a = torch.optim.SGD([model.weight], lr=0.1)
+            opt_b = torch.optim.Adam([model.bias], lr=0.01)
+            cosine = lr_factor("cosine", steps_per_epoch, total_steps)
+            return [ScheduledOptimizer("w", opt_a, torch.optim.lr_scheduler.LambdaLR(opt_a, cosine)),
+                    ScheduledOptimizer("b", opt_b, torch.optim.lr_scheduler.LambdaLR(opt_b, cosine))]
+
+        def __call__(self, model, images, labels):
+            logits = model(images)
+            loss = F.cross_entropy(logits, labels)
+            return StepOutput(loss, logits, {"loss": loss})
+
+        def on_step_end(self, out, progress):
+            self.seen.append(progress)
+            self.counter += 1
+
+        def epoch_summary(self):
+            return {"counter": self.counter}
+
+        def state_dict(self):
+            return {"counter": self.counter}
+
+        def load_state_dict(self, state):
+            self.counter = state["counter"]
+
+    x, y = torch.randn(32, 5), torch.randint(0, 3, (32,))
+    cfg = TrainConfig(epochs=2, grad_accum=2)
+    loader = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True, drop_last=True)
+    step = Recorder()
+    result = fit(nn.Linear(5, 3), loader, None, cfg, make_accelerator(recipe(tmp_path), cfg), tmp_path / "s",
+                 step=step)
+    assert step.total == 8 and [p.step for p in step.seen] == list(range(1, 9))  # 8 batches / 2 per step, 2 epochs
+    assert [p.epoch for p in step.seen] == [0] * 4 + [1] * 4 and step.seen[-1].fraction == 1.0
+    assert [r["counter"] for r in result.history] == [4, 8] and result.final == {}
+    assert set(result.history[0]) == {"epoch", "loss", "train_top1", "lr_w", "lr_b", "steps", "counter", "epoch_s"}
+    assert result.history[0]["lr_w"] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 3 / 8)))
+    resumed = Recorder()
+    cfg3 = TrainConfig(epochs=3, grad_accum=2)
+    again = fit(nn.Linear(5, 3), loader, None, cfg3, make_accelerator(recipe(tmp_path), cfg3), tmp_path / "s",
+                step=resumed, resume=True)
+    assert again.resumed_from == 2 and resumed.counter == 12 and [p.step for p in resumed.seen] == [9, 10, 11, 12]

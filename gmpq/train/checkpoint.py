@@ -23,6 +23,7 @@ from torch import nn
 
 from gmpq.errors import CheckpointError
 from gmpq.hub import is_model_dir, read_state_dict
+from gmpq.hub.format import is_quantized, read_config
 from gmpq.rundir import RunDir, StageDir
 from gmpq.utils import atomic_write_text
 
@@ -98,11 +99,13 @@ class CheckpointManager:
 
 
 # ------------------------------------------------------------------------------------------------ initialisation
-def find_model_dir(path: str | os.PathLike) -> Path | None:
-    """The gmpq model directory at ``path``: itself, a stage's ``model/`` or a run's float model; else None."""
+def find_model_dir(path: str | os.PathLike, quantized: bool | None = None) -> Path | None:
+    """The gmpq model directory ``path`` means: itself, a stage directory's model, or a run's model (the fine-tuned
+    one, then the float one) — the first of those that exists and, unless ``quantized`` is None, is quantized or
+    float as asked. None when there is none."""
     p = Path(path)
-    for candidate in (p, StageDir.of(p).model, RunDir(p).float_model):
-        if is_model_dir(candidate):
+    for candidate in (p, StageDir.of(p).model, *RunDir(p).trained_models):
+        if is_model_dir(candidate) and quantized in (None, is_quantized(read_config(candidate))):
             return candidate
     return None
 
@@ -110,11 +113,11 @@ def find_model_dir(path: str | os.PathLike) -> Path | None:
 def init_from_checkpoint(model: nn.Module, source: str) -> dict[str, list[str]]:
     """Copy float weights from ``source`` into ``model`` where names and shapes match; return what was skipped.
 
-    ``source``: a gmpq model or run directory, a ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin`` state-dict file,
-    or a Hub model id (``timm/resnet18.a1_in1k``, optionally prefixed ``hf-hub:``) whose ``model.safetensors`` is
-    fetched (or read from the Hub cache). Weights with a different shape (e.g. a classifier with another class count
-    or the 3x3 stem of a CIFAR variant) are skipped and reported; a source sharing no weight with the model raises
-    :class:`CheckpointError`.
+    ``source``: a float gmpq model directory (or a run or stage holding one), a ``.safetensors`` / ``.pth`` / ``.pt`` /
+    ``.bin`` state-dict file, or a Hub model id (``timm/resnet18.a1_in1k``, optionally prefixed ``hf-hub:``) whose
+    ``model.safetensors`` is fetched (or read from the Hub cache). Weights with a different shape (e.g. a classifier
+    with another class count or the 3x3 stem of a CIFAR variant) are skipped and reported; a source sharing no weight
+    with the model raises :class:`CheckpointError`.
     """
     state = _state_dict_from(source)
     own = model.state_dict()
@@ -134,11 +137,12 @@ def init_from_checkpoint(model: nn.Module, source: str) -> dict[str, list[str]]:
 
 def _state_dict_from(source: str) -> dict[str, torch.Tensor]:
     path = Path(source).expanduser()
-    model_dir = find_model_dir(path) if path.is_dir() else None
+    model_dir = find_model_dir(path, quantized=False) if path.is_dir() else None
     if model_dir is not None:
         return read_state_dict(model_dir)
     if path.is_dir():
-        raise CheckpointError(f"{source!r} is a directory without a gmpq model (config.json + model.safetensors)")
+        raise CheckpointError(f"{source!r} is a directory without a float gmpq model (a model directory, or a run or "
+                              "stage holding one)")
     if path.is_file():
         if path.suffix == ".safetensors":
             try:

@@ -16,7 +16,8 @@ import gmpq
 from gmpq.cli import main
 from gmpq.errors import CheckpointError, PolicyError, RecipeError
 from gmpq.recipes import load_recipe
-from gmpq.train import evaluate_stage, finetune, pretrain
+from gmpq.stages import evaluate as evaluate_stage
+from gmpq.stages import finetune, pretrain
 from gmpq.train.checkpoint import CheckpointManager
 
 TINY = ["model.arch=test_resnet", "data.input_size=32", "data.batch_size=16", "data.max_train_samples=64",
