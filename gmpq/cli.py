@@ -78,13 +78,12 @@ def cmd_bops(args: argparse.Namespace) -> int:
 
 def cmd_backbones(args: argparse.Namespace) -> int:
     """``gmpq backbones``: the CIFAR variants gmpq registers in timm (any other timm name works too)."""
-    import timm
-
     from gmpq.models import base_arch, list_cifar_variants, model_data_config
+    from gmpq.models.cifar import VARIANTS
 
     for name in list_cifar_variants():
         size = model_data_config(name).input_size
-        print(f"{name:<24} base={base_arch(name):<18} input={size:<4} {timm.get_pretrained_cfg(name).description}")
+        print(f"{name:<24} base={base_arch(name):<18} input={size:<4} {VARIANTS[name][1]}")
     return 0
 
 

@@ -78,3 +78,12 @@ def test_32_bit_policy_reproduces_the_float_model_exactly() -> None:
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(quantized(x), float_model(x))
+
+
+def test_gmpq_backbones_lists_the_cifar_variants(capsys) -> None:
+    from gmpq.cli import main
+
+    assert main(["backbones"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == gmpq.list_cifar_variants()
+    assert "base=mobilenetv2_050" in lines[0] and "input=32" in lines[0]
