@@ -21,8 +21,9 @@ Steps (single process, or every process under ``torchrun`` / ``accelerate launch
    conv/linear weights only) and SGD on the architecture logits (``search.lr_alpha``, momentum,
    ``search.alpha_weight_decay``); both learning rates decay by ``gamma`` every ``step_size`` epochs. The budget
    multiplier is updated after each optimizer step. ``search.grad_accum``, ``search.max_grad_norm`` (over weights and
-   logits together) and ``search.mixed_precision`` work as in the other stages; the supernet is not evaluated per
-   epoch.
+   logits together) and ``search.mixed_precision`` work as in the other stages (bf16 on a GPU: the supernet's forward
+   under the accelerator's autocast, the frozen teacher in bf16 under inference mode, the loss terms in float32);
+   the supernet is not evaluated per epoch.
 5. After each epoch: a record in ``search_log.jsonl`` (and its scalar columns in ``search_log.csv``) and an atomic
    checkpoint (``checkpoints/epoch_NNNN``: weights, alphas, both optimizers and schedules, RNG states, the budget
    multiplier, the log) — ``resume=true`` continues from it and reaches the same result as an uninterrupted run.
@@ -243,7 +244,9 @@ def _search_supernet(recipe: Recipe, run_recipe: Recipe, strategy: Strategy, mod
         teacher_model = copy.deepcopy(model)
         if teacher_source != student_source:
             init_from_checkpoint(teacher_model, teacher_source)
-        teacher = AttributionModel(teacher_model, attribution).freeze()
+        # under bf16 the frozen teacher runs in bf16 too (inference mode); the student through the accelerator
+        teacher = AttributionModel(teacher_model, attribution).freeze(
+            torch.bfloat16 if accelerator.mixed_precision == "bf16" else None)
     loaders = build_dataloaders(run_recipe, accelerator)
     build_supernet(model, space)
     batches = calibration_batches(run_recipe, CALIBRATION_BATCHES, accelerator)
