@@ -96,7 +96,8 @@ def _binary_inputs(tmp_path):
     (tmp_path / "garbage.yaml").write_bytes(BINARY)
     for name in ("model", "export", "run", "log"):
         (tmp_path / name).mkdir()
-    (tmp_path / "model" / "config.json").write_bytes(BINARY)
+    for f in ("config.json", "model.safetensors"):
+        (tmp_path / "model" / f).write_bytes(BINARY)
     for f in ("config.json", "policy.json", "model.safetensors"):
         (tmp_path / "export" / f).write_bytes(BINARY)
     (tmp_path / "run" / "metrics.json").write_bytes(BINARY)
