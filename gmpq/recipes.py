@@ -137,6 +137,9 @@ class SearchConfig:
     p: float | str = _f(3.0, doc="capacity-aware exponent p, or 'auto'")
     kappa: float = _f(24.0, gt=0, doc="kappa of the capacity-aware attribution loss")
     teacher: str | None = _f(None, doc="float teacher checkpoint; None = the pretrain output")
+    pretrained_teacher: bool = _f(False, doc="allow timm's pretrained weights (model.pretrained) as the attribution "
+                                             "teacher when no float model was trained on the proxy; their "
+                                             "classifier never saw the proxy's classes")
     max_steps: int | None = _f(None, gt=0, doc="stop each epoch after N batches (smoke tests)")
     grad_accum: int = _f(1, gt=0, doc="gradient accumulation steps (both optimizers step every N batches)")
     mixed_precision: Literal["no", "bf16"] = _f("no", doc="bf16 autocast of the supernet (GPU); 'no' = float32")
