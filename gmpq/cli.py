@@ -216,6 +216,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recipes(args: argparse.Namespace) -> int:
+    """``gmpq recipes``: the recipes shipped inside gmpq, by name, with their first comment line."""
+    from gmpq.recipes import packaged_recipes, recipe_description
+
+    recipes = {name: recipe_description(path) for name, path in packaged_recipes().items()}
+    if args.json:
+        print(json.dumps([{"name": name, "description": text} for name, text in recipes.items()], indent=2))
+        return 0
+    width = max(map(len, recipes))
+    for name, text in recipes.items():
+        print(f"{name:<{width}}  {text}")
+    print(f"run one by name: gmpq run {next(iter(recipes))} [key=value ...]; a YAML path works as well")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """``gmpq run RECIPE [key=value ...]``: pretrain -> search -> finetune -> evaluate -> export, one directory."""
     from gmpq.pipeline import format_summary, run
@@ -272,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bops-input-size", type=_positive_int, help="resolution for BOPs (default: the model's native)")
     p.add_argument("--repo-id", help="id in the card's loading snippet (default: the --out path)")
     p.add_argument("--json", action="store_true", help="print the export report as JSON")
+    p = verb("recipes", cmd_recipes, "list the recipes shipped inside gmpq (run one by name: gmpq run quickstart)")
+    p.add_argument("--json", action="store_true", help="print one JSON list")
     p = verb("hub", cmd_hub, "the local hub: list its models, or rebuild its index")
     p.add_argument("action", choices=("list", "index"), help="list: print the index; index: rebuild it")
     p.add_argument("--hub", metavar="DIR", help="hub folder (default: ./hub, else the gmpq checkout's hub/)")
@@ -286,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "evaluate":
             p.add_argument("target", metavar="RECIPE|DIR", help="recipe YAML, run/stage directory or model directory")
         else:
-            p.add_argument("recipe", metavar="RECIPE", help="recipe YAML file")
+            p.add_argument("recipe", metavar="RECIPE", help="recipe YAML file, or a packaged recipe's name "
+                                                            "(gmpq recipes)")
         p.add_argument("overrides", nargs="*", metavar="key=value",
                        help="recipe overrides, e.g. finetune.epochs=1 output_dir=runs/try1")
         p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")

@@ -9,13 +9,18 @@ raises :class:`~gmpq.errors.RecipeError` naming the dotted key (``finetune.lr``)
 valid one. Any field can be overridden as ``dotted.key=value``; the value is parsed as YAML (``search.bits=[2,4]``,
 ``model.checkpoint=null``, ``finetune.lr=1e-3``).
 
+The quick-start and the paper's recipes ship inside the package (``gmpq/recipe_files``; a checkout's ``recipes/``
+links to it): a recipe argument that is no existing file but a packaged recipe's name (``quickstart``,
+``resnet18_cifar10``, with or without ``.yaml``) loads that one (:func:`resolve_recipe`); ``gmpq recipes`` lists them
+(:func:`packaged_recipes`).
+
 Python use::
 
     from gmpq.recipes import load_recipe
-    recipe = load_recipe("recipes/finetune_quick.yaml", ["finetune.epochs=1", "output_dir=runs/try1"])
+    recipe = load_recipe("finetune_quick", ["finetune.epochs=1", "output_dir=runs/try1"])   # or a YAML path
     recipe.finetune.lr, recipe.to_dict()
 
-This module depends only on :mod:`gmpq.errors`, so every layer can consume a :class:`Recipe`.
+This module depends only on :mod:`gmpq.errors` and :mod:`gmpq.utils`, so every layer can consume a :class:`Recipe`.
 """
 
 from __future__ import annotations
@@ -34,6 +39,10 @@ import yaml
 
 from gmpq.errors import RecipeError
 from gmpq.utils import read_user_text
+
+#: The recipes shipped inside the package.
+PACKAGED_RECIPES_DIR = Path(__file__).resolve().parent / "recipe_files"
+RECIPE_SUFFIXES = (".yaml", ".yml")
 
 #: Marks a field that the recipe must set.
 REQUIRED: Any = "<required>"
@@ -247,15 +256,50 @@ class Recipe:
         return value
 
 
-def load_recipe(path: str | os.PathLike | None = None, overrides: Sequence[str] = (), **defaults: Any) -> Recipe:
-    """Load a YAML recipe (or start from the defaults when ``path`` is None), apply ``overrides``, validate.
+def packaged_recipes() -> dict[str, Path]:
+    """The recipes shipped inside the package: name -> YAML path, by name."""
+    return {p.stem: p for p in sorted(PACKAGED_RECIPES_DIR.glob("*.yaml"))}
 
-    ``name`` defaults to the file's stem. Raises :class:`RecipeError` for an unreadable or non-UTF-8 file, invalid
-    YAML or any schema violation, naming the dotted key.
+
+def recipe_description(path: str | os.PathLike) -> str:
+    """The first line of a recipe file's leading comment ('' when it has none)."""
+    for line in read_user_text(path, "recipe", RecipeError).splitlines():
+        if line.startswith("#"):
+            return line.lstrip("#").strip()
+        if line.strip():
+            break
+    return ""
+
+
+def resolve_recipe(path_or_name: str | os.PathLike) -> Path:
+    """The recipe file ``path_or_name`` means: an existing file as it is, else the packaged recipe of that name
+    (``quickstart`` or ``quickstart.yaml``, no directory part). A bare name that is neither raises
+    :class:`RecipeError` listing the packaged recipes; any other path is returned for the reader to report."""
+    p = Path(path_or_name)
+    if p.exists() or p.parent != Path():
+        return p
+    name = p.stem if p.suffix in RECIPE_SUFFIXES else p.name
+    packaged = packaged_recipes()
+    if name in packaged:
+        return packaged[name]
+    if p.suffix:
+        return p
+    close = difflib.get_close_matches(name, packaged, n=3)
+    raise RecipeError(f"no recipe file {str(p)!r} and no packaged recipe of that name"
+                      + (f" (did you mean {', '.join(close)}?)" if close else "")
+                      + f"; packaged: {', '.join(packaged)} (`gmpq recipes`), or give a YAML path")
+
+
+def load_recipe(path: str | os.PathLike | None = None, overrides: Sequence[str] = (), **defaults: Any) -> Recipe:
+    """Load a YAML recipe — a path or a packaged recipe's name (:func:`resolve_recipe`) — or start from the defaults
+    when ``path`` is None; apply ``overrides``, validate.
+
+    ``name`` defaults to the file's stem. Raises :class:`RecipeError` for an unknown name, an unreadable or
+    non-UTF-8 file, invalid YAML or any schema violation, naming the dotted key.
     """
     data: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
+        p = resolve_recipe(path)
         text = read_user_text(p, "recipe", RecipeError)
         try:
             loaded = yaml.safe_load(text)
