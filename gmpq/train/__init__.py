@@ -5,7 +5,7 @@ Modules (one concept each):
 * :mod:`gmpq.train.engine` — ``make_accelerator``, ``build_optimizer``, ``build_scheduler``, ``evaluate`` (top-1/top-5
   with ``gather_for_metrics``), ``train_one_epoch``, ``fit`` (epochs, logging, per-epoch checkpoints, resume).
 * :mod:`gmpq.train.loaders` — ``build_dataloaders`` (global batches, split across processes), ``calibration_batches``,
-  ``model_data_config``.
+  ``labelled_batches``, ``model_data_config``.
 * :mod:`gmpq.train.checkpoint` — ``CheckpointManager`` (atomic ``save_state`` per epoch), ``save_float_model`` /
   ``load_float_model``, ``save_quantized_model`` / ``load_quantized_model`` / ``load_model`` (safetensors + JSON),
   ``init_from_checkpoint``.
@@ -46,7 +46,14 @@ from gmpq.train.engine import (
     process_state,
     train_one_epoch,
 )
-from gmpq.train.loaders import Loaders, ModelDataConfig, build_dataloaders, calibration_batches, model_data_config
+from gmpq.train.loaders import (
+    Loaders,
+    ModelDataConfig,
+    build_dataloaders,
+    calibration_batches,
+    labelled_batches,
+    model_data_config,
+)
 from gmpq.train.losses import distillation_loss
 from gmpq.train.runlog import MetricsLogger, environment, prepare_output_dir, write_metrics_json, write_run_info
 from gmpq.train.stages import evaluate as evaluate_stage
@@ -55,8 +62,8 @@ from gmpq.train.stages import finetune, model_size_mb, policy_bops, pretrain, re
 __all__ = [
     "CheckpointManager", "FitResult", "Loaders", "MetricsLogger", "ModelDataConfig", "build_dataloaders",
     "build_optimizer", "build_scheduler", "calibration_batches", "cross_entropy_loss", "distillation_loss",
-    "environment", "evaluate", "evaluate_stage", "finetune", "fit", "init_from_checkpoint", "load_float_model",
-    "load_model", "load_quantized_model", "make_accelerator", "model_data_config", "model_size_mb",
+    "environment", "evaluate", "evaluate_stage", "finetune", "fit", "init_from_checkpoint", "labelled_batches",
+    "load_float_model", "load_model", "load_quantized_model", "make_accelerator", "model_data_config", "model_size_mb",
     "optimizer_steps_per_epoch", "policy_bops", "prepare_output_dir", "pretrain", "process_state", "read_model_config",
     "resolve_model_dir", "resolve_policy", "save_float_model", "save_quantized_model", "stage_dir",
     "train_one_epoch", "write_metrics_json", "write_run_info",
