@@ -169,8 +169,8 @@ def test_search_under_torchrun_with_autograd_attribution(tmp_path, float_model, 
 
 @pytest.mark.parametrize("strategy", ["hawq", "ompq", "random"])
 def test_score_strategies_write_the_same_outputs(tmp_path, float_model, budget, strategy):
-    result = search(_recipe(tmp_path, float_model, budget, f"search.strategy={strategy}", "search.batch_size=4",
-                            "search.score_batches=1", "search.hutchinson_samples=1"))
+    result = search(_recipe(tmp_path, float_model, budget, f"search.strategy={strategy}", "search.score_batch_size=4",
+                            "search.score_batches=1", "search.hutchinson_samples=1", "data.input_size=16"))
     out = tmp_path / "search"
     policy = gmpq.Policy.load(out / "policy.json")
     assert policy.to_dict() == result.policy.to_dict() and 0.97 * budget <= policy.bops_searched_g <= budget
