@@ -72,7 +72,8 @@ def cmd_bops(args: argparse.Namespace) -> int:
         print(f"{r.name:<{width}}  {r.w_bits:>2} {r.a_bits:>2} {r.macs / 1e6:>9.2f} {r.bops / 1e9:>9.3f}  "
               f"{'kept' if r.kept else 'searched'}")
     print(f"MACs {report.macs / 1e9:.3f} G | BOPs searched {report.bops_searched_g:.2f} G | "
-          f"kept {report.bops_kept_g:.2f} G | total {report.bops_total_g:.2f} G")
+          f"kept {report.bops_kept_g:.2f} G | total {report.bops_total_g:.2f} G | searched + kept at 8 bits (preset "
+          f"kept8) {report.bops_g('kept8'):.2f} G")
     return 0
 
 

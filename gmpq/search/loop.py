@@ -34,7 +34,9 @@ Output in ``<output_dir>/search``: ``policy.json`` (with provenance), ``alphas.j
 probabilities of every searched layer), ``search_log.jsonl`` (one JSON object per epoch: ``epoch, loss, loss_ce,
 loss_attr, loss_complexity, expected_bops_g, budget_g, decoded_bops_g, alpha_entropy, p, lr_w, lr_alpha, train_top1,
 policy {layer: [w_bits, a_bits]}, probs {layer: {"w": [...], "a": [...]}}, bits`` and ``mu``, ``epoch_s``),
-``metrics.json``, ``recipe.yaml`` and ``env.json``.
+``metrics.json``, ``recipe.yaml`` and ``env.json``. A score + decode strategy writes ``scores.json`` (``strategy,
+bits, facts`` and per layer ``costs`` — ``[i][j]`` for ``bits[i]`` weight and ``bits[j]`` activation bits, ``null``
+where forbidden — with what they were computed from) in place of ``alphas.json`` and the log.
 """
 
 from __future__ import annotations
