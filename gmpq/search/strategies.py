@@ -62,11 +62,9 @@ class Scores:
 
 
 class Strategy(ABC):
-    """A search strategy: its name, what it optimises and what it needs."""
+    """A search strategy: its name and what it needs."""
 
     name: ClassVar[str]
-    #: What the strategy optimises, in one line.
-    optimises: ClassVar[str]
     trains_supernet: ClassVar[bool] = False
     uses_attribution: ClassVar[bool] = False
     #: Whether it reads the float model's weights (else the policy follows from the budget alone).
@@ -94,14 +92,16 @@ class SupernetStrategy(Strategy):
 
 
 class GMPQ(SupernetStrategy):
+    """CE + lambda_attr * attribution-rank loss + budget penalty, over the supernet's alphas."""
+
     name = "gmpq"
-    optimises = "CE + lambda_attr * attribution-rank loss + budget penalty, over supernet alphas (trained)"
     uses_attribution = True
 
 
 class EdMIPS(SupernetStrategy):
+    """CE + budget penalty, over the supernet's alphas."""
+
     name = "edmips"
-    optimises = "CE + budget penalty, over supernet alphas (trained)"
 
 
 class ScoreStrategy(Strategy):
@@ -126,8 +126,9 @@ def _zero_table(space: SearchSpace) -> np.ndarray:
 
 
 class Uniform(ScoreStrategy):
+    """No preference; the one (w, a) pair for every layer with the most BOPs that fit."""
+
     name = "uniform"
-    optimises = "nothing: the one (w, a) pair for all layers with the most BOPs that fit"
 
     def score(self, model: nn.Module | None, batches: Sequence[Batch], space: SearchSpace,
               settings: ScoreSettings) -> Scores:
@@ -138,8 +139,9 @@ class Uniform(ScoreStrategy):
 
 
 class Random(ScoreStrategy):
+    """No preference; a policy drawn uniformly from all policies inside the budget window, seeded by ``seed``."""
+
     name = "random"
-    optimises = "nothing: a policy drawn uniformly from all policies inside the budget window (seeded)"
 
     def score(self, model: nn.Module | None, batches: Sequence[Batch], space: SearchSpace,
               settings: ScoreSettings) -> Scores:
@@ -151,8 +153,9 @@ class Random(ScoreStrategy):
 
 
 class HAWQ(ScoreStrategy):
+    """``sum_l tr(H_W,l)/n * ||Q(W_l) - W_l||^2 + tr(H_x,l)/n * ||Q(x_l) - x_l||^2`` (:mod:`~gmpq.search.sensitivity`)."""
+
     name = "hawq"
-    optimises = "sum_l tr(H_W)/n * ||Q(W)-W||^2 + tr(H_x)/n * ||Q(x)-x||^2 (Hutchinson traces on proxy batches)"
     needs_float_model = True
     reads_batches = True
 
@@ -171,8 +174,10 @@ class HAWQ(ScoreStrategy):
 
 
 class OMPQ(ScoreStrategy):
+    """Maximise ``sum_l c_l * b_l`` with ``w_l = a_l = b_l``, ``c_l`` from the orthogonality of the float model's
+    features (:mod:`~gmpq.search.orthogonality`)."""
+
     name = "ompq"
-    optimises = "sum_l c_l * b_l, c_l from the orthogonality of the float model's features (w = a per layer)"
     needs_float_model = True
     reads_batches = True
 
