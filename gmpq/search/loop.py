@@ -9,8 +9,9 @@ Steps (single process, or every process under ``torchrun`` / ``accelerate launch
    ``model.deploy_input_size``, the budget counted as ``search.bops_preset`` says. The budget is checked *before any
    training* (:func:`~gmpq.search.budget.check_budget`). Score + decode strategies (``hawq``, ``ompq``, ``uniform``,
    ``random``) stop after :func:`_search_scored`: their score of the float model on ``search.score_batches``
-   labelled proxy batches of ``search.score_batch_size`` images, decoded under the budget; they write ``scores.json`` (the cost table and what it was
-   computed from) instead of ``alphas.json`` and the search log, and time the scoring (``score_s``).
+   labelled proxy batches of ``search.score_batch_size`` images, decoded under the budget; they write
+   ``scores.json`` (the cost table and what it was computed from) instead of ``alphas.json`` and the search log, and
+   time the scoring (``score_s``).
 3. The supernet (:func:`~gmpq.search.supernet.build_supernet`), calibrated on real batches (per-candidate clips and
    steps), wrapped in :class:`~gmpq.search.attribution.AttributionModel` (closed-form Grad-CAM for GAP + linear
    heads, no extra backward pass). The autograd fallback differentiates only the head twice (``autograd.grad`` of
@@ -43,7 +44,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -169,11 +169,7 @@ def _search_scored(recipe: Recipe, run_recipe: Recipe, strategy: ScoreStrategy, 
                                             **scores.facts})
     metrics = _metrics(recipe, strategy, space, budget, decoded, accelerator, t0, epochs=0, resumed_from=None)
     metrics.update({"score_s": score_s, "decode_s": decode_s, "float_checkpoint": source, **scores.facts})
-    table = {"strategy": strategy.name, "bits": list(space.bits), "facts": scores.facts, "layers": {
-        name: {"costs": [[c if math.isfinite(c) else None for c in row] for row in scores.costs[i].tolist()],
-               **scores.layers.get(name, {})}
-        for i, name in enumerate(space.layers)}}
-    _write_outputs(out, policy, {"scores.json": table}, metrics, accelerator)
+    _write_outputs(out, policy, {"scores.json": scores.to_json(strategy.name, space)}, metrics, accelerator)
     return SearchResult(metrics, policy)
 
 

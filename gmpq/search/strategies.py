@@ -25,6 +25,7 @@ Two families, both ending in :mod:`gmpq.search.budget`'s decoders under the same
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -59,6 +60,14 @@ class Scores:
     costs: np.ndarray
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)
     facts: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self, strategy: str, space: SearchSpace) -> dict[str, Any]:
+        """``scores.json``: ``strategy, bits, facts`` and per layer its ``costs`` (``[i][j]`` for ``bits[i]``
+        weight and ``bits[j]`` activation bits, ``null`` where forbidden) with what they were computed from."""
+        return {"strategy": strategy, "bits": list(space.bits), "facts": self.facts, "layers": {
+            name: {"costs": [[c if math.isfinite(c) else None for c in row] for row in self.costs[i].tolist()],
+                   **self.layers.get(name, {})}
+            for i, name in enumerate(space.layers)}}
 
 
 class Strategy(ABC):
