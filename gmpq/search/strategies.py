@@ -46,9 +46,9 @@ from gmpq.search.supernet import SearchSpace, layer_log_probabilities
 class ScoreSettings:
     """What the score strategies read from a recipe (``seed``, ``search.hutchinson_samples``, ``search.ompq_beta``)."""
 
-    seed: int = 0
-    hutchinson_samples: int = 16
-    ompq_beta: float = 1.0
+    seed: int
+    hutchinson_samples: int
+    ompq_beta: float
 
 
 @dataclass(frozen=True)
