@@ -29,7 +29,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from gmpq.models.adapter import default_input_size, kept_layer_names, quantizable_layers
+from gmpq.models import default_input_size, kept_layer_names, quantizable_layers
+from gmpq.models.structure import layer_kind
 from gmpq.quant import FLOAT_BITS, QuantMixin, quantization_bypassed
 
 GIGA = 1e9
@@ -109,15 +110,6 @@ class BopsReport:
             "bops_kept_g": self.bops_kept_g, "bops_presets": {p: self.bops_g(p) for p in BOPS_PRESETS},
             "layers": [asdict(layer) for layer in self.layers],
         }
-
-
-def layer_kind(module: nn.Module) -> str:
-    """``conv``, ``dwconv``, ``gconv`` or ``linear``."""
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if module.groups == 1:
-        return "conv"
-    return "dwconv" if module.groups == module.in_channels == module.out_channels else "gconv"
 
 
 @torch.no_grad()
