@@ -165,7 +165,7 @@ def test_decode_costs_is_the_exact_minimum_with_forbidden_pairs():
         assert 0.97 * budget <= decoded.bops_g <= budget
     only_min = np.full((3, 4, 4), np.inf)
     only_min[:, 0, 0] = 0.0
-    with pytest.raises(gmpq.BudgetError, match="pairs this strategy allows.*nearest policy below it costs 0.0440"):
+    with pytest.raises(gmpq.BudgetError, match="pairs this strategy allows.*below it costs 0.044 GBOPs: use search.budget_g=0.044"):
         decode_costs(space, only_min, 0.2)
     with pytest.raises(ValueError, match="forbids every"):
         decode_costs(space, np.full((3, 4, 4), np.inf), 0.2)
