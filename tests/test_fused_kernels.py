@@ -32,14 +32,7 @@ INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 
-@contextmanager
-def backend(name: str) -> Iterator[None]:
-    previous = fused._backend
-    fused.set_backend(name)
-    try:
-        yield
-    finally:
-        fused.set_backend(previous)
+backend = fused.using_backend
 
 
 def _kernel_inputs(device: str = "cpu", dtype: torch.dtype = torch.float32):

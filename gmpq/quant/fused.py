@@ -46,7 +46,8 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -166,6 +167,17 @@ def set_backend(name: str) -> None:
     if name not in BACKENDS:
         raise ValueError(f"unknown fused-kernel backend {name!r}; choose one of {', '.join(BACKENDS)}")
     _backend = name
+
+
+@contextmanager
+def using_backend(name: str) -> Iterator[None]:
+    """Select backend ``name`` (:func:`set_backend`) within the context, and the previous selection after it."""
+    previous = _backend
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
 
 
 def get_backend(device: torch.device | str | None = None) -> str:
