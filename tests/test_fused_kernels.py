@@ -1,5 +1,9 @@
 """The fused quantization kernels on every backend: torch.compile, Triton (through Triton's CPU interpreter here, on
-CUDA where a GPU is present) against the eager reference; bf16 autocast; no host-device synchronisation."""
+CUDA where a GPU is present) against the eager reference; bf16 autocast; no host-device synchronisation.
+
+The CUDA comparisons run with TF32 off (:func:`ieee_float32`): cuDNN convolutions default to TF32 on Ampere and newer
+GPUs, which rounds their operands to 10 mantissa bits, so two convolution algorithms (e.g. for contiguous and
+channels_last tensors) differ by about 1e-3 relative on the same inputs — far more than the kernels' own rounding."""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from gmpq.errors import ModelError
 from gmpq.quant import functional as QF
 from gmpq.quant import fused, to_mixed, to_quantized
 
@@ -27,14 +32,7 @@ INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 
-@contextmanager
-def backend(name: str) -> Iterator[None]:
-    previous = fused._backend
-    fused.set_backend(name)
-    try:
-        yield
-    finally:
-        fused.set_backend(previous)
+backend = fused.using_backend
 
 
 def _kernel_inputs(device: str = "cpu", dtype: torch.dtype = torch.float32):
@@ -63,7 +61,8 @@ def _all_kernels(t: dict, signed: bool, out_dtype: torch.dtype = torch.float32) 
 
 def _compare(got: dict, want: dict, exact: tuple[str, ...] = (), rtol: float = 1e-5, atol: float = 1e-6) -> None:
     """Equal dtypes; values bit for bit (``exact``) or within ``rtol`` and ``atol`` times the largest magnitude
-    (sums in another order differ by rounding relative to their terms, not to the result)."""
+    (sums in another order differ by rounding relative to their terms, not to the result). A failure names the
+    tensor, its largest absolute and relative differences and how many elements are off."""
     for key in want:
         assert got[key].dtype == want[key].dtype, key
         a, b = got[key].cpu(), want[key].cpu()
@@ -71,7 +70,30 @@ def _compare(got: dict, want: dict, exact: tuple[str, ...] = (), rtol: float = 1
             assert torch.equal(a, b), f"{key} differs: max |diff| {float((a.double() - b.double()).abs().max())}"
         else:
             scale = max(1.0, float(b.abs().max()))
-            torch.testing.assert_close(a, b, rtol=rtol, atol=atol * scale, msg=f"{key} differs")
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol * scale,
+                                       msg=lambda report, key=key, scale=scale: f"{key} differs (largest |value| "
+                                       f"{scale:.3g}): {report}")
+
+
+@contextmanager
+def ieee_float32() -> Iterator[None]:
+    """float32 convolutions and matrix products in IEEE float32 on CUDA (no TF32), restored afterwards: torch >= 2.9's
+    ``fp32_precision`` settings (mixing them with the legacy ``allow_tf32`` flags raises), else the legacy flags."""
+    conv, matmul = getattr(torch.backends.cudnn, "conv", None), torch.backends.cuda.matmul
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        saved = conv.fp32_precision, matmul.fp32_precision
+        conv.fp32_precision = matmul.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            conv.fp32_precision, matmul.fp32_precision = saved
+        return
+    saved = torch.backends.cudnn.allow_tf32, matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, matmul.allow_tf32 = saved
 
 
 @pytest.fixture
@@ -154,6 +176,34 @@ LAYERS = [
 ]
 
 
+def _exactly_on(q: float, s: torch.Tensor) -> torch.Tensor | None:
+    """A float32 ``v`` with ``v / s == q`` exactly (the nearest ones to ``q * s``), or ``None`` if there is none."""
+    v = q * s
+    for _ in range(4):
+        if float(v / s) == q:
+            return v
+        v = torch.nextafter(v, v * 2 if float(v / s) * q < q * q else v / 2)
+    return None
+
+
+def _on_bounds(weight: torch.Tensor, steps: torch.Tensor, bits: tuple[int, ...]) -> None:
+    """Put two weights exactly on each candidate's clipping bounds, ``W / s_j = +-Q_p`` (``steps``: [K, C]), where the
+    gradients' definition matters most (torch's own clamp changed its subgradient there)."""
+    qmax, _, gammas = fused.weight_constants(bits, weight[0].numel(), steps.device, steps.dtype)
+    eff = fused.effective_scales(steps.detach(), gammas)
+    flat = weight.detach().view(weight.shape[0], -1)
+    rows = weight.shape[0]
+    with torch.no_grad():
+        for j, q in enumerate(qmax):
+            for r in (j + i for i in range(rows)):
+                values = [_exactly_on(sign * q, eff[j, r % rows]) for sign in (1.0, -1.0)]
+                if all(v is not None for v in values):
+                    flat[r % rows, :2] = torch.stack(values)
+                    break
+            else:
+                raise AssertionError(f"no channel's step puts a weight exactly on +-{q}")
+
+
 def _ready_mixed(make, shape, signed, device="cpu"):
     layer = to_mixed(make(), BITS, BITS).to(device)
     gen = torch.Generator().manual_seed(1)
@@ -162,6 +212,7 @@ def _ready_mixed(make, shape, signed, device="cpu"):
     layer.aq.observe(x)
     layer.aq.finish_calibration()
     layer.wq.init_scale(layer.weight)
+    _on_bounds(layer.weight, layer.wq.scale, BITS)
     with torch.no_grad():
         layer.alpha_w.copy_(torch.randn(len(BITS), generator=gen))
         layer.alpha_a.copy_(torch.randn(len(BITS), generator=gen))
@@ -174,6 +225,7 @@ def _ready_fixed(make, shape, signed, device="cpu"):
     x = torch.randn(*shape, generator=gen)
     x = (x if signed else x.relu()).to(device)
     layer(x)  # calibrates itself on the first batch
+    _on_bounds(layer.weight, layer.wq.scale[None], (4,))
     return layer, x
 
 
@@ -264,6 +316,28 @@ def test_triton_backend_refuses_cpu_tensors_without_the_interpreter(monkeypatch)
         layer(x)
 
 
+STRAYS = [(_ready_mixed, "aq", "clip"), (_ready_mixed, "wq", "scale"), (_ready_fixed, "aq", "clip"),
+          (_ready_fixed, "wq", "scale")]
+
+
+def _stray(ready, quantizer: str, name: str, device: str, stray_device: str):
+    """A ready layer on ``device`` whose ``quantizer.name`` was left on ``stray_device``."""
+    layer, x = ready(*LAYERS[0][1:], device=device)
+    q = getattr(layer, quantizer)
+    setattr(q, name, nn.Parameter(getattr(q, name).detach().to(stray_device)))
+    return layer, x
+
+
+@pytest.mark.parametrize("backend_name", ["eager", "compile", "auto"])
+def test_tensors_on_two_devices_raise_a_model_error_on_every_backend(backend_name):
+    """A quantizer left on another device than its layer is reported as such (naming the tensors), never taken for a
+    kernel failure that a fallback hides."""
+    for case in STRAYS:
+        layer, x = _stray(*case, "cpu", "meta")
+        with backend(backend_name), pytest.raises(ModelError, match=r"different devices \(.* on meta"):
+            layer(x)
+
+
 def test_quantized_weight_is_kept_without_autograd_until_it_changes():
     """Evaluation quantizes a weight once: without autograd the result is reused until the weight or its steps change
     in place (an optimizer step, a loaded state dict); with autograd it is computed every time."""
@@ -347,22 +421,25 @@ def test_cuda_triton_kernels_match_eager(signed, dtype):
 @needs_cuda
 @pytest.mark.parametrize("name,make,shape,signed", LAYERS, ids=[c[0] for c in LAYERS])
 def test_cuda_layers_match_the_reference(name, make, shape, signed):
-    with backend("triton"):
+    """Mixed and fixed-bit layers on the Triton kernels give the autograd reference's output and gradients (TF32 off,
+    weights on the clipping bounds included)."""
+    with backend("triton"), ieee_float32():
         layer, x = _ready_mixed(make, shape, signed, "cuda")
         reference = copy.deepcopy(layer)
         reference.fused = False
         _compare(_grads(layer, x), _grads(reference, x), rtol=1e-5, atol=1e-5)
         fixed, x = _ready_fixed(make, shape, signed, "cuda")
         got = _grads(fixed, x)
-    with backend("eager"):
+    with backend("eager"), ieee_float32():
         want = _grads(fixed, x)
     _compare(got, want, rtol=1e-5, atol=1e-5)
 
 
 @needs_cuda
 def test_cuda_large_tensors_and_channels_last():
-    """Many kernel blocks (the partial sums), rows longer than one weight chunk, and channels_last tensors."""
-    with backend("triton"):
+    """Many kernel blocks (the partial sums), rows longer than one weight chunk, and channels_last tensors (TF32 off:
+    the contiguous and channels_last convolutions are different cuDNN algorithms)."""
+    with backend("triton"), ieee_float32():
         layer, x = _ready_mixed(lambda: nn.Conv2d(96, 64, 5, padding=2), (8, 96, 33, 33), False, "cuda")
         reference = copy.deepcopy(layer)
         reference.fused = False
@@ -370,6 +447,17 @@ def test_cuda_large_tensors_and_channels_last():
         _compare(_grads(layer, x), want, rtol=1e-4, atol=1e-4)
         layer = layer.to(memory_format=torch.channels_last)
         _compare(_grads(layer, x.to(memory_format=torch.channels_last)), want, rtol=1e-4, atol=1e-4)
+
+
+@needs_cuda
+def test_cuda_layer_with_a_quantizer_on_the_cpu_raises_a_model_error():
+    """The first GPU run's failure (a CUDA model whose fixed-bit quantizers stayed on the CPU) is named as a device
+    mismatch instead of a Triton failure, and the backend stays on Triton."""
+    for case in STRAYS:
+        layer, x = _stray(*case, "cuda", "cpu")
+        with backend("auto"), pytest.raises(ModelError, match=r"different devices \(.* on cpu"):
+            layer(x)
+    assert fused.get_backend("cuda") == "triton"
 
 
 @needs_cuda

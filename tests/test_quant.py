@@ -81,6 +81,19 @@ def test_activation_gradients_ste_inside_and_pact_clip_gradient_outside() -> Non
     assert c2.grad.item() == pytest.approx(2.0)
 
 
+def test_weight_gradients_on_the_clipping_bounds_are_lsqs_on_every_torch_version() -> None:
+    """W / s = +-Q_p counts as clipped: no gradient to the weight, +-Q_p to the step (LSQ). torch.clamp's own
+    gradient there is 1 in torch 2.11 and 0 in torch 2.14, so the quantizer defines it itself."""
+    w = torch.tensor([[-0.75, -0.5, 0.2, 0.5, 0.75]], requires_grad=True)  # W / s = -1.5, -1, 0.4, 1, 1.5
+    scale = torch.tensor([0.5], requires_grad=True)
+    out = QF.quantize_weight(w, scale, 2)  # Q_p = 1
+    assert out.tolist() == [[-0.5, -0.5, 0.0, 0.5, 0.5]]
+    out.sum().backward()
+    assert w.grad.tolist() == [[0.0, 0.0, 1.0, 0.0, 0.0]]
+    lsq = (-1 - 1 + (round(0.4) - 0.4) + 1 + 1) / 5**0.5  # LSQ's gradient scale 1 / sqrt(numel * Q_p)
+    assert scale.grad.item() == pytest.approx(lsq, rel=1e-6)
+
+
 def test_sign_mode_is_calibrated_from_real_batches() -> None:
     relu_like = ActQuantizer(4)
     relu_like.observing = True

@@ -13,6 +13,11 @@ Grad-CAM (inference mode), CE + 40 * attribution loss + budget penalty, one back
 and one on the alphas, the budget multiplier's update. The QAT step is the float step of the same network quantized
 uniformly (``--qat-bits``, 4: W4A4 searched layers, 8-bit stem and classifier; calibrated). All start from the same
 float weights. ``--bf16`` runs every step (float ones too) under bf16 autocast, as ``mixed_precision: bf16`` does.
+As in the pipeline, every model is built, quantized (or made a supernet) and calibrated on the CPU (calibration on
+the first ``CALIBRATION_IMAGES`` images of the batch, with the eager kernels: its values do not change the timing, and
+compiling CPU kernels for it would take longer than the measurement), then moved to the device.
+float32 steps use torch's TF32 settings as they are (``environment.float32``: cuDNN convolutions default to TF32 on
+Ampere and newer GPUs, matrix products to IEEE float32); the float step and the measured step run under the same.
 
 Timing: after warm-up (which includes compiling the fused kernels), the float step and the measured step alternate
 ``--repeats`` times (ABBA order, so that a change of machine load hits both; on CUDA each step is bracketed by
@@ -72,6 +77,8 @@ _queued: list[float] = []
 CPU_CONFIGS = [("resnet18_cifar", 32, 32)]
 CUDA_CONFIGS = [("resnet18_cifar", 256, 32), ("resnet18", 64, 224), ("mobilenetv2_100", 64, 224)]
 CANDIDATE_BITS = (2, 3, 4, 6)
+#: Images of the benchmark batch the quantizers are calibrated on (on the CPU).
+CALIBRATION_IMAGES = 8
 TARGETS = {"gmpq": {"time_ratio": 2.0, "memory_ratio": 1.6}, "qat": {"time_ratio": 1.3}}
 CPU_TARGETS = {"gmpq": {"time_ratio": 1.5, "memory_ratio": 1.6}}
 
@@ -95,20 +102,27 @@ def float_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool) -
     return step, [model, optimizer]
 
 
-def qat_model(float_model: nn.Module, x: torch.Tensor, bits: int) -> nn.Module:
-    """``float_model`` copied and quantized uniformly at ``bits`` (searched layers; 8-bit kept ones), calibrated."""
+def qat_model(float_model: nn.Module, calibration: torch.Tensor, bits: int, device: torch.device) -> nn.Module:
+    """The CPU ``float_model`` copied, quantized uniformly at ``bits`` (searched layers; 8-bit kept ones) and
+    calibrated on the CPU ``calibration`` images, then moved to ``device``."""
     model = gmpq.quantize(copy.deepcopy(float_model), gmpq.uniform_policy(float_model, bits, bits))
-    calibrate(model, [x])
-    return model
+    with fused.using_backend("eager"):  # the observing pass quantizes weights: no CPU compilation for it
+        calibrate(model, [calibration])
+    return model.to(device)
 
 
-def gmpq_step(float_model: nn.Module, x: torch.Tensor, y: torch.Tensor, arch: str, bf16: bool) -> tuple[Step, list]:
-    teacher = AttributionModel(copy.deepcopy(float_model)).freeze()
+def gmpq_step(float_model: nn.Module, calibration: torch.Tensor, x: torch.Tensor, y: torch.Tensor, arch: str,
+              bf16: bool) -> tuple[Step, list]:
+    """The search step of a supernet made from the CPU ``float_model`` and calibrated on the CPU ``calibration``
+    images, then moved with its teacher to the device of ``x``."""
+    teacher = AttributionModel(copy.deepcopy(float_model)).freeze().to(x.device)
     model = copy.deepcopy(float_model)
     deploy = gmpq.base_arch(arch)
     space = search_space(model, CANDIDATE_BITS, 8, deployment_macs(deploy, 224, 10), deploy, 224)
     build_supernet(model, space)
-    calibrate(model, [x])
+    with fused.using_backend("eager"):
+        calibrate(model, [calibration])
+    model.to(x.device)
     student = AttributionModel(model)
     lo, hi = bops_range(space)
     penalty = BudgetPenalty(lo + 0.3 * (hi - lo), scale=len(space.layers))
@@ -235,16 +249,17 @@ def measure(kind: str, arch: str, batch: int, size: int, device: torch.device, a
     """One record: ``kind`` (gmpq | qat) against the float step on (arch, batch, size)."""
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    base = gmpq.create_model(arch, num_classes=10).to(device)
-    x = torch.randn(batch, 3, size, size, device=device)
-    y = torch.randint(0, 10, (batch,), device=device)
-    f_step, f_objects = float_step(copy.deepcopy(base), x, y, args.bf16)
+    base = gmpq.create_model(arch, num_classes=10)  # on the CPU: every model is built and calibrated there
+    x_cpu = torch.randn(batch, 3, size, size)
+    calibration = x_cpu[:CALIBRATION_IMAGES]
+    x, y = x_cpu.to(device), torch.randint(0, 10, (batch,)).to(device)
+    f_step, f_objects = float_step(copy.deepcopy(base).to(device), x, y, args.bf16)
     if kind == "gmpq":
-        m_step, m_objects = gmpq_step(base, x, y, arch, args.bf16)
+        m_step, m_objects = gmpq_step(base, calibration, x, y, arch, args.bf16)
     else:
-        m_step, m_objects = float_step(qat_model(base, x, args.qat_bits), x, y, args.bf16)
+        m_step, m_objects = float_step(qat_model(base, calibration, args.qat_bits, device), x, y, args.bf16)
     record: dict[str, Any] = {"step": kind, "arch": arch, "batch": batch, "input_size": size,
-                              "precision": "bf16" if args.bf16 else "fp32",
+                              "precision": "bf16" if args.bf16 else "fp32", "float32": float32_precision(),
                               "setup_s": round(time.perf_counter() - t0, 2)}
     record.update(compare(f_step, m_step, device, args.warmup, args.repeats))
     if not args.no_memory:
@@ -256,10 +271,30 @@ def measure(kind: str, arch: str, batch: int, size: int, device: torch.device, a
     return record
 
 
+def float32_precision() -> dict[str, str]:
+    """How float32 convolutions (cuDNN) and matrix products (cuBLAS) run on CUDA: ``tf32`` (TensorFloat-32 tensor
+    cores, operands rounded to 10 mantissa bits; Ampere and newer GPUs) or ``ieee`` — torch's settings as they are
+    (torch >= 2.9's ``fp32_precision``, where ``none`` defers to the level above, else the legacy flags)."""
+    backends, cudnn, matmul = torch.backends, torch.backends.cudnn, torch.backends.cuda.matmul
+    conv = getattr(cudnn, "conv", None)
+    if conv is None or not hasattr(conv, "fp32_precision"):
+        return {"conv": "tf32" if cudnn.allow_tf32 else "ieee", "matmul": "tf32" if matmul.allow_tf32 else "ieee"}
+
+    def first_set(*levels: str) -> str | None:
+        return next((v for v in levels if v != "none"), None)
+
+    top = getattr(backends, "fp32_precision", "none")
+    conv_p = first_set(conv.fp32_precision, getattr(cudnn, "fp32_precision", "none"), top) or "tf32"
+    matmul_p = first_set(matmul.fp32_precision, top) or (
+        "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32")
+    return {"conv": conv_p, "matmul": matmul_p}
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     env: dict[str, Any] = {"device": device.type, "torch": torch.__version__, "threads": torch.get_num_threads(),
                            "backend": fused.get_backend(device), "candidate_bits": list(CANDIDATE_BITS),
-                           "python": platform.python_version(), "cpu": platform.processor() or platform.machine()}
+                           "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
+                           "float32": float32_precision()}
     if device.type == "cuda":
         env.update({"gpu": torch.cuda.get_device_name(device), "cuda": torch.version.cuda,
                     "cudnn": torch.backends.cudnn.version()})
@@ -316,8 +351,8 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             output["results"].append(record)
-            summary = {k: record.get(k) for k in ("step", "arch", "precision", "time_ratio", "memory_ratio",
-                                                  "float_step_s", "step_s", "error")}
+            summary = {k: record.get(k) for k in ("step", "arch", "precision", "float32", "time_ratio",
+                                                  "memory_ratio", "float_step_s", "step_s", "error")}
             print(json.dumps(summary), file=sys.stderr, flush=True)
             if "traceback" in record:
                 print(record["traceback"], file=sys.stderr, flush=True)

@@ -3,20 +3,25 @@
 #
 #     PYTHONPATH=. bash tools/gpu_check.sh          # results under $OUT if set, else /tmp/gmpq-gpu-check
 #
-# 1. environment: GPU, driver, torch / triton / timm versions, and that gmpq imports (names any missing package);
+# 1. environment: GPU, driver, torch / triton / timm versions, TF32 settings, and that gmpq imports (names any missing
+#    package);
 # 2. the CUDA tests of the quantized layers (tests/test_fused_kernels.py -k cuda: Triton kernels against the eager
-#    reference in fp32 and bf16, channels_last, many blocks, layers under autocast, no host-device synchronisation);
+#    reference in fp32 and bf16, channels_last, many blocks, weights on the clipping bounds, layers under autocast, a
+#    quantizer on the wrong device named as such, no host-device synchronisation; comparisons with TF32 off);
 # 3. tools/bench_search_step.py on CUDA, fp32 then bf16: the GMPQ search step and the W4A4 QAT step against the float
-#    step on resnet18_cifar b256 32x32, resnet18 b64 224x224 and mobilenetv2_100 b64 224x224 (each record is written
-#    as soon as it is measured, so a stage cut by its time limit keeps what it measured);
-# 4. tools/bench_kernels.py --sweep: each Triton kernel's time and bandwidth against a torch op moving the same
-#    bytes, and the activation kernels at other block sizes / warp counts (kernels.json);
+#    step on resnet18_cifar b256 32x32, resnet18 b64 224x224 and mobilenetv2_100 b64 224x224 (models built and
+#    calibrated on the CPU, then moved, as the pipeline does; fp32 steps under torch's TF32 settings, recorded; each
+#    record is written as soon as it is measured, so a stage cut by its time limit keeps what it measured);
+# 4. the other test files' CUDA tests, if any (tests/*.py with a test_cuda_* test, e.g. a CUDA-resident quantize
+#    test), selected with -k cuda: optional, last, fail-soft;
 # 5. a table of the ratios, printed last (summary.txt); "host ms" is the time until a step had queued its work (near
 #    the step's time: bound by Python and launches, not by the GPU).
-# Every stage has its own time limit (the whole script stays under 4 minutes) and a failing stage does not stop the
-# next ones. Files: gpu_check.log (everything printed), tests.log, bench_fp32.json, bench_bf16.json, kernels.json,
-# summary.txt.
-# GMPQ_GPU_BASELINE=1 also times the torch.compile kernels of before (resnet18_cifar only; up to 90 s more).
+# Every stage has its own time limit, cut further so that the whole script ends within GMPQ_CHECK_BUDGET seconds
+# (default 235); a failing stage does not stop the next ones. Files: gpu_check.log (everything printed), tests.log,
+# bench_fp32.json, bench_bf16.json, tests_other.log, summary.txt.
+# GMPQ_GPU_KERNELS=1 also runs tools/bench_kernels.py --sweep (each Triton kernel against a torch op moving the same
+# bytes, and block/warp variants; kernels.json; about 25 s); GMPQ_GPU_BASELINE=1 also times the torch.compile kernels
+# of before (resnet18_cifar only; up to 90 s). Both count against the budget.
 # A dry run of the plumbing on a CPU: GMPQ_CHECK_DEVICE=cpu GMPQ_CHECK_BENCH_ARGS="--arch mobilenetv2_050_cifar
 # --batch 4 --repeats 1 --warmup 1 --backend eager" bash tools/gpu_check.sh
 set -u
@@ -27,12 +32,20 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:-.}" PYTHONDONTWRITEBYTECODE=
 PY="${PYTHON:-python3}"
 DEVICE="${GMPQ_CHECK_DEVICE:-cuda}"
 read -r -a BENCH_ARGS <<< "${GMPQ_CHECK_BENCH_ARGS:-}"
+BUDGET="${GMPQ_CHECK_BUDGET:-235}"
 T0=$(date +%s)
 elapsed() { echo $(( $(date +%s) - T0 )); }
 stage() { echo; echo "=== [$(elapsed) s] $*"; }
-# run LIMIT CMD...: the command under a time limit; reports a timeout or a failure and always carries on
+# run LIMIT CMD...: the command under a time limit (cut to what the budget leaves, keeping 8 s for the summary);
+# reports a timeout, a failure or a skipped stage, and always carries on
 run() {
     local limit=$1; shift
+    local left=$(( BUDGET - 8 - $(elapsed) ))
+    if [ "$left" -lt 10 ]; then
+        echo "!!! skipped: the budget of ${BUDGET} s is spent"
+        return 0
+    fi
+    [ "$left" -lt "$limit" ] && limit=$left
     timeout -k 5 "$limit" "$@"
     local rc=$?
     [ $rc -eq 124 ] && echo "!!! stopped at its time limit of ${limit} s"
@@ -53,6 +66,9 @@ for name in ("torch", "triton", "timm", "accelerate", "safetensors", "huggingfac
         print(name, "MISSING:", type(e).__name__, e)
 import torch
 print("cuda", torch.cuda.is_available(), torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+sys.path.insert(0, "tools")
+from bench_search_step import float32_precision
+print("float32 on CUDA (torch's settings):", float32_precision())
 try:
     import gmpq, gmpq.search
     from gmpq.quant import fused, triton_kernels
@@ -63,18 +79,26 @@ except Exception:
 EOF
 
 stage "CUDA tests of the fused kernels"
-run 60 "$PY" -m pytest tests/test_fused_kernels.py -k cuda -q -rfEs -p no:cacheprovider --durations=5 --tb=short \
+run 45 "$PY" -m pytest tests/test_fused_kernels.py -k cuda -q -rfEs -p no:cacheprovider --durations=5 --tb=short \
     2>&1 | tee "$OUT_DIR/tests.log"
 
 stage "benchmark fp32: GMPQ search step and W4A4 QAT step against the float step"
-run 65 "$PY" tools/bench_search_step.py --device "$DEVICE" --step gmpq qat --repeats 8 --quiet \
+run 85 "$PY" tools/bench_search_step.py --device "$DEVICE" --step gmpq qat --repeats 8 --quiet \
     --out "$OUT_DIR/bench_fp32.json" "${BENCH_ARGS[@]}"
 
 stage "benchmark bf16"
-run 55 "$PY" tools/bench_search_step.py --device "$DEVICE" --step gmpq qat --repeats 8 --bf16 --quiet \
+run 70 "$PY" tools/bench_search_step.py --device "$DEVICE" --step gmpq qat --repeats 8 --bf16 --quiet \
     --out "$OUT_DIR/bench_bf16.json" "${BENCH_ARGS[@]}"
 
-if [ "$DEVICE" = "cuda" ]; then
+OTHER_CUDA_TESTS=$(grep -l "def test_cuda" tests/test_*.py 2>/dev/null | grep -v "tests/test_fused_kernels.py" | tr '\n' ' ')
+stage "other CUDA tests (optional): ${OTHER_CUDA_TESTS:-none}"
+if [ -n "$OTHER_CUDA_TESTS" ]; then
+    # shellcheck disable=SC2086  # one word per file
+    run 45 "$PY" -m pytest $OTHER_CUDA_TESTS -k cuda -v -rfEs -p no:cacheprovider --durations=5 --tb=short \
+        2>&1 | tee "$OUT_DIR/tests_other.log"
+fi
+
+if [ "$DEVICE" = "cuda" ] && [ "${GMPQ_GPU_KERNELS:-0}" = "1" ]; then
     stage "kernel micro-benchmark (tools/bench_kernels.py --sweep)"
     run 25 "$PY" tools/bench_kernels.py --sweep --reps 10 --quiet --out "$OUT_DIR/kernels.json"
 fi
@@ -91,9 +115,14 @@ import json, re, sys
 from pathlib import Path
 
 out = Path(sys.argv[1])
-tests = (out / "tests.log").read_text() if (out / "tests.log").exists() else ""
-counts = re.findall(r"^=* ?(\d+ (?:passed|failed|skipped|deselected|error).*?) in [\d.]+s", tests, re.M)
-print("CUDA tests:", counts[-1] if counts else "no pytest summary line (see tests.log)")
+for name, what in (("tests.log", "CUDA tests of the fused kernels"), ("tests_other.log", "other CUDA tests")):
+    if not (out / name).exists():
+        continue
+    log = (out / name).read_text()
+    counts = re.findall(r"^=* ?(\d+ (?:passed|failed|skipped|deselected|error).*?) in [\d.]+s", log, re.M)
+    print(f"{what}:", counts[-1] if counts else f"no pytest summary line (see {name})")
+    for line in re.findall(r"^(?:FAILED|ERROR) .*$", log, re.M):
+        print("  ", line[:220])
 print(f"{'prec':5} {'step':5} {'arch':18} {'batch':>5} {'size':>4} {'float ms':>9} {'step ms':>8} {'time x':>7} "
       f"{'target':>6} {'mem x':>6} {'float MB':>9} {'step MB':>8} {'host ms f/s':>12}")
 for name in ("bench_fp32.json", "bench_bf16.json", "bench_baseline.json"):
@@ -113,8 +142,10 @@ for name in ("bench_fp32.json", "bench_bf16.json", "bench_baseline.json"):
               f"{r.get('float_peak_mb', float('nan')):>9.0f} {r.get('peak_mb', float('nan')):>8.0f} "
               f"{1e3 * r['float_host_s']:>5.1f}/{1e3 * r['host_s']:<6.1f}")
     env = data["environment"]
+    fp32 = env.get("float32", {})
     print(f"  ^ {name}: backend {env.get('backend')}, {env.get('gpu')}, torch {env.get('torch')}, "
-          f"triton {env.get('triton')}, {len(data['results'])} records")
+          f"triton {env.get('triton')}, float32 conv {fp32.get('conv')} / matmul {fp32.get('matmul')}, "
+          f"{len(data['results'])} records")
 if (out / "kernels.json").exists():
     kernels = json.loads((out / "kernels.json").read_text())
     print("kernels (us, GB/s, x a torch op moving the same bytes):",

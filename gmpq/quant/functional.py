@@ -14,6 +14,15 @@ Activations, PACT-style learnable clip (Choi et al. 2018)::
 ``round`` uses the straight-through estimator d round(z) / dz = 1, so inside the clipping range dQ/dx = 1 and
 outside it dQ/dx = 0. The gradient of the step (or clip) is the LSQ one: (round(z) - z) inside the range and the
 boundary value (+-Q_p, or +-1 for the clip) outside.
+
+On the clipping bounds themselves the gradients are defined here, not left to torch's conventions, which changed
+(``torch.clamp`` with number bounds passes the gradient 1 on its bounds in torch 2.11, 0 in torch 2.14):
+
+* weights: LSQ's, W / s = +-Q_p counts as outside (dQ/dW = 0, dQ/ds = +-Q_p): "inside" is -Q_p < W / s < Q_p;
+* activations: a tie x = c (or x = -c, signed; x = 0, unsigned) splits the gradient in half between x and the clip,
+  as ``torch.minimum`` / ``torch.maximum`` do (dQ/dx = 1/2 there).
+
+The fused kernels of :mod:`gmpq.quant.fused` compute the same gradients.
 """
 
 from __future__ import annotations
@@ -58,7 +67,11 @@ def quantize_weight(weight: torch.Tensor, scale: torch.Tensor, bits: int) -> tor
     qmax = weight_qmax(bits)
     grad_factor = 1.0 / (weight[0].numel() * qmax) ** 0.5
     s = scale_grad(scale, grad_factor).view(-1, *([1] * (weight.dim() - 1)))
-    return round_ste(torch.clamp(weight / s, -qmax, qmax)) * s
+    z = weight / s
+    inside = (z > -qmax) & (z < qmax)
+    # torch.clamp's own gradient on the bounds depends on the torch version: only values strictly inside pass one
+    clamped = torch.where(inside, z, torch.clamp(z.detach(), -qmax, qmax))
+    return round_ste(clamped) * s
 
 
 def weight_codes(weight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:

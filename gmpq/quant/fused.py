@@ -32,6 +32,10 @@ Backends (:func:`set_backend`, or the ``GMPQ_FUSED_BACKEND`` environment variabl
   then ``eager``) with one warning if it fails to build. Under ``eager``, fixed-bit quantizers keep the autograd form
   of :mod:`gmpq.quant.functional` (the reference the fused kernels are tested against).
 
+Every entry point first checks that its tensors (input, weight, probabilities, clips, steps) share one device and
+raises :class:`~gmpq.errors.ModelError` naming them otherwise: a model partly on another device is a bug to fix,
+not a kernel failure to fall back from.
+
 No call moves data between host and device: per-candidate constants (levels, LSQ gradient scales) are cached device
 tensors, and every scalar stays on the device. Under autocast the mixtures are written directly in the autocast
 dtype (bf16), which the convolution then reads; all quantizer arithmetic is float32.
@@ -42,12 +46,14 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from gmpq.errors import ModelError
 from gmpq.quant import functional as QF
 
 BACKENDS = ("auto", "triton", "compile", "eager")
@@ -161,6 +167,17 @@ def set_backend(name: str) -> None:
     if name not in BACKENDS:
         raise ValueError(f"unknown fused-kernel backend {name!r}; choose one of {', '.join(BACKENDS)}")
     _backend = name
+
+
+@contextmanager
+def using_backend(name: str) -> Iterator[None]:
+    """Select backend ``name`` (:func:`set_backend`) within the context, and the previous selection after it."""
+    previous = _backend
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
 
 
 def get_backend(device: torch.device | str | None = None) -> str:
@@ -399,15 +416,34 @@ def _as_layout(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- autograd functions
 
 
+def _check_device(names: tuple[str, ...], *tensors: torch.Tensor | None) -> None:
+    """Raise :class:`~gmpq.errors.ModelError` unless every tensor given (``None``: absent) is on the device of the
+    first; ``names`` names them in order."""
+    device = tensors[0].device
+    if all(t is None or t.device == device for t in tensors):
+        return
+    where = ", ".join(f"{n} on {t.device}" for n, t in zip(names, tensors, strict=True) if t is not None)
+    raise ModelError(f"a quantized layer's tensors are on different devices ({where}); move the whole model and its "
+                     "inputs to one device (model.to(device)) before running it")
+
+
+_ACT = ("the input", "the activation probabilities", "the clips")
+_WEIGHT = ("the weight", "the weight probabilities", "the weight steps")
+_LAYER = ("the input", "the weight", "the bias", "the activation probabilities", "the clips",
+          "the weight probabilities", "the weight steps")
+
+
 def mixed_activation(x: torch.Tensor, probs: torch.Tensor, clip: torch.Tensor, bits: tuple[int, ...],
                      signed: bool) -> torch.Tensor:
     """``x_mix`` with the fused kernels and no stored intermediates (a standalone autograd function)."""
+    _check_device(_ACT, x, probs, clip)
     return _MixedActivation.apply(x, probs, clip, bits, signed, x.dtype)
 
 
 def mixed_weight(weight: torch.Tensor, probs: torch.Tensor, scales: torch.Tensor,
                  bits: tuple[int, ...]) -> torch.Tensor:
     """``W_mix`` with the fused kernels (a standalone autograd function)."""
+    _check_device(_WEIGHT, weight, probs, scales)
     return _MixedWeight.apply(weight, probs, scales, bits, weight.dtype)
 
 
@@ -415,6 +451,7 @@ def fake_quant_activation(x: torch.Tensor, clip: torch.Tensor, bits: int, signed
     """:func:`gmpq.quant.functional.quantize_activation` (same values and gradients): one fused kernel each way
     (``triton`` and ``compile`` backends), written in autocast's dtype where autocast is on; the autograd form under
     ``eager`` (the reference)."""
+    _check_device(_ACT[::2], x, clip)
     if get_backend(x.device) == "eager":
         return QF.quantize_activation(x, clip, bits, signed)
     return _MixedActivation.apply(x, _one(clip.device, clip.dtype), clip.reshape(1), (bits,), signed,
@@ -425,6 +462,7 @@ def fake_quant_weight(weight: torch.Tensor, scale: torch.Tensor, bits: int) -> t
     """:func:`gmpq.quant.functional.quantize_weight` (same values and gradients): one fused kernel each way
     (``triton`` and ``compile`` backends), written in autocast's dtype where autocast is on; the autograd form under
     ``eager`` (the reference)."""
+    _check_device(_WEIGHT[::2], weight, scale)
     if get_backend(weight.device) == "eager":
         return QF.quantize_weight(weight, scale, bits)
     return _MixedWeight.apply(weight, _one(scale.device, scale.dtype), scale.reshape(1, -1), (bits,),
@@ -469,6 +507,7 @@ def mixed_conv2d(
     stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int], groups: int,
 ) -> torch.Tensor:
     """``conv2d(x_mix, W_mix) + bias`` storing only ``x`` and ``W``; both mixtures are recomputed in backward."""
+    _check_device(_LAYER, x, weight, bias, probs_a, clip, probs_w, scales)
     return _MixedConv2d.apply(x, weight, bias, probs_a, clip, probs_w, scales,
                               (a_bits, w_bits, signed, tuple(stride), tuple(padding), tuple(dilation), groups),
                               operand_dtype(x))
@@ -479,6 +518,7 @@ def mixed_linear(
     probs_w: torch.Tensor, scales: torch.Tensor, a_bits: tuple[int, ...], w_bits: tuple[int, ...], signed: bool,
 ) -> torch.Tensor:
     """``linear(x_mix, W_mix) + bias`` storing only ``x`` and ``W``."""
+    _check_device(_LAYER, x, weight, bias, probs_a, clip, probs_w, scales)
     return _MixedLinear.apply(x, weight, bias, probs_a, clip, probs_w, scales, (a_bits, w_bits, signed),
                               operand_dtype(x))
 
