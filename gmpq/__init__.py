@@ -21,7 +21,7 @@ from gmpq.errors import (
     RecipeError,
     RunError,
 )
-from gmpq.hub import from_pretrained, push_to_hub, save_pretrained
+from gmpq.hub import export_onnx, from_pretrained, push_to_hub, save_pretrained
 from gmpq.models import (
     base_arch,
     create_model,
@@ -45,7 +45,7 @@ __all__ = [
     "expected_bops", "kept_layer_names", "layer_macs", "list_backbones", "quantizable_layers", "quantize",
     "register_backbone", "searchable_layer_names", "uniform_policy",
     "RunError", "compare_runs", "plot_compare", "plot_policies", "plot_search",
-    "from_pretrained", "push_to_hub", "save_pretrained",
+    "export_onnx", "from_pretrained", "push_to_hub", "save_pretrained",
     "search", "pretrain", "finetune", "evaluate", "run",
 ]
 
