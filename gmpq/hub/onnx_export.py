@@ -154,12 +154,15 @@ class OnnxExport:
 
 
 def require_onnx() -> tuple[Any, Any]:
-    """Import and return ``(onnx, onnxruntime)``, or raise a :class:`ModelError` saying how to install them."""
+    """Import and return ``(onnx, onnxruntime)`` (and check onnxscript), or raise a :class:`ModelError` saying how
+    to install them."""
     try:
         import onnx
         import onnxruntime
+        import onnxscript  # noqa: F401  (torch.onnx's exporter runs on it)
     except ImportError as e:
-        raise ModelError(f"ONNX export needs onnx and onnxruntime ({e.name} is missing); {_INSTALL_HINT}") from None
+        raise ModelError(f"ONNX export needs onnx, onnxruntime and onnxscript ({e.name} is missing); "
+                         f"{_INSTALL_HINT}") from None
     return onnx, onnxruntime
 
 
@@ -329,8 +332,9 @@ def _float_graph(model: nn.Module, layers: dict[str, QuantMixin], input_shape: t
                                         output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},), optimize=True,
                                         verbose=False)
     except Exception as e:  # torch.export / torch.onnx raise many types; report the first line and the arch
-        raise ModelError(f"torch.onnx cannot export {_arch(model)!r} at input [N, {', '.join(map(str, input_shape))}]"
-                         f" ({_first_line(e)}); a module of this network has no ONNX form") from None
+        raise ModelError(f"torch.onnx failed to export {_arch(model)!r} at input [N, "
+                         f"{', '.join(map(str, input_shape))}] ({_first_line(e)}); a module whose operation has no "
+                         "ONNX form must be replaced before exporting") from None
     return program.model_proto
 
 
