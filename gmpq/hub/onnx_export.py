@@ -100,7 +100,10 @@ class OnnxLayer:
         op: the ONNX operator computing it (``Conv`` or ``Gemm``).
         w_bits / a_bits: its bits (32 = float).
         weight: storage type of the weight codes, ``float`` for a float weight.
+        weight_codes: the codes gmpq's weight uses, ``[-Q_p, Q_p]`` (``None`` for a float weight).
         activation: storage type of the input's QDQ pair, ``float`` when the input is not quantized.
+        activation_codes: the codes gmpq's input quantizer uses, ``[0, n]`` or ``[-n, n]`` (``None`` when float):
+            a sub-range of the storage type's when the layer has fewer bits than its type.
         signed: the input quantizer's sign mode (``None`` for a float input).
         bounded: Max/Min nodes bound the input to gmpq's clipping range before its QuantizeLinear.
         bn_folded: a BatchNormalization was folded into the layer (its weight steps are ``gamma/sigma * s``).
@@ -111,7 +114,9 @@ class OnnxLayer:
     w_bits: int
     a_bits: int
     weight: str
+    weight_codes: tuple[int, int] | None
     activation: str
+    activation_codes: tuple[int, int] | None
     signed: bool | None
     bounded: bool
     bn_folded: bool
@@ -197,7 +202,7 @@ def export_onnx(
         opset: ONNX opset of the graph (>= 18; INT4 storage needs 21).
         low_bit_storage: ``"int4"`` stores <= 4-bit tensors as INT4/UINT4, ``"int8"`` as INT8/UINT8 with the
             narrower code range (for runtimes or opsets without 4-bit types).
-        name: the model's name on the card (default: the directory name).
+        name: the model's name on the card (default: the name in a loaded export's config, else the directory's).
 
     The graph is checked by ``onnx.checker`` and loaded by ONNX Runtime's CPU provider before anything is written;
     files are written atomically. Bad input raises :class:`~gmpq.errors.ModelError` naming the layer and the fix.
@@ -205,9 +210,9 @@ def export_onnx(
     onnx, _ = require_onnx()
     policy, layers = _check_model(model)
     _check_storage(layers, opset, low_bit_storage)
-    size = int(input_size or default_input_size(model))
-    if size <= 0:
-        raise ModelError(f"input_size must be a positive resolution, got {input_size!r}")
+    if input_size is not None and (isinstance(input_size, bool) or not isinstance(input_size, int) or input_size <= 0):
+        raise ModelError(f"input_size must be a positive resolution in pixels, got {input_size!r}")
+    size = input_size or default_input_size(model)
     in_chans = _in_channels(next(iter(layers.values())))
     proto = _float_graph(model, layers, (in_chans, size, size), opset)
     records = _quantize_graph(proto, layers, low_bit_storage)
@@ -228,8 +233,8 @@ def export_onnx(
     if card_path is not None:
         from gmpq.hub.onnx_runtime import kernel_report
 
-        atomic_write_text(card_path, render_card(export, model, policy, kernel_report(target),
-                                                 name or target.parent.resolve().name))
+        name = name or (getattr(model, "gmpq_config", None) or {}).get("name") or target.parent.resolve().name
+        atomic_write_text(card_path, render_card(export, model, policy, kernel_report(target), name))
     return export
 
 
@@ -409,6 +414,7 @@ def _quantize_graph(proto: Any, layers: dict[str, QuantMixin], low_bit_storage: 
         node.name = f"{name}/{node.op_type}"
         new_nodes: list[Any] = []
         weight_kind, act_kind, bounded = "float", "float", False
+        weight_range = act_range = None
         bn_folded = any(p.key == "pkg.onnxscript.rewriter.rule_name" and "FuseBatchNorm" in p.value
                         for p in node.metadata_props)
         if not layer.wq.is_float:
@@ -426,7 +432,7 @@ def _quantize_graph(proto: Any, layers: dict[str, QuantMixin], low_bit_storage: 
                 "DequantizeLinear", [f"{name}.weight_quantized", f"{name}.weight_scale", f"{name}.weight_zero_point"],
                 [f"{name}.weight_dequantized"], name=f"{name}/weight/DequantizeLinear", axis=0))
             node.input[1] = f"{name}.weight_dequantized"
-            weight_kind = kind.dtype
+            weight_kind, weight_range = kind.dtype, (kind.qmin, kind.qmax)
         if not layer.aq.is_float:
             signed = bool(layer.aq.signed)
             kind = storage(layer.a_bits, signed, low_bit_storage, weight=False)
@@ -452,12 +458,13 @@ def _quantize_graph(proto: Any, layers: dict[str, QuantMixin], low_bit_storage: 
                                  [f"{name}.input_dequantized"], name=f"{name}/input/DequantizeLinear"),
             ]
             node.input[0] = f"{name}.input_dequantized"
-            act_kind = kind.dtype
+            act_kind, act_range = kind.dtype, (kind.qmin, kind.qmax)
         position = list(graph.node).index(node)
         for offset, new in enumerate(new_nodes):
             graph.node.insert(position + offset, new)
-        records.append(OnnxLayer(name, node.op_type, layer.w_bits, layer.a_bits, weight_kind, act_kind,
-                                 None if layer.aq.is_float else bool(layer.aq.signed), bounded, bn_folded))
+        sign_mode = None if layer.aq.is_float else bool(layer.aq.signed)
+        records.append(OnnxLayer(name, node.op_type, layer.w_bits, layer.a_bits, weight_kind, weight_range, act_kind,
+                                 act_range, sign_mode, bounded, bn_folded))
     return records
 
 
