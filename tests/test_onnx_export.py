@@ -154,8 +154,8 @@ def test_tiny_w4a4_graph_stores_codes_and_steps_and_matches_gmpq(tmp_path: Path,
     meta = read_metadata(out.path)
     assert meta["layers"]["conv2"]["weight"] == ("int4" if low_bit_storage == "int4" else "int8")
     assert meta["layers"]["conv2"]["bn_folded"] and meta["layers"]["conv1"]["signed"]
-    assert meta["layers"]["conv2"]["weight_codes"] == [-7, 7] and meta["layers"]["conv2"]["activation_codes"] == [0, 15]
-    assert meta["layers"]["conv1"]["activation_codes"] == [-127, 127]
+    assert meta["layers"]["conv2"]["weight_range"] == [-7, 7] and meta["layers"]["conv2"]["activation_range"] == [0, 15]
+    assert meta["layers"]["conv1"]["activation_range"] == [-127, 127]
     assert meta["policy"] == model.gmpq_policy.to_dict() and meta["input_shape"] == ["batch", 3, 16, 16]
     x = torch.randn(64, 3, 16, 16)
     with torch.no_grad():

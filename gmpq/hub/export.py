@@ -92,17 +92,24 @@ def _check_exportable(model: nn.Module) -> Policy:
     if not isinstance(policy, Policy):
         raise ModelError("save_pretrained needs a model quantized by gmpq (gmpq.create_model(arch, policy=...) or "
                          "gmpq.quantize(model, policy)); this model has no gmpq_policy")
-    for name, m in quantizable_layers(model).items():
+    layers = quantizable_layers(model)
+    for name, m in layers.items():
         if not isinstance(m, QuantMixin):
             raise ModelError(f"layer {name!r} is a {type(m).__name__}, not a fixed-bit quantized layer; export a "
                              "model quantized with its policy (gmpq.quantize), not a float model or a search supernet")
+    check_calibrated(layers)
+    return policy
+
+
+def check_calibrated(layers: Mapping[str, QuantMixin]) -> None:
+    """Raise a :class:`ModelError` naming the first layer whose weight steps or activation clip were never set."""
+    for name, m in layers.items():
         if not m.wq.is_float and not bool(m.wq.initialized):
             raise ModelError(f"layer {name!r} has no weight steps yet; run gmpq.calibrate(model, batches) (or train "
                              "it) before exporting")
         if not m.aq.is_float and not bool(m.aq.calibrated):
             raise ModelError(f"layer {name!r} has an uncalibrated activation quantizer; run "
                              "gmpq.calibrate(model, batches) (or train it) before exporting")
-    return policy
 
 
 def _quantizer_keys(model: nn.Module) -> set[str]:

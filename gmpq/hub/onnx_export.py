@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 from gmpq.errors import ModelError
+from gmpq.hub.export import check_calibrated, weight_codes
 from gmpq.models import default_input_size, quantizable_layers
 from gmpq.policy import Policy
 from gmpq.quant import QConv2d, QLinear, QuantMixin, quantization_bypassed
@@ -100,9 +101,9 @@ class OnnxLayer:
         op: the ONNX operator computing it (``Conv`` or ``Gemm``).
         w_bits / a_bits: its bits (32 = float).
         weight: storage type of the weight codes, ``float`` for a float weight.
-        weight_codes: the codes gmpq's weight uses, ``[-Q_p, Q_p]`` (``None`` for a float weight).
+        weight_range: the codes gmpq's weight uses, ``[-Q_p, Q_p]`` (``None`` for a float weight).
         activation: storage type of the input's QDQ pair, ``float`` when the input is not quantized.
-        activation_codes: the codes gmpq's input quantizer uses, ``[0, n]`` or ``[-n, n]`` (``None`` when float):
+        activation_range: the codes gmpq's input quantizer uses, ``[0, n]`` or ``[-n, n]`` (``None`` when float):
             a sub-range of the storage type's when the layer has fewer bits than its type.
         signed: the input quantizer's sign mode (``None`` for a float input).
         bounded: Max/Min nodes bound the input to gmpq's clipping range before its QuantizeLinear.
@@ -114,9 +115,9 @@ class OnnxLayer:
     w_bits: int
     a_bits: int
     weight: str
-    weight_codes: tuple[int, int] | None
+    weight_range: tuple[int, int] | None
     activation: str
-    activation_codes: tuple[int, int] | None
+    activation_range: tuple[int, int] | None
     signed: bool | None
     bounded: bool
     bn_folded: bool
@@ -264,12 +265,7 @@ def _check_model(model: nn.Module) -> tuple[Policy, dict[str, QuantMixin]]:
                                  "(gmpq.quantize(float_model, policy), or the result of `gmpq finetune`)")
             raise ModelError(f"layer {name!r} is a {kind}, which has no ONNX QDQ form in gmpq; quantize it as a "
                              "gmpq QConv2d or QLinear (gmpq.quantize(model, policy)) before exporting")
-        if not m.wq.is_float and not bool(m.wq.initialized):
-            raise ModelError(f"layer {name!r} has no weight steps yet; run gmpq.calibrate(model, batches) (or train "
-                             "it) before exporting")
-        if not m.aq.is_float and not bool(m.aq.calibrated):
-            raise ModelError(f"layer {name!r} has an uncalibrated activation quantizer; run "
-                             "gmpq.calibrate(model, batches) (or train it) before exporting")
+    check_calibrated(layers)
     return policy, layers
 
 
@@ -309,13 +305,6 @@ def _in_channels(layer: nn.Module) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- float graph
-def _weight_codes(layer: QuantMixin) -> torch.Tensor:
-    """The integer codes ``q`` of the weight ``layer`` uses in its forward pass."""
-    from gmpq.hub.export import weight_codes
-
-    return weight_codes(layer)
-
-
 @torch.no_grad()
 def _float_graph(model: nn.Module, layers: dict[str, QuantMixin], input_shape: tuple[int, int, int],
                  opset: int) -> Any:
@@ -327,7 +316,7 @@ def _float_graph(model: nn.Module, layers: dict[str, QuantMixin], input_shape: t
     twin = copy.deepcopy(model).float().cpu().eval()
     for layer in quantizable_layers(twin).values():
         if not layer.wq.is_float:
-            q = _weight_codes(layer).float()
+            q = weight_codes(layer).float()
             layer.weight.copy_(q * layer.wq.scale.float().view(-1, *([1] * (q.dim() - 1))))
     example = torch.randn(2, *input_shape)
     batch = torch.export.Dim("batch", min=1)
@@ -387,6 +376,15 @@ def _folded_steps(name: str, exported: np.ndarray, codes: np.ndarray, steps: np.
     return codes, steps_out.astype(np.float32)
 
 
+def consumers_of(graph: Any) -> dict[str, list[Any]]:
+    """Value name -> the nodes of ``graph`` that read it, in graph order."""
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for value in node.input:
+            consumers.setdefault(value, []).append(node)
+    return consumers
+
+
 def _quantize_graph(proto: Any, layers: dict[str, QuantMixin], low_bit_storage: str) -> list[OnnxLayer]:
     """Replace each quantized layer's float weight by integer codes + DequantizeLinear and put a QDQ pair (bounded
     by Max/Min where needed) on its input; return what each layer got."""
@@ -394,10 +392,7 @@ def _quantize_graph(proto: Any, layers: dict[str, QuantMixin], low_bit_storage: 
 
     graph = proto.graph
     initializers = {t.name: t for t in graph.initializer}
-    consumers: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for value in node.input:
-            consumers.setdefault(value, []).append(node)
+    consumers = consumers_of(graph)
     records = []
     for name, layer in layers.items():
         weight_name = f"{name}.weight"
@@ -420,7 +415,7 @@ def _quantize_graph(proto: Any, layers: dict[str, QuantMixin], low_bit_storage: 
         if not layer.wq.is_float:
             kind = storage(layer.w_bits, True, low_bit_storage, weight=True)
             exported = numpy_helper.to_array(initializers[weight_name])
-            codes, steps = _folded_steps(name, exported, _weight_codes(layer).cpu().numpy().astype(np.int32),
+            codes, steps = _folded_steps(name, exported, weight_codes(layer).cpu().numpy().astype(np.int32),
                                          layer.wq.scale.detach().float().cpu().numpy())
             graph.initializer.remove(initializers[weight_name])
             graph.initializer.extend([

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gmpq.hub.onnx_export import INPUT_NAME, read_metadata, require_onnx
+from gmpq.hub.onnx_export import INPUT_NAME, consumers_of, read_metadata, require_onnx
 
 #: Operators of ONNX Runtime's CPU provider whose arithmetic is integer (8-bit operands, 32-bit accumulation).
 INTEGER_KERNELS = frozenset({"QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInteger",
@@ -107,10 +107,7 @@ def kernel_report(path: str | os.PathLike) -> list[LayerKernel]:
         optimized = Path(tmp) / "optimized.onnx"
         session(path, threads=1, optimized_path=optimized)
         graph = onnx.load_model(str(optimized), load_external_data=False).graph
-    consumers: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for value in node.input:
-            consumers.setdefault(value, []).append(node)
+    consumers = consumers_of(graph)
     report = []
     for name, info in layers.items():
         weight = f"{name}.weight" if info.get("weight") == "float" else f"{name}.weight_quantized"
