@@ -142,6 +142,7 @@ def expected_bops(
         w_probs, a_probs: [L, K_w] and [L, K_a] bit probabilities (rows of softmax(alpha)).
         w_bits, a_bits: [K_w] and [K_a] candidate bit widths.
     """
-    expected_w = w_probs @ w_bits.to(w_probs.dtype)
-    expected_a = a_probs @ a_bits.to(a_probs.dtype)
+    # elementwise products and sums, not matrix products: autocast leaves them in the probabilities' precision
+    expected_w = (w_probs * w_bits.to(w_probs.dtype)).sum(-1)
+    expected_a = (a_probs * a_bits.to(a_probs.dtype)).sum(-1)
     return (macs.to(w_probs.dtype) * expected_w * expected_a).sum() / GIGA
