@@ -181,7 +181,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="ONNX Runtime intra-op threads")
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per variant and batch size")
-    parser.add_argument("--models", nargs="+", choices=("hub", "resnet18"), default=["hub", "resnet18"])
+    parser.add_argument("--models", nargs="*", choices=("hub", "resnet18"), default=["hub", "resnet18"],
+                        help="models to time (none with --parity: parity only)")
     parser.add_argument("--parity", action="store_true", help="also measure parity on the hub model's held-out split")
     parser.add_argument("--json", type=Path, help="write all results (per-layer kernels included) to this file")
     args = parser.parse_args()
@@ -203,7 +204,8 @@ def main() -> None:
               "results": results, **extra}
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
-    print(markdown(results))
+    if results:
+        print(markdown(results))
     if extra:
         print(json.dumps(extra, indent=2))
 
