@@ -77,12 +77,13 @@ def cmd_bops(args: argparse.Namespace) -> int:
 
 
 def cmd_backbones(args: argparse.Namespace) -> int:
-    """``gmpq backbones``: the registered backbones."""
-    from gmpq.models import get_backbone, list_backbones
+    """``gmpq backbones``: the CIFAR variants gmpq registers in timm (any other timm name works too)."""
+    from gmpq.models import base_arch, list_cifar_variants, model_data_config
+    from gmpq.models.cifar import VARIANTS
 
-    for name in list_backbones():
-        entry = get_backbone(name)
-        print(f"{name:<24} base={entry.base:<18} input={entry.input_size:<4} {entry.description}")
+    for name in list_cifar_variants():
+        size = model_data_config(name).input_size
+        print(f"{name:<24} base={base_arch(name):<18} input={size:<4} {VARIANTS[name][1]}")
     return 0
 
 
@@ -114,46 +115,27 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _quantized_model(source: str):
-    """The quantized model of a fine-tune run (run, stage or model directory) or of an export (directory or Hub id)."""
-    from pathlib import Path
-
-    from gmpq.hub.export import trained_model_dir
-    from gmpq.hub.format import CONFIG_FILE
-    from gmpq.hub.load import from_pretrained
-
-    try:
-        model_dir = trained_model_dir(source)
-    except GmpqError:
-        if Path(source).exists() and not (Path(source) / CONFIG_FILE).is_file():
-            raise
-        return from_pretrained(source)
-    from gmpq.train.checkpoint import load_quantized_model
-
-    return load_quantized_model(model_dir)
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     """``gmpq export RUN_OR_MODEL --out DIR [--format packed|float|onnx]``: packed low-bit safetensors + policy +
     config + model card, or an ONNX QDQ graph + model card."""
-    from gmpq.hub.export import export_report_dict, export_trained
+    from gmpq.hub.export import export_report_dict
+    from gmpq.hub.onnx_export import DEFAULT_OPSET
+    from gmpq.pipeline import export_run, export_run_onnx
 
     onnx_only = {"--input-size": args.input_size, "--opset": args.opset, "--low-bit-storage": args.low_bit_storage}
     if args.format == "onnx":
-        from gmpq.hub.onnx_export import DEFAULT_OPSET, export_onnx
-
         if args.repo_id or args.bops_input_size:
             raise ModelError("--repo-id and --bops-input-size apply to the safetensors formats; --format onnx takes "
                              "--input-size, --opset and --low-bit-storage")
-        onnx_report = export_onnx(_quantized_model(args.source), args.out, input_size=args.input_size,
-                                  opset=args.opset or DEFAULT_OPSET, low_bit_storage=args.low_bit_storage or "int4",
-                                  name=args.name)
+        onnx_report = export_run_onnx(args.source, args.out, input_size=args.input_size,
+                                      opset=args.opset or DEFAULT_OPSET,
+                                      low_bit_storage=args.low_bit_storage or "int4", name=args.name)
         print(json.dumps(onnx_report.to_dict(), indent=2) if args.json else onnx_report.summary())
         return 0
     given = [flag for flag, value in onnx_only.items() if value is not None]
     if given:
         raise ModelError(f"{', '.join(given)} apply to --format onnx only")
-    report = export_trained(args.source, args.out, format=args.format, name=args.name,
+    report = export_run(args.source, args.out, format=args.format, name=args.name,
                             bops_input_size=args.bops_input_size, repo_id=args.repo_id)
     print(json.dumps(export_report_dict(report), indent=2) if args.json else report.summary())
     return 0
@@ -199,7 +181,7 @@ def _print_metrics(metrics: dict, as_json: bool) -> None:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     """``gmpq pretrain RECIPE [key=value ...]``: full-precision training (the search's teacher)."""
     from gmpq.recipes import load_recipe
-    from gmpq.train import pretrain
+    from gmpq.stages import pretrain
 
     _print_metrics(pretrain(load_recipe(args.recipe, args.overrides)), args.json)
     return 0
@@ -208,7 +190,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     """``gmpq finetune RECIPE [key=value ...]``: calibrate and quantization-aware fine-tune a policy."""
     from gmpq.recipes import load_recipe
-    from gmpq.train import finetune
+    from gmpq.stages import finetune
 
     _print_metrics(finetune(load_recipe(args.recipe, args.overrides)), args.json)
     return 0
@@ -217,7 +199,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     """``gmpq search RECIPE [key=value ...]``: mixed-precision search under ``search.budget_g``; writes policy.json."""
     from gmpq.recipes import load_recipe
-    from gmpq.search import search
+    from gmpq.stages import search
 
     metrics = search(load_recipe(args.recipe, args.overrides))
     if args.json:
@@ -235,9 +217,9 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``gmpq evaluate RECIPE|DIR [key=value ...]``: top-1/top-5, BOPs and size of a run's or a directory's model."""
-    from gmpq.train import evaluate_stage
+    from gmpq.stages import evaluate
 
-    _print_metrics(evaluate_stage(args.target, args.overrides), args.json)
+    _print_metrics(evaluate(args.target, args.overrides), args.json)
     return 0
 
 
@@ -252,7 +234,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from gmpq import __version__
+    from gmpq.version import __version__
 
     parser = argparse.ArgumentParser(prog="gmpq", description="Generalizable mixed-precision quantization for timm CNNs.")
     parser.add_argument("--version", action="version", version=f"gmpq {__version__}")
@@ -272,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--input-size", type=_positive_int, default=None, help="input resolution (default: native)")
         p.add_argument("--num-classes", type=_positive_int, default=1000, help="classifier outputs (default 1000)")
         p.add_argument("--json", action="store_true", help="print one JSON object")
-    verb("backbones", cmd_backbones, "list the registered backbones")
+    verb("backbones", cmd_backbones, "list the CIFAR variants gmpq adds to timm's registry")
     p = verb("plot", cmd_plot, "draw policies (per-layer W/A bits) or a search run (BOPs, bit probabilities)")
     p.add_argument("policies", nargs="*", metavar="POLICY.json", help="policy files, one panel each")
     p.add_argument("--search", metavar="RUN_DIR", help="a search output_dir (or its search_log.jsonl) instead")

@@ -20,10 +20,11 @@ import gmpq
 from gmpq.cli import main
 from gmpq.data import ImageDataset, build_transform, get_dataset_spec, load_split
 from gmpq.errors import ModelError
-from gmpq.hub.export import weight_codes
-from gmpq.hub.onnx_export import read_metadata, storage
+from gmpq.hub.export import weight_codes, write_model_dir
+from gmpq.hub.onnx_export import storage
+from gmpq.hub.onnx_graph import read_metadata
 from gmpq.hub.onnx_runtime import kernel_report, onnx_parity, session
-from gmpq.models.registry import CIFAR_MEAN, CIFAR_STD
+from gmpq.models.cifar import CIFAR_MEAN, CIFAR_STD
 from gmpq.quant import to_mixed
 
 HUB_MODEL = "hub/mobilenetv2_050_cifar-gmpq-embedded"
@@ -218,12 +219,15 @@ def test_a_failed_write_leaves_nothing_half_written(tmp_path: Path, monkeypatch:
 
 @pytest.fixture(scope="module")
 def hub_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("onnx") / "hub-onnx"
-    assert main(["export", HUB_MODEL, "--format", "onnx", "--out", str(out)]) == 0
-    return out
+    """`gmpq export RUN --format onnx` of a run whose fine-tuned model is the hub model (written as `gmpq finetune`
+    writes its model directory): the run's model goes through the one loader into the graph."""
+    root = tmp_path_factory.mktemp("onnx")
+    write_model_dir(gmpq.from_pretrained(HUB_MODEL), root / "run" / "finetune" / "model")
+    assert main(["export", str(root / "run"), "--format", "onnx", "--out", str(root / "hub-onnx")]) == 0
+    return root / "hub-onnx"
 
 
-def test_cli_exports_the_hub_model_with_its_policy_and_a_three_line_card(hub_export: Path) -> None:
+def test_cli_exports_a_run_with_its_policy_and_a_three_line_card(hub_export: Path) -> None:
     assert sorted(p.name for p in hub_export.iterdir()) == ["README.md", "model.onnx"]
     model = gmpq.from_pretrained(HUB_MODEL)
     meta = read_metadata(hub_export / "model.onnx")
@@ -249,6 +253,14 @@ def test_cli_refuses_int4_at_an_old_opset_with_one_line(tmp_path: Path, capsys: 
     assert main(["export", HUB_MODEL, "--opset", "21", "--out", str(tmp_path / "y")]) == 2
     assert "--opset apply to --format onnx only" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_cli_export_of_a_directory_without_a_quantized_model_is_one_line(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    assert main(["export", str(tmp_path), "--format", "onnx", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gmpq: error: no quantized model found at") and "\n" not in err
+    assert not (tmp_path / "x").exists()
 
 
 def test_hub_model_parity_on_its_held_out_split(hub_export: Path) -> None:

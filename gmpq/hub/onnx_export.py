@@ -55,11 +55,14 @@ from torch import nn
 
 from gmpq.errors import ModelError
 from gmpq.hub.export import check_calibrated, weight_codes
+from gmpq.hub.onnx_graph import INPUT_NAME, OUTPUT_NAME, consumers_of, require_onnx
+from gmpq.hub.onnx_runtime import kernel_report
 from gmpq.models import default_input_size, quantizable_layers
 from gmpq.policy import Policy
 from gmpq.quant import QConv2d, QLinear, QuantMixin, quantization_bypassed
 from gmpq.quant import functional as QF
 from gmpq.utils import atomic_write, atomic_write_text
+from gmpq.version import __version__
 
 #: Opset of the export by default: the first with INT4/UINT4 QuantizeLinear/DequantizeLinear.
 DEFAULT_OPSET = 21
@@ -71,9 +74,6 @@ FORMAT_NAME = "gmpq-onnx-qdq"
 FORMAT_VERSION = 1
 ONNX_FILE = "model.onnx"
 CARD_FILE = "README.md"
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
-_INSTALL_HINT = 'install the ONNX extra: pip install "gmpq[onnx]" (or pip install onnx onnxruntime onnxscript)'
 
 
 @dataclass(frozen=True)
@@ -159,19 +159,6 @@ class OnnxExport:
         return data
 
 
-def require_onnx() -> tuple[Any, Any]:
-    """Import and return ``(onnx, onnxruntime)`` (and check onnxscript), or raise a :class:`ModelError` saying how
-    to install them."""
-    try:
-        import onnx
-        import onnxruntime
-        import onnxscript  # noqa: F401  (torch.onnx's exporter runs on it)
-    except ImportError as e:
-        raise ModelError(f"ONNX export needs onnx, onnxruntime and onnxscript ({e.name} is missing); "
-                         f"{_INSTALL_HINT}") from None
-    return onnx, onnxruntime
-
-
 def storage(bits: int, signed: bool, low_bit_storage: str, weight: bool) -> Storage:
     """The storage of a ``bits``-bit tensor: its type and gmpq's code range in it.
 
@@ -232,8 +219,6 @@ def export_onnx(
     atomic_write(target, lambda tmp: onnx.save_model(proto, str(tmp)))
     export = OnnxExport(target, card_path, target.stat().st_size, opset, (in_chans, size, size), tuple(records))
     if card_path is not None:
-        from gmpq.hub.onnx_runtime import kernel_report
-
         name = name or (getattr(model, "gmpq_config", None) or {}).get("name") or target.parent.resolve().name
         atomic_write_text(card_path, render_card(export, model, policy, kernel_report(target), name))
     return export
@@ -376,15 +361,6 @@ def _folded_steps(name: str, exported: np.ndarray, codes: np.ndarray, steps: np.
     return codes, steps_out.astype(np.float32)
 
 
-def consumers_of(graph: Any) -> dict[str, list[Any]]:
-    """Value name -> the nodes of ``graph`` that read it, in graph order."""
-    consumers: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for value in node.input:
-            consumers.setdefault(value, []).append(node)
-    return consumers
-
-
 def _quantize_graph(proto: Any, layers: dict[str, QuantMixin], low_bit_storage: str) -> list[OnnxLayer]:
     """Replace each quantized layer's float weight by integer codes + DequantizeLinear and put a QDQ pair (bounded
     by Max/Min where needed) on its input; return what each layer got."""
@@ -468,8 +444,6 @@ def _annotate(proto: Any, model: nn.Module, policy: Policy, records: list[OnnxLa
               input_shape: tuple[int, int, int]) -> None:
     """Model metadata: the policy JSON, per-layer storage, arch, input shape, normalisation; node metadata (torch's
     stack traces with local file paths) is dropped."""
-    from gmpq import __version__
-
     for node in proto.graph.node:
         del node.metadata_props[:]
     for value in (*proto.graph.input, *proto.graph.output, *proto.graph.value_info):
@@ -496,21 +470,6 @@ def _annotate(proto: Any, model: nn.Module, policy: Policy, records: list[OnnxLa
     proto.producer_name, proto.producer_version = "gmpq", __version__
     proto.doc_string = (f"{_arch(model)} quantized by gmpq: integer weights with per-channel steps and "
                         "QuantizeLinear/DequantizeLinear activations at each layer's bits; see metadata gmpq.*")
-
-
-def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The gmpq metadata of an exported ``.onnx`` file, JSON fields decoded (``policy``, ``layers``, ...)."""
-    onnx, _ = require_onnx()
-    proto = onnx.load_model(str(path), load_external_data=False)
-    out: dict[str, Any] = {}
-    for entry in proto.metadata_props:
-        if entry.key.startswith("gmpq."):
-            key = entry.key.removeprefix("gmpq.")
-            try:
-                out[key] = json.loads(entry.value)
-            except json.JSONDecodeError:
-                out[key] = entry.value
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------- card
@@ -574,8 +533,6 @@ def render_card(export: OnnxExport, model: nn.Module, policy: Policy, kernels: l
         kernel = "-" if k is None else f"{k.kernel} ({'integer' if k.integer else 'float'})"
         lines.append(f"| `{r.name}` | {r.op} | {_bits(r.w_bits)} | {_bits(r.a_bits)} | {r.weight} | "
                      f"{r.activation}{' (bounded)' if r.bounded else ''} | {kernel} |")
-    from gmpq import __version__
-
     lines += ["", f"Made with gmpq {__version__} from the policy in the graph's `gmpq.policy` metadata "
                   f"({len(policy.layers)} searched and {len(policy.kept)} kept layers).", ""]
     return "\n".join(lines)

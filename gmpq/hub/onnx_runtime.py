@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gmpq.hub.onnx_export import INPUT_NAME, consumers_of, read_metadata, require_onnx
+from gmpq.hub.onnx_graph import INPUT_NAME, consumers_of, read_metadata, require_onnx
 
 #: Operators of ONNX Runtime's CPU provider whose arithmetic is integer (8-bit operands, 32-bit accumulation).
 INTEGER_KERNELS = frozenset({"QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInteger",

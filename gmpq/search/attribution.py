@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gmpq.models import classifier, gap_linear_classifier
 from gmpq.quant import QuantMixin, fused, quantization_bypassed
 from gmpq.quant.fused import activation_ste_mask
 from gmpq.quant.mixed import MixedLinear
@@ -44,25 +45,17 @@ MIN_ATTRIBUTION_SIZE = 4
 def linear_head(model: nn.Module) -> nn.Linear | None:
     """The classifier of ``model`` if its head is verified to be global average pooling + that linear layer.
 
-    Structure: a timm ``global_pool`` averaging (``pool_type='avg'``) with flattening, no head dropout, and a
-    ``get_classifier()`` that is an ``nn.Linear`` (float, quantized or mixed). Behaviour: ``forward_head(F)`` must equal
-    ``classifier(mean_hw F)`` on a random probe (evaluation mode, quantizers bypassed). Otherwise ``None``.
+    Structure: declared GAP + linear by the model (:func:`gmpq.models.gap_linear_classifier`). Behaviour:
+    ``forward_head(F)`` must equal ``classifier(mean_hw F)`` on a random probe (evaluation mode, quantizers
+    bypassed). Otherwise ``None``.
     """
-    pool = getattr(model, "global_pool", None)
-    get_classifier = getattr(model, "get_classifier", None)
-    if pool is None or get_classifier is None or not hasattr(model, "forward_head"):
+    head = gap_linear_classifier(model)
+    if head is None:
         return None
-    avg = isinstance(pool, nn.AdaptiveAvgPool2d) or getattr(pool, "pool_type", None) == "avg"
-    if not avg or float(getattr(model, "drop_rate", 0.0) or 0.0) > 0:
-        return None
-    head = get_classifier()
-    if not isinstance(head, nn.Linear):
-        return None
-    features = getattr(model, "num_features", head.in_features)
     was_training = model.training
     model.eval()
     try:
-        probe = torch.randn(2, features, 3, 3, generator=torch.Generator().manual_seed(0)).to(head.weight)
+        probe = torch.randn(2, head.in_features, 3, 3, generator=torch.Generator().manual_seed(0)).to(head.weight)
         with torch.no_grad(), quantization_bypassed():
             expected = model.forward_head(probe)
             closed = head(probe.mean((2, 3)))
@@ -178,7 +171,7 @@ class AttributionModel(nn.Module):
         if (method or self.method) == "closed":
             if method == "closed" and self.method != "closed":
                 raise ValueError("this model's head has no closed-form Grad-CAM")
-            head = self.model.get_classifier()
+            head = classifier(self.model)
             pooled = features.mean((2, 3))
             logits = head(pooled)
             classes = logits.detach().argmax(1)
