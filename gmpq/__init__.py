@@ -24,7 +24,7 @@ from gmpq.errors import (
     RunError,
     StorageError,
 )
-from gmpq.hub import from_pretrained, push_to_hub, save_pretrained
+from gmpq.hub import export_onnx, from_pretrained, push_to_hub, save_pretrained
 from gmpq.models import (
     base_arch,
     create_model,
@@ -46,7 +46,7 @@ __all__ = [
     "expected_bops", "kept_layer_names", "layer_macs", "list_cifar_variants", "quantizable_layers", "quantize",
     "searchable_layer_names", "uniform_policy",
     "RunError", "StorageError", "compare_runs", "plot_compare", "plot_policies", "plot_search",
-    "from_pretrained", "push_to_hub", "save_pretrained",
+    "export_onnx", "from_pretrained", "push_to_hub", "save_pretrained",
     "search", "pretrain", "finetune", "evaluate", "run",
 ]
 

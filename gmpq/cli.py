@@ -125,10 +125,25 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """``gmpq export RUN_DIR --out DIR``: packed low-bit safetensors + policy + config + model card."""
+    """``gmpq export RUN_OR_MODEL --out DIR [--format packed|float|onnx]``: packed low-bit safetensors + policy +
+    config + model card, or an ONNX QDQ graph + model card."""
     from gmpq.hub.export import export_report_dict
-    from gmpq.pipeline import export_run
+    from gmpq.hub.onnx_export import DEFAULT_OPSET
+    from gmpq.pipeline import export_run, export_run_onnx
 
+    onnx_only = {"--input-size": args.input_size, "--opset": args.opset, "--low-bit-storage": args.low_bit_storage}
+    if args.format == "onnx":
+        if args.repo_id or args.bops_input_size:
+            raise ModelError("--repo-id and --bops-input-size apply to the safetensors formats; --format onnx takes "
+                             "--input-size, --opset and --low-bit-storage")
+        onnx_report = export_run_onnx(args.source, args.out, input_size=args.input_size,
+                                      opset=args.opset or DEFAULT_OPSET,
+                                      low_bit_storage=args.low_bit_storage or "int4", name=args.name)
+        print(json.dumps(onnx_report.to_dict(), indent=2) if args.json else onnx_report.summary())
+        return 0
+    given = [flag for flag, value in onnx_only.items() if value is not None]
+    if given:
+        raise ModelError(f"{', '.join(given)} apply to --format onnx only")
     report = export_run(args.source, args.out, format=args.format, name=args.name,
                             bops_input_size=args.bops_input_size, repo_id=args.repo_id)
     print(json.dumps(export_report_dict(report), indent=2) if args.json else report.summary())
@@ -282,11 +297,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="x axis: BOPs of the searched layers (default) or of all layers")
     p.add_argument("--json", action="store_true", help="print one JSON list instead of the table")
     p = verb("export", cmd_export, "export a fine-tuned quantized model: packed low-bit safetensors, policy, config, "
-                                   "model card")
-    p.add_argument("source", metavar="RUN_DIR", help="a fine-tune run, its finetune/ stage or its model/ directory")
+                                   "model card; or an ONNX QDQ graph for ONNX Runtime / TensorRT / OpenVINO")
+    p.add_argument("source", metavar="RUN_OR_MODEL",
+                   help="a fine-tune run, its finetune/ stage or its model/ directory; with --format onnx also an "
+                        "exported model (hub/<name>, an export directory or a Hub repo id)")
     p.add_argument("--out", required=True, metavar="DIR", help="export directory (e.g. hub/<name>)")
-    p.add_argument("--format", choices=("packed", "float"), default="packed",
-                   help="packed integer codes (default) or dequantized float weights")
+    p.add_argument("--format", choices=("packed", "float", "onnx"), default="packed",
+                   help="packed integer codes (default), dequantized float weights, or an ONNX graph with integer "
+                        "weights and QuantizeLinear/DequantizeLinear activations (needs gmpq[onnx])")
+    p.add_argument("--input-size", type=_positive_int, help="onnx: input resolution of the graph (default: native)")
+    p.add_argument("--opset", type=_positive_int, help="onnx: ONNX opset (default 21; INT4 storage needs 21)")
+    p.add_argument("--low-bit-storage", choices=("int4", "int8"),
+                   help="onnx: store <= 4-bit tensors as INT4/UINT4 (default) or in 8-bit types")
     p.add_argument("--name", help="model name on the card (default: the directory name)")
     p.add_argument("--bops-input-size", type=_positive_int, help="resolution for BOPs (default: the model's native)")
     p.add_argument("--repo-id", help="id in the card's loading snippet (default: the --out path)")

@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from gmpq.errors import ModelError, RecipeError
-from gmpq.hub import ExportReport, load_model_dir, save_pretrained
+from gmpq.hub import ExportReport, OnnxExport, export_onnx, from_pretrained, load_model_dir, save_pretrained
 from gmpq.hub.format import read_config, read_json
+from gmpq.hub.onnx_export import DEFAULT_OPSET
 from gmpq.models import base_arch, create_model
 from gmpq.recipes import Recipe
 from gmpq.rundir import RunDir, StageDir
@@ -175,16 +176,37 @@ def export_run(
     description states how the model was trained. ``figures`` and ``comparison`` go to the card as in
     :func:`gmpq.save_pretrained`.
     """
-    model_dir = find_model_dir(source, quantized=True)
-    if model_dir is None:
-        raise ModelError(f"no quantized model found at {str(source)!r} (neither a quantized model directory nor a run "
-                         "or stage holding one); export the result of `gmpq finetune`")
+    model_dir = _quantized_model_dir(source)
     model = load_model_dir(model_dir)
     cfg = read_config(model_dir)
     stage = StageDir.holding(model_dir)
     return save_pretrained(model, save_dir, format=format, name=name, bops_input_size=bops_input_size,
                            description=_training_description(stage, cfg), repo_id=repo_id, figures=figures,
                            comparison=comparison, data=cfg.get("data"), **_measured_accuracy(model_dir, stage, cfg))
+
+
+def export_run_onnx(
+    source: str | os.PathLike, save_dir: str | os.PathLike, *, input_size: int | None = None,
+    opset: int = DEFAULT_OPSET, low_bit_storage: str = "int4", name: str | None = None,
+) -> OnnxExport:
+    """The ONNX QDQ graph and card (:func:`gmpq.export_onnx`) of the quantized model of a run (run dir, ``finetune``
+    stage dir or its ``model`` dir), of any quantized gmpq model directory (e.g. an export), or of a published model
+    (``hub/<name>`` of the checkout or a Hugging Face repo id) — ``gmpq export --format onnx``."""
+    if find_model_dir(source, quantized=True) is None and not Path(source).expanduser().exists():
+        model = from_pretrained(source)
+    else:
+        model = load_model_dir(_quantized_model_dir(source))
+    return export_onnx(model, save_dir, input_size=input_size, opset=opset, low_bit_storage=low_bit_storage,
+                       name=name)
+
+
+def _quantized_model_dir(source: str | os.PathLike) -> Path:
+    """The quantized model directory ``source`` means (itself, or the model of a stage or run holding one)."""
+    model_dir = find_model_dir(source, quantized=True)
+    if model_dir is None:
+        raise ModelError(f"no quantized model found at {str(source)!r} (neither a quantized model directory nor a run "
+                         "or stage holding one); export the result of `gmpq finetune`")
+    return model_dir
 
 
 def _measured_accuracy(model_dir: Path, stage: StageDir | None, cfg: Mapping[str, Any]) -> dict[str, Any]:

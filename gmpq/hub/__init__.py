@@ -7,16 +7,18 @@ models only.
     report = gmpq.save_pretrained(model, "hub/my-model", dataset="cifar10", top1=88.1)   # packed + model card
     model = gmpq.from_pretrained("hub/my-model")            # any gmpq model directory, or a Hub repo id: "user/my-model"
     gmpq.push_to_hub("hub/my-model", "user/my-model")
+    gmpq.export_onnx(model, "onnx/my-model")                 # ONNX QDQ graph + card (pip install "gmpq[onnx]")
 """
 
 from gmpq.hub.export import ExportReport, push_to_hub, save_pretrained, write_model_dir
 from gmpq.hub.format import is_model_dir
 from gmpq.hub.index import HubEntry, list_hub, update_index
 from gmpq.hub.load import from_pretrained, load_model_dir, read_state_dict, resolve_model_dir
+from gmpq.hub.onnx_export import OnnxExport, export_onnx
 from gmpq.hub.packing import pack_codes, packed_nbytes, unpack_codes
 
 __all__ = [
-    "ExportReport", "HubEntry", "from_pretrained", "is_model_dir", "list_hub", "load_model_dir", "pack_codes",
-    "packed_nbytes", "push_to_hub", "read_state_dict", "resolve_model_dir", "save_pretrained", "unpack_codes",
-    "update_index", "write_model_dir",
+    "ExportReport", "HubEntry", "OnnxExport", "export_onnx", "from_pretrained", "is_model_dir", "list_hub",
+    "load_model_dir", "pack_codes", "packed_nbytes", "push_to_hub", "read_state_dict", "resolve_model_dir",
+    "save_pretrained", "unpack_codes", "update_index", "write_model_dir",
 ]

@@ -99,10 +99,17 @@ def _check_exportable(model: nn.Module) -> Policy:
 
 
 def _check_quantized_layers(model: nn.Module) -> None:
-    for name, m in quantizable_layers(model).items():
+    layers = quantizable_layers(model)
+    for name, m in layers.items():
         if not isinstance(m, QuantMixin):
             raise ModelError(f"layer {name!r} is a {type(m).__name__}, not a fixed-bit quantized layer; export a "
                              "model quantized with its policy (gmpq.quantize), not a float model or a search supernet")
+    check_calibrated(layers)
+
+
+def check_calibrated(layers: Mapping[str, QuantMixin]) -> None:
+    """Raise a :class:`ModelError` naming the first layer whose weight steps or activation clip were never set."""
+    for name, m in layers.items():
         if not m.wq.is_float and not bool(m.wq.initialized):
             raise ModelError(f"layer {name!r} has no weight steps yet; run gmpq.calibrate(model, batches) (or train "
                              "it) before exporting")
