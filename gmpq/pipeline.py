@@ -48,10 +48,12 @@ class RunResult:
     figures: list[Path] = field(default_factory=list)
 
 
-def target_recipe(recipe: Recipe) -> Recipe:
+def target_recipe(recipe: Recipe, require_weights: bool = True) -> Recipe:
     """The recipe of the target stages (finetune, evaluate, export): ``recipe`` with its ``target`` section applied.
 
-    Without ``target.dataset`` the target is the proxy itself and the recipe is returned unchanged.
+    Without ``target.dataset`` the target is the proxy itself and the recipe is returned unchanged. With
+    ``require_weights`` (the default) a target model without float weights (no ``target.checkpoint``, not
+    ``target.pretrained``) is refused; a study turns it off to train the target's float model.
     """
     t = recipe.target
     if t.dataset is None:
@@ -61,8 +63,9 @@ def target_recipe(recipe: Recipe) -> Recipe:
                          checkpoint=t.checkpoint, pretrained=t.pretrained, num_classes=None)
     data["data"].update(dataset=t.dataset, path=t.path, input_size=t.input_size, train_split=t.train_split,
                         eval_split=t.eval_split, batch_size=t.batch_size or recipe.data.batch_size,
-                        max_train_samples=t.max_train_samples, max_eval_samples=t.max_eval_samples)
-    if t.checkpoint is None and not t.pretrained:
+                        max_train_samples=t.max_train_samples, max_eval_samples=t.max_eval_samples,
+                        holdout=t.holdout)
+    if require_weights and t.checkpoint is None and not t.pretrained:
         raise RecipeError("target.dataset is set but the target model has no float weights: set target.pretrained=true "
                           "or target.checkpoint")
     return Recipe.from_dict(data)

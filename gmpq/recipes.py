@@ -75,6 +75,8 @@ class DataConfig:
     max_train_samples: int | None = _f(None, gt=0, doc="use only the first N training samples (after shuffling "
                                                        "with the recipe seed)")
     max_eval_samples: int | None = _f(None, gt=0, doc="use only the first N evaluation samples")
+    holdout: int | None = _f(None, gt=0, doc="hold N training samples out of training as split 'holdout' (the same "
+                                             "fixed slice for every seed); evaluate on it with eval_split=holdout")
 
 
 @dataclass
@@ -120,6 +122,8 @@ class SearchConfig:
     """The mixed-precision search (EdMIPS supernet with GMPQ's attribution loss)."""
 
     strategy: Literal["gmpq", "edmips", "uniform"] = _f("gmpq", doc="gmpq | edmips | uniform")
+    uniform_side: Literal["below", "above"] = _f("below", doc="strategy uniform: the nearest uniform policy at or below "
+                                                           "the budget, or the nearest one above it")
     budget_g: float | None = _f(None, gt=0, doc="searched-layer BOPs budget in G at the deployment size "
                                                "(required when searching)")
     bits: list[int] = _f(factory=lambda: [2, 3, 4, 6], doc="candidate bit widths")
@@ -173,6 +177,7 @@ class TargetConfig:
     batch_size: int | None = _f(None, gt=0, doc="global fine-tuning batch on the target; None = data.batch_size")
     max_train_samples: int | None = _f(None, gt=0, doc="use only the first N target training samples")
     max_eval_samples: int | None = _f(None, gt=0, doc="use only the first N target evaluation samples")
+    holdout: int | None = _f(None, gt=0, doc="hold N target training samples out as split 'holdout' (see data.holdout)")
     pretrained: bool = _f(False, doc="initialise the target model from timm's pretrained weights")
     checkpoint: str | None = _f(None, doc="float checkpoint of the target model; None = pretrained or the pretrain "
                                            "output when the target is the proxy")
