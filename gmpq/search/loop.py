@@ -129,7 +129,7 @@ def search(recipe: Recipe, attribution: Method = "auto") -> SearchResult:
     check_budget(space, budget)
     write_run_info(out, recipe, accelerator)
     if not strategy.trains_supernet:
-        decoded = strategy.decode(space, budget)
+        decoded = strategy.decode(space, budget, uniform_side=cfg.uniform_side)
         policy = space.policy(decoded.choices, _provenance(recipe, strategy, space, budget, decoded, p=None))
         metrics = _metrics(recipe, strategy, space, budget, decoded, accelerator, t0, epochs=0, resumed_from=None)
         _write_outputs(out, policy, {}, space, metrics, accelerator)
@@ -350,6 +350,7 @@ def _provenance(recipe: Recipe, strategy: Strategy, space: SearchSpace, budget: 
         "proxy_dataset": recipe.data.dataset, "proxy_input_size": recipe.data.input_size,
         "search_arch": space.arch, "epochs": cfg.epochs if strategy.trains_supernet else 0, "seed": recipe.seed,
         "recipe": recipe.name, "gmpq_version": __version__,
+        **({"uniform_side": cfg.uniform_side} if strategy.name == "uniform" else {}),
     }
 
 

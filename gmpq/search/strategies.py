@@ -4,8 +4,8 @@
   budget (:func:`gmpq.search.budget.decode`).
 * ``edmips`` — the same with ``lambda_attr = 0`` (EdMIPS with a budget instead of a hand-tuned complexity decay);
   it needs no float teacher.
-* ``uniform`` — no training: the best single (w, a) pair for every searched layer under the budget
-  (:func:`gmpq.search.budget.decode_uniform`).
+* ``uniform`` — no training: the single (w, a) pair for every searched layer nearest the budget, at or below it
+  (``search.uniform_side=below``, the default) or above it (:func:`gmpq.search.budget.decode_uniform`).
 """
 
 from __future__ import annotations
@@ -38,10 +38,12 @@ class Strategy:
         """The attribution weight this strategy uses given the recipe's ``lambda_attr``."""
         return float(requested) if self.uses_attribution else 0.0
 
-    def decode(self, space: SearchSpace, budget_g: float, model: nn.Module | None = None) -> Decoded:
-        """The policy of this strategy: exact budget decoding of ``model``'s alphas, or the uniform pair."""
+    def decode(self, space: SearchSpace, budget_g: float, model: nn.Module | None = None,
+               uniform_side: str = "below") -> Decoded:
+        """The policy of this strategy: exact budget decoding of ``model``'s alphas, or the uniform pair nearest the
+        budget from ``uniform_side`` (see :func:`~gmpq.search.budget.decode_uniform`)."""
         if not self.trains_supernet:
-            return decode_uniform(space, budget_g)
+            return decode_uniform(space, budget_g, uniform_side)
         if model is None:
             raise ValueError(f"strategy {self.name!r} decodes the alphas of a supernet; pass the model")
         with torch.no_grad():
