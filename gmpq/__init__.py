@@ -7,6 +7,7 @@ The public API, one import away::
     report = gmpq.count_bops(model, input_size=224)
     result = gmpq.search(recipe)          # metrics of the search stage; result.policy is the decoded Policy
     gmpq.pretrain(recipe); gmpq.finetune(recipe); gmpq.evaluate(recipe); gmpq.run(recipe)   # the other stages
+    gmpq.run_study("recipes/studies/<name>.yaml")   # strategies x budgets x seeds, proxy -> target, statistics
 """
 
 from gmpq import search  # a callable package: gmpq.search(recipe) runs the search stage
@@ -46,12 +47,12 @@ __all__ = [
     "register_backbone", "searchable_layer_names", "uniform_policy",
     "RunError", "compare_runs", "plot_compare", "plot_policies", "plot_search",
     "from_pretrained", "push_to_hub", "save_pretrained",
-    "search", "pretrain", "finetune", "evaluate", "run",
+    "search", "pretrain", "finetune", "evaluate", "run", "run_study",
 ]
 
 #: Stages and the pipeline, imported on first use (they pull in accelerate and datasets).
 _LAZY = {"pretrain": "gmpq.train.stages", "finetune": "gmpq.train.stages", "evaluate": "gmpq.train.stages",
-         "run": "gmpq.pipeline"}
+         "run": "gmpq.pipeline", "run_study": "gmpq.study.runner"}
 
 
 def __getattr__(name: str):

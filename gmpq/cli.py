@@ -216,6 +216,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    """``gmpq study STUDY.yaml [key=value ...]``: strategies x budgets x seeds, proxy search, target fine-tuning."""
+    from gmpq.study import run_study
+
+    result = run_study(args.study, args.overrides, cells=args.cells, shard=args.shard, report_only=args.report,
+                       unpack=args.unpack or (), pack=args.pack, pack_models=args.pack_models)
+    _say(f"study {result.directory}: {len(result.rows)} of {result.total_cells} cells finished"
+         + (f" ({len(result.ran)} run now)" if result.ran else "")
+         + (f"; float target top-1 {result.float_top1:.2f} %" if result.float_top1 is not None else ""))
+    if result.summary is not None:
+        _say(f"  {result.summary}  {result.directory / 'results.csv'}"
+             + (f"  {result.figure}" if result.figure is not None else ""))
+    if args.pack:
+        _say(f"  packed finished cells into {args.pack}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from gmpq import __version__
 
@@ -280,6 +297,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", metavar="key=value",
                        help="recipe overrides, e.g. finetune.epochs=1 output_dir=runs/try1")
         p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    p = verb("study", cmd_study, "a study: search on a proxy, fine-tune on a target, strategies x budgets x seeds, "
+                                 "with statistics (results.csv, summary.md, study.png)")
+    p.add_argument("study", metavar="STUDY.yaml", help="study file (e.g. recipes/studies/<name>.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="overrides of the base recipe (finetune.epochs=1), or of the study (study.seeds=[0,1])")
+    p.add_argument("--cells", metavar="A:B", help="run only these runs of the grid (0-based slice, B excluded)")
+    p.add_argument("--shard", metavar="K/N", help="run every N-th run of the grid from the K-th (0-based)")
+    p.add_argument("--report", action="store_true", help="run nothing: rewrite the results from finished cells")
+    p.add_argument("--unpack", nargs="+", metavar="ARCHIVE", help="first merge these archives of finished cells")
+    p.add_argument("--pack", metavar="ARCHIVE", help="finally pack the finished cells into this .tar.gz")
+    p.add_argument("--pack-models", action="store_true", help="with --pack: include the cells' fine-tuned weights")
     return parser
 
 
