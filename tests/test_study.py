@@ -181,3 +181,22 @@ def test_slice_arguments_are_checked(tmp_path) -> None:
                             ({"cells": "0:1", "shard": "0/2"}, "either")):
         with pytest.raises(RecipeError, match=message):
             run_study(path, report_only=True, **kwargs)
+
+
+def test_attribution_effect_counts_the_layers_gmpq_and_edmips_decode_differently(tmp_path) -> None:
+    import gmpq
+    from gmpq.policy import LayerBits
+    from gmpq.study.report import attribution_effect
+
+    study = study_from_dict(_study(tmp_path, strategies=["gmpq", "edmips"]))
+    base = gmpq.uniform_policy(gmpq.create_model("mobilenetv2_050_cifar", num_classes=10), w_bits=3, a_bits=3)
+    first, second = list(base.layers)[:2]
+    for run_id, change in (("g", {}), ("e", {first: LayerBits(2, 3), second: LayerBits(6, 6)})):
+        policy = gmpq.Policy(arch=base.arch, input_size=32, layers={**base.layers, **change}, kept=base.kept)
+        policy.save(tmp_path / "out" / "cells" / run_id / "search" / "policy.json")
+    rows = [{"strategy": s, "budget_g": 0.21, "seed": 0, "run_id": r} for s, r in (("gmpq", "g"), ("edmips", "e"))]
+    (effect,) = attribution_effect(study, rows)
+    n = len(base.layers)
+    assert (effect["differ"], effect["layers"]) == (2, n)
+    assert effect["mean_abs_dw"] == pytest.approx(4 / n) and effect["mean_abs_da"] == pytest.approx(3 / n)
+    assert (tmp_path / "out" / "policies_b0.21.png").stat().st_size > 5_000

@@ -23,15 +23,62 @@ BASELINES = ("uniform_below", "uniform_above", "random")
 
 
 def write_report(study: StudyConfig, rows: list[dict[str, Any]], total_cells: int) -> tuple[Path, Path | None]:
-    """Write ``results.csv``, ``summary.md`` and (when a cell has finished) ``study.png``; return the last two."""
+    """Write ``results.csv``, ``summary.md``, ``study.png`` and, where gmpq and edmips both ran, one figure per budget
+    of their policies side by side (``policies_b<budget>.png``); return the summary's and study.png's paths."""
     from gmpq.study.runner import RESULTS_FILE, float_top1, results_csv
 
     directory = study.directory
     atomic_write_text(directory / RESULTS_FILE, results_csv(rows))
     float_line = float_top1(study)
-    summary = atomic_write_text(directory / SUMMARY_FILE, summary_markdown(study, rows, total_cells, float_line))
+    attribution = attribution_effect(study, rows)
+    text = summary_markdown(study, rows, total_cells, float_line) + _attribution_markdown(attribution)
+    summary = atomic_write_text(directory / SUMMARY_FILE, text)
     figure = plot_study(study, rows, directory / FIGURE_FILE, float_line) if rows else None
     return summary, figure
+
+
+def attribution_effect(study: StudyConfig, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What the attribution loss changes in the decoded policy: per budget and seed where both ``gmpq`` and
+    ``edmips`` finished, the searched layers whose (w, a) differ and the mean absolute bit difference; writes the
+    first seed's two policies side by side as ``policies_b<budget>.png``."""
+    from gmpq.policy import Policy
+    from gmpq.viz import plot_policies
+
+    table = _by(rows)
+    out = []
+    for (budget, strategy), cells in sorted(table.items()):
+        if strategy != "gmpq" or (budget, "edmips") not in table:
+            continue
+        others = table[(budget, "edmips")]
+        for seed in sorted(set(cells) & set(others)):
+            g = Policy.load(study.directory / "cells" / cells[seed]["run_id"] / "search" / "policy.json")
+            e = Policy.load(study.directory / "cells" / others[seed]["run_id"] / "search" / "policy.json")
+            diff = [n for n in g.layers if (g.layers[n].w_bits, g.layers[n].a_bits) !=
+                    (e.layers[n].w_bits, e.layers[n].a_bits)]
+            dw = sum(abs(g.layers[n].w_bits - e.layers[n].w_bits) for n in g.layers) / len(g.layers)
+            da = sum(abs(g.layers[n].a_bits - e.layers[n].a_bits) for n in g.layers) / len(g.layers)
+            out.append({"budget_g": budget, "seed": seed, "layers": len(g.layers), "differ": len(diff),
+                        "mean_abs_dw": dw, "mean_abs_da": da})
+            if seed == min(set(cells) & set(others)):
+                plot_policies([g, e], study.directory / f"policies_b{budget:g}.png", labels=[
+                    f"gmpq (attribution loss), budget {budget:g} G, seed {seed}",
+                    f"edmips (same search without it), budget {budget:g} G, seed {seed}"])
+    return out
+
+
+def _attribution_markdown(effect: list[dict[str, Any]]) -> str:
+    if not effect:
+        return ""
+    lines = ["", "## What the attribution loss changes in the policy", "",
+             "gmpq and edmips run the same search, with and without the attribution loss, from the same float model, "
+             "data order and seed. Per budget and seed: searched layers whose (w, a) differ, and the mean absolute "
+             "difference in weight / activation bits over the searched layers (`policies_b<budget>.png`: the first "
+             "seed's two policies).", "",
+             "| budget G | seed | layers that differ | mean abs Δ W bits | mean abs Δ A bits |", "|---|---|---|---|---|"]
+    for e in effect:
+        lines.append(f"| {e['budget_g']:g} | {e['seed']} | {e['differ']} of {e['layers']} | {e['mean_abs_dw']:.2f} | "
+                     f"{e['mean_abs_da']:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def _by(rows: list[dict[str, Any]]) -> dict[tuple[float, str], dict[int, dict[str, Any]]]:
