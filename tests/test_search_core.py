@@ -353,18 +353,3 @@ def test_the_search_core_loads_neither_train_nor_data() -> None:
             "from gmpq.search import search; assert search.__module__ == 'gmpq.search.loop'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-
-
-def test_budget_warmup_anneals_the_target_from_the_start_to_the_budget() -> None:
-    penalty = BudgetPenalty(1.0, warmup_steps=4, start_g=3.0)
-    targets = []
-    for _ in range(6):
-        targets.append(penalty.target_g)
-        penalty.update(penalty.target_g)  # on target: the multiplier does not move
-    assert targets == pytest.approx([3.0, 2.5, 2.0, 1.5, 1.0, 1.0]) and penalty.mu == pytest.approx(0.0)
-    restored = BudgetPenalty(1.0, warmup_steps=4, start_g=3.0)
-    restored.load_state_dict(penalty.state_dict())
-    assert (restored.step, restored.target_g) == (6, 1.0)
-    assert float(BudgetPenalty(2.0, warmup_steps=2, start_g=4.0)(torch.tensor(4.0))) == pytest.approx(0.0)
-    with pytest.raises(ValueError, match="start_g"):
-        BudgetPenalty(1.0, warmup_steps=3)

@@ -19,13 +19,7 @@ equality constraint ``r = 1``::
     L_complexity = L * (mu * (r - 1) + (rho / 2) * (r - 1)^2),     after each step:  mu <- mu + eta * (r - 1)
 
 ``mu`` is the adaptive multiplier (dual ascent, unconstrained in sign: above the budget it pushes bits down, below it
-lets them rise), so the user states a budget in GBOPs instead of hand-tuning a complexity decay.
-
-**Budget warm-up** (``warmup_steps = W > 0``): the target of the steering is annealed linearly from the expected
-BOPs at the start of the search ``B_0`` to the budget over the first W optimisation steps,
-``B(t) = B + (B_0 - B) * max(0, 1 - t / W)``, and ``r = E[BOPs] / B(t)``. Without it, a budget far below ``B_0``
-makes the complexity term dominate the first steps (measured on the quick-start at 0.25 G: 3.6 against a
-cross-entropy of 1.9) and collapses the bit probabilities before the accuracy and attribution terms can shape them. ``L`` is the number
+lets them rise), so the user states a budget in GBOPs instead of hand-tuning a complexity decay. ``L`` is the number
 of searched layers: d r / d alpha_l is proportional to layer l's share of the BOPs (about 1 / L), so the factor L
 gives every architecture the same per-layer pull. Defaults rho = 4, eta = 0.02: with the reference alpha optimiser
 (SGD, lr 0.01, momentum 0.9) and no other loss, E[BOPs] settles within 1 % of B in a few hundred steps from either
@@ -82,7 +76,7 @@ def expected_bops_g(model: nn.Module, space: SearchSpace) -> torch.Tensor:
 
 @dataclass
 class BudgetPenalty:
-    """Augmented-Lagrangian steering of the expected BOPs to ``budget_g`` (equations in the module docstring).
+    """Augmented-Lagrangian steering of the expected BOPs to ``budget_g`` (equation in the module docstring).
 
     Attributes:
         budget_g: the budget B (G BOPs, searched layers, deployment resolution).
@@ -90,9 +84,6 @@ class BudgetPenalty:
         rho: weight of the quadratic term.
         eta: dual step of the multiplier per optimisation step.
         mu: the current multiplier (saved in checkpoints).
-        warmup_steps: W, the steps over which the target anneals from ``start_g`` to ``budget_g`` (0: no warm-up).
-        start_g: B_0, the expected BOPs when the search starts (needed for a warm-up).
-        step: optimisation steps taken so far (saved in checkpoints).
     """
 
     budget_g: float
@@ -100,38 +91,20 @@ class BudgetPenalty:
     rho: float = 4.0
     eta: float = 0.02
     mu: float = 0.0
-    warmup_steps: int = 0
-    start_g: float | None = None
-    step: int = 0
-
-    def __post_init__(self) -> None:
-        if self.warmup_steps > 0 and self.start_g is None:
-            raise ValueError("a budget warm-up anneals from the initial expected BOPs: pass start_g")
-
-    @property
-    def target_g(self) -> float:
-        """B(t), the budget the steering aims at after ``step`` steps."""
-        if self.warmup_steps <= 0 or self.start_g is None:
-            return self.budget_g
-        left = max(0.0, 1.0 - self.step / self.warmup_steps)
-        return self.budget_g + (self.start_g - self.budget_g) * left
 
     def __call__(self, expected_g: torch.Tensor) -> torch.Tensor:
-        excess = expected_g / self.target_g - 1.0
+        excess = expected_g / self.budget_g - 1.0
         return self.scale * (self.mu * excess + 0.5 * self.rho * excess.pow(2))
 
     def update(self, expected_g: float) -> None:
-        """Dual ascent on the multiplier after an optimisation step; the warm-up advances one step."""
-        self.mu += self.eta * (float(expected_g) / self.target_g - 1.0)
-        self.step += 1
+        """Dual ascent on the multiplier after an optimisation step."""
+        self.mu += self.eta * (float(expected_g) / self.budget_g - 1.0)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"mu": self.mu, "step": self.step, "start_g": self.start_g}
+    def state_dict(self) -> dict[str, float]:
+        return {"mu": self.mu}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.mu = float(state["mu"])
-        self.step = int(state.get("step", 0))
-        self.start_g = state.get("start_g", self.start_g)
 
 
 @dataclass
