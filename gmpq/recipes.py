@@ -131,10 +131,6 @@ class SearchConfig:
     batch_size: int | None = _f(None, gt=0, doc="search batch; None = data.batch_size")
     lr_w: float = _f(0.1, gt=0, doc="learning rate of the supernet weights (SGD)")
     lr_alpha: float = _f(0.01, gt=0, doc="learning rate of the architecture parameters")
-    alpha_optimizer: Literal["sgd", "adam"] = _f("sgd", doc="optimizer of the architecture parameters: SGD with the "
-                                                          "weights' momentum (EdMIPS), or Adam (betas 0.5, 0.999)")
-    budget_warmup: float = _f(0.0, ge=0, le=1, doc="fraction of the search's steps over which the budget target "
-                                                  "anneals from the initial expected BOPs to search.budget_g")
     momentum: float = _f(0.9, ge=0, le=1, doc="SGD momentum of the weights")
     weight_decay: float = _f(5e-4, ge=0, doc="weight decay of the weights")
     alpha_weight_decay: float = _f(0.0, ge=0, doc="weight decay of the architecture parameters")

@@ -157,22 +157,14 @@ def _search_supernet(recipe: Recipe, run_recipe: Recipe, strategy: Strategy, mod
     calibrate(model, batches)
     student = AttributionModel(model, attribution)
     opt_w = torch.optim.SGD(weight_param_groups(model, cfg.weight_decay), lr=cfg.lr_w, momentum=cfg.momentum)
-    if cfg.alpha_optimizer == "adam":
-        opt_a = torch.optim.Adam(alpha_parameters(model), lr=cfg.lr_alpha, betas=(0.5, 0.999),
-                                 weight_decay=cfg.alpha_weight_decay)
-    else:
-        opt_a = torch.optim.SGD(alpha_parameters(model), lr=cfg.lr_alpha, momentum=cfg.momentum,
-                                weight_decay=cfg.alpha_weight_decay)
+    opt_a = torch.optim.SGD(alpha_parameters(model), lr=cfg.lr_alpha, momentum=cfg.momentum,
+                            weight_decay=cfg.alpha_weight_decay)
     student, opt_w, opt_a, train_loader, eval_loader = accelerator.prepare(student, opt_w, opt_a, loaders.train,
                                                                            loaders.eval)
     if teacher is not None:
         teacher.to(accelerator.device)
     supernet = accelerator.unwrap_model(student).model
-    steps = min(len(train_loader), cfg.max_steps or len(train_loader)) * cfg.epochs
-    with torch.no_grad():
-        start_g = float(expected_bops_g(supernet, space))
-    penalty = BudgetPenalty(budget, scale=len(space.layers), warmup_steps=round(cfg.budget_warmup * steps),
-                            start_g=start_g)
+    penalty = BudgetPenalty(budget, scale=len(space.layers))
     objective = SearchObjective(space, penalty, strategy.lambda_attr(cfg.lambda_attr), cfg.p, cfg.kappa)
     checkpoints = CheckpointManager(out / "checkpoints", accelerator)
     history: list[dict[str, Any]] = []
@@ -273,7 +265,6 @@ def _epoch_record(epoch: int, stats: dict[str, float], supernet: nn.Module, spac
         "decoded_bops_g": decoded.bops_g, "alpha_entropy": alpha_entropy(w_probs, a_probs),
         "p": capacity_p(supernet, space, objective.kappa) if objective.p == "auto" else float(objective.p),
         "lr_w": lr_w, "lr_alpha": lr_a, "train_top1": stats["train_top1"], "mu": objective.penalty.mu,
-        "budget_target_g": objective.penalty.target_g,
         "epoch_s": seconds, "steps": stats["steps"],
         "policy": {n: list(decoded.choices[n]) for n in space.layers},
         "probs": {n: {"w": w_probs[i].tolist(), "a": a_probs[i].tolist()} for i, n in enumerate(space.layers)},
