@@ -10,7 +10,9 @@ The public API, one import away::
     gmpq.run_study("recipes/studies/<name>.yaml")   # strategies x budgets x seeds, proxy -> target, statistics
 """
 
-from gmpq import search  # a callable package: gmpq.search(recipe) runs the search stage
+import types
+
+from gmpq import search  # the search core's package, made callable below: gmpq.search(recipe) runs the stage
 from gmpq.complexity import BopsReport, count_bops, expected_bops, layer_macs
 from gmpq.errors import (
     BudgetError,
@@ -27,32 +29,42 @@ from gmpq.models import (
     base_arch,
     create_model,
     kept_layer_names,
-    list_backbones,
+    list_cifar_variants,
     quantizable_layers,
     quantize,
-    register_backbone,
     searchable_layer_names,
     uniform_policy,
 )
 from gmpq.policy import LayerBits, Policy
 from gmpq.quant import calibrate
+from gmpq.version import __version__
 from gmpq.viz import compare_runs, plot_compare, plot_policies, plot_search
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BopsReport", "BudgetError", "CheckpointError", "DatasetError", "GmpqError", "LayerBits", "ModelError",
     "Policy", "PolicyError", "RecipeError", "__version__", "base_arch", "calibrate", "count_bops", "create_model",
-    "expected_bops", "kept_layer_names", "layer_macs", "list_backbones", "quantizable_layers", "quantize",
-    "register_backbone", "searchable_layer_names", "uniform_policy",
+    "expected_bops", "kept_layer_names", "layer_macs", "list_cifar_variants", "quantizable_layers", "quantize",
+    "searchable_layer_names", "uniform_policy",
     "RunError", "compare_runs", "plot_compare", "plot_policies", "plot_search",
     "from_pretrained", "push_to_hub", "save_pretrained",
     "search", "pretrain", "finetune", "evaluate", "run", "run_study",
 ]
 
 #: Stages and the pipeline, imported on first use (they pull in accelerate and datasets).
-_LAZY = {"pretrain": "gmpq.train.stages", "finetune": "gmpq.train.stages", "evaluate": "gmpq.train.stages",
-         "run": "gmpq.pipeline", "run_study": "gmpq.study.runner"}
+_LAZY = {"pretrain": "gmpq.stages", "finetune": "gmpq.stages", "evaluate": "gmpq.stages", "run": "gmpq.pipeline",
+         "run_study": "gmpq.study.runner"}
+
+
+class _SearchPackage(types.ModuleType):
+    """The type of :mod:`gmpq.search`: the search core's package, which calling runs the search stage."""
+
+    def __call__(self, recipe, attribution="auto"):  # noqa: ANN001, ANN204 — the signature of gmpq.stages.search
+        from gmpq.stages import search as search_stage
+
+        return search_stage(recipe, attribution)
+
+
+search.__class__ = _SearchPackage
 
 
 def __getattr__(name: str):

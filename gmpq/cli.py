@@ -77,12 +77,13 @@ def cmd_bops(args: argparse.Namespace) -> int:
 
 
 def cmd_backbones(args: argparse.Namespace) -> int:
-    """``gmpq backbones``: the registered backbones."""
-    from gmpq.models import get_backbone, list_backbones
+    """``gmpq backbones``: the CIFAR variants gmpq registers in timm (any other timm name works too)."""
+    from gmpq.models import base_arch, list_cifar_variants, model_data_config
+    from gmpq.models.cifar import VARIANTS
 
-    for name in list_backbones():
-        entry = get_backbone(name)
-        print(f"{name:<24} base={entry.base:<18} input={entry.input_size:<4} {entry.description}")
+    for name in list_cifar_variants():
+        size = model_data_config(name).input_size
+        print(f"{name:<24} base={base_arch(name):<18} input={size:<4} {VARIANTS[name][1]}")
     return 0
 
 
@@ -116,9 +117,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """``gmpq export RUN_DIR --out DIR``: packed low-bit safetensors + policy + config + model card."""
-    from gmpq.hub.export import export_report_dict, export_trained
+    from gmpq.hub.export import export_report_dict
+    from gmpq.pipeline import export_run
 
-    report = export_trained(args.source, args.out, format=args.format, name=args.name,
+    report = export_run(args.source, args.out, format=args.format, name=args.name,
                             bops_input_size=args.bops_input_size, repo_id=args.repo_id)
     print(json.dumps(export_report_dict(report), indent=2) if args.json else report.summary())
     return 0
@@ -164,7 +166,7 @@ def _print_metrics(metrics: dict, as_json: bool) -> None:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     """``gmpq pretrain RECIPE [key=value ...]``: full-precision training (the search's teacher)."""
     from gmpq.recipes import load_recipe
-    from gmpq.train import pretrain
+    from gmpq.stages import pretrain
 
     _print_metrics(pretrain(load_recipe(args.recipe, args.overrides)), args.json)
     return 0
@@ -173,7 +175,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     """``gmpq finetune RECIPE [key=value ...]``: calibrate and quantization-aware fine-tune a policy."""
     from gmpq.recipes import load_recipe
-    from gmpq.train import finetune
+    from gmpq.stages import finetune
 
     _print_metrics(finetune(load_recipe(args.recipe, args.overrides)), args.json)
     return 0
@@ -182,7 +184,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     """``gmpq search RECIPE [key=value ...]``: mixed-precision search under ``search.budget_g``; writes policy.json."""
     from gmpq.recipes import load_recipe
-    from gmpq.search import search
+    from gmpq.stages import search
 
     metrics = search(load_recipe(args.recipe, args.overrides))
     if args.json:
@@ -200,9 +202,9 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``gmpq evaluate RECIPE|DIR [key=value ...]``: top-1/top-5, BOPs and size of a run's or a directory's model."""
-    from gmpq.train import evaluate_stage
+    from gmpq.stages import evaluate
 
-    _print_metrics(evaluate_stage(args.target, args.overrides), args.json)
+    _print_metrics(evaluate(args.target, args.overrides), args.json)
     return 0
 
 
@@ -234,7 +236,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from gmpq import __version__
+    from gmpq.version import __version__
 
     parser = argparse.ArgumentParser(prog="gmpq", description="Generalizable mixed-precision quantization for timm CNNs.")
     parser.add_argument("--version", action="version", version=f"gmpq {__version__}")
@@ -254,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--input-size", type=_positive_int, default=None, help="input resolution (default: native)")
         p.add_argument("--num-classes", type=_positive_int, default=1000, help="classifier outputs (default 1000)")
         p.add_argument("--json", action="store_true", help="print one JSON object")
-    verb("backbones", cmd_backbones, "list the registered backbones")
+    verb("backbones", cmd_backbones, "list the CIFAR variants gmpq adds to timm's registry")
     p = verb("plot", cmd_plot, "draw policies (per-layer W/A bits) or a search run (BOPs, bit probabilities)")
     p.add_argument("policies", nargs="*", metavar="POLICY.json", help="policy files, one panel each")
     p.add_argument("--search", metavar="RUN_DIR", help="a search output_dir (or its search_log.jsonl) instead")

@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from gmpq.models.adapter import default_input_size, kept_layer_names, quantizable_layers
+from gmpq.models import default_input_size, kept_layer_names, quantizable_layers
+from gmpq.models.structure import layer_kind
 from gmpq.quant import FLOAT_BITS, QuantMixin, quantization_bypassed
 
 GIGA = 1e9
@@ -69,15 +70,6 @@ class BopsReport:
             "bops_total_g": self.bops_total_g, "bops_searched_g": self.bops_searched_g,
             "bops_kept_g": self.bops_kept_g, "layers": [asdict(layer) for layer in self.layers],
         }
-
-
-def layer_kind(module: nn.Module) -> str:
-    """``conv``, ``dwconv``, ``gconv`` or ``linear``."""
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if module.groups == 1:
-        return "conv"
-    return "dwconv" if module.groups == module.in_channels == module.out_channels else "gconv"
 
 
 @torch.no_grad()
@@ -142,6 +134,7 @@ def expected_bops(
         w_probs, a_probs: [L, K_w] and [L, K_a] bit probabilities (rows of softmax(alpha)).
         w_bits, a_bits: [K_w] and [K_a] candidate bit widths.
     """
-    expected_w = w_probs @ w_bits.to(w_probs.dtype)
-    expected_a = a_probs @ a_bits.to(a_probs.dtype)
+    # elementwise products and sums, not matrix products: autocast leaves them in the probabilities' precision
+    expected_w = (w_probs * w_bits.to(w_probs.dtype)).sum(-1)
+    expected_a = (a_probs * a_bits.to(a_probs.dtype)).sum(-1)
     return (macs.to(w_probs.dtype) * expected_w * expected_a).sum() / GIGA

@@ -7,35 +7,31 @@
       -> export (packed low-bit safetensors + policy + config + model card)
     [+ the uniform baseline: the best single (w, a) under the same budget, fine-tuned the same way]
 
-Layout of ``output_dir``::
-
-    pretrain/ search/ finetune/ evaluate/ export/   one directory per stage (each with its own metrics.json)
-    uniform/{search,finetune,evaluate}/             the uniform baseline (run.compare_uniform)
-    policy.png search.png                           figures
-    metrics.json                                    the run's summary
-
-A stage whose ``metrics.json`` exists is reused unless ``force=true``; an interrupted stage resumes from its last
-checkpoint. Under ``torchrun`` / ``accelerate launch`` every process runs this function; stages split batches across
+All in one run directory (:class:`~gmpq.rundir.RunDir`: a directory per stage, the export, the uniform baseline
+as a nested run, the figures and the run's summary), which this process holds for the duration. A finished stage
+is reused unless ``force=true``; an interrupted stage resumes from its last checkpoint. Under ``torchrun`` / ``accelerate launch`` every process runs this function; stages split batches across
 processes and only the main process writes the summary, figures and export.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gmpq.errors import RecipeError
+from gmpq.errors import ModelError, RecipeError
+from gmpq.hub import ExportReport, load_model_dir, save_pretrained
+from gmpq.hub.format import read_config, read_json
 from gmpq.models import base_arch, create_model
 from gmpq.recipes import Recipe
-from gmpq.train.engine import process_state
-from gmpq.train.runlog import write_metrics_json
-from gmpq.train.stages import evaluate, finetune, pretrain, stage_dir
-
-STAGES = ("pretrain", "search", "finetune", "evaluate", "export")
-SEARCH_FIGURE = "search.png"  # the search's figure in the run directory, also shown on the export's card
+from gmpq.rundir import RunDir, StageDir
+from gmpq.stages import evaluate, finetune, pretrain, search
+from gmpq.train import find_model_dir, process_state
+from gmpq.utils import atomic_write_text
 
 
 @dataclass
@@ -77,45 +73,45 @@ def uniform_recipe(recipe: Recipe) -> Recipe:
     It reuses this run's float model, so the baseline differs from the main run in its policy only.
     """
     data = recipe.to_dict()
+    run = RunDir.of(recipe)
     data["search"]["strategy"] = "uniform"
-    data["output_dir"] = str(Path(recipe.output_dir) / "uniform")
+    data["output_dir"] = str(run.uniform.root)
     data["run"]["compare_uniform"] = False
     if data["model"]["checkpoint"] is None:
-        data["model"]["checkpoint"] = str(stage_dir(recipe, "pretrain") / "model")
+        data["model"]["checkpoint"] = str(run.float_model)
     return Recipe.from_dict(data)
 
 
 def run(recipe: Recipe) -> RunResult:
     """Run the whole pipeline of ``recipe`` (see the module docstring); return the summary."""
-    from gmpq.search import search
-
     state = process_state()
     check_recipe_budget(recipe)
     staged = _staged(recipe)
-    out = Path(recipe.output_dir)
-    t0 = time.perf_counter()
-    stage_metrics: dict[str, dict[str, Any]] = {}
-    if recipe.model.checkpoint is None:
-        stage_metrics["pretrain"] = pretrain(staged)
-    stage_metrics["search"] = search(staged)
-    target = target_recipe(staged)
-    stage_metrics["finetune"] = finetune(target, policy=stage_dir(staged, "search") / "policy.json")
-    stage_metrics["evaluate"] = evaluate(target)
-    uniform = _uniform_baseline(staged) if recipe.run.compare_uniform else None
+    out = RunDir.of(recipe)
+    with out.claim():
+        t0 = time.perf_counter()
+        stage_metrics: dict[str, dict[str, Any]] = {}
+        if recipe.model.checkpoint is None:
+            stage_metrics["pretrain"] = pretrain(staged)
+        stage_metrics["search"] = search(staged)
+        target = target_recipe(staged)
+        stage_metrics["finetune"] = finetune(target, policy=out.policy)
+        stage_metrics["evaluate"] = evaluate(target)
+        uniform = _uniform_baseline(staged) if recipe.run.compare_uniform else None
 
-    result = RunResult(out, {})
-    if state.is_main_process:
-        result.figures = _figures(out, uniform)
-        search_figure = next((f for f in result.figures if f.name == SEARCH_FIGURE), None)
-        t_export = time.perf_counter()
-        result.export_dir, export_metrics = _export(target, uniform, search_figure)
-        stage_metrics["export"] = {**export_metrics, "wall_s": time.perf_counter() - t_export}
-        result.metrics = _summary(recipe, target, stage_metrics, uniform, time.perf_counter() - t0)
-        write_metrics_json(out, result.metrics)
-    state.wait_for_everyone()
-    if not state.is_main_process:
-        result.metrics = json.loads((out / "metrics.json").read_text())
-    return result
+        result = RunResult(out.root, {})
+        if state.is_main_process:
+            result.figures = _figures(out, uniform)
+            search_figure = next((f for f in result.figures if f.name == out.search_figure.name), None)
+            t_export = time.perf_counter()
+            result.export_dir, export_metrics = _export(target, uniform, search_figure)
+            stage_metrics["export"] = {**export_metrics, "wall_s": time.perf_counter() - t_export}
+            result.metrics = _summary(recipe, target, stage_metrics, uniform, time.perf_counter() - t0)
+            atomic_write_text(out.summary, json.dumps(result.metrics, indent=2, sort_keys=True) + "\n")
+        state.wait_for_everyone()
+        if not state.is_main_process:
+            result.metrics = json.loads(out.summary.read_text())
+        return result
 
 
 def check_recipe_budget(recipe: Recipe) -> None:
@@ -141,23 +137,19 @@ def _staged(recipe: Recipe) -> Recipe:
 
 
 def _uniform_baseline(recipe: Recipe) -> dict[str, Any]:
-    from gmpq.search import search
-
     base = uniform_recipe(recipe)
+    policy = RunDir.of(base).policy
     searched = search(base)
     target = target_recipe(base)
-    tuned = finetune(target, policy=stage_dir(base, "search") / "policy.json")
+    tuned = finetune(target, policy=policy)
     evaluated = evaluate(target)
-    return {"search": searched, "finetune": tuned, "evaluate": evaluated,
-            "policy": str(stage_dir(base, "search") / "policy.json")}
+    return {"search": searched, "finetune": tuned, "evaluate": evaluated, "policy": str(policy)}
 
 
 def _export(target: Recipe, uniform: dict[str, Any] | None,
             search_figure: Path | None) -> tuple[Path, dict[str, Any]]:
     """Export the fine-tuned model; its card shows the search's trajectory and the uniform policy beside it."""
-    from gmpq.hub.export import export_trained
-
-    export_dir = Path(target.export.dir) if target.export.dir else stage_dir(target, "export")
+    export_dir = Path(target.export.dir) if target.export.dir else RunDir.of(target).export
     same_arch = (target.model.deploy_arch or base_arch(target.model.arch)) == target.model.arch
     figures = {} if search_figure is None else {
         "the search: expected BOPs against the budget, loss terms, per-layer expected bits over epochs": search_figure}
@@ -167,7 +159,7 @@ def _export(target: Recipe, uniform: dict[str, Any] | None,
         comparison.append({"model": f"{_uniform_name(u)} at the same budget", "top1": u["top1"],
                            "bops_searched_g": u["bops_searched_g"], "mean_w_bits": u["w_bits"],
                            "mean_a_bits": u["a_bits"]})
-    report = export_trained(target.output_dir, export_dir, format=target.export.format,
+    report = export_run(target.output_dir, export_dir, format=target.export.format,
                             name=target.export.name or target.name,
                             bops_input_size=target.model.deploy_input_size if same_arch else None,
                             figures=figures, comparison=comparison)
@@ -175,16 +167,94 @@ def _export(target: Recipe, uniform: dict[str, Any] | None,
                         "ratio_fp32": report.ratio_fp32, "export_dir": str(export_dir)}
 
 
-def _figures(out: Path, uniform: dict[str, Any] | None) -> list[Path]:
+def export_run(
+    source: str | os.PathLike, save_dir: str | os.PathLike, *, format: str = "packed", name: str | None = None,
+    bops_input_size: int | None = None, repo_id: str | None = None,
+    figures: Mapping[str, str | os.PathLike] | None = None, comparison: Sequence[Mapping[str, Any]] = (),
+) -> ExportReport:
+    """Export the quantized model of a run (run dir, ``finetune`` stage dir or its ``model`` dir) — ``gmpq export``.
+
+    The card's top-1, dataset, split and image count are those the run measured (:func:`_measured_accuracy`); its
+    description states how the model was trained. ``figures`` and ``comparison`` go to the card as in
+    :func:`gmpq.save_pretrained`.
+    """
+    model_dir = find_model_dir(source, quantized=True)
+    if model_dir is None:
+        raise ModelError(f"no quantized model found at {str(source)!r} (neither a quantized model directory nor a run "
+                         "or stage holding one); export the result of `gmpq finetune`")
+    model = load_model_dir(model_dir)
+    cfg = read_config(model_dir)
+    stage = StageDir.holding(model_dir)
+    return save_pretrained(model, save_dir, format=format, name=name, bops_input_size=bops_input_size,
+                           description=_training_description(stage, cfg), repo_id=repo_id, figures=figures,
+                           comparison=comparison, data=cfg.get("data"), **_measured_accuracy(model_dir, stage, cfg))
+
+
+def _measured_accuracy(model_dir: Path, stage: StageDir | None, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Top-1 of the model in ``model_dir`` as its run measured it, with dataset, split and image count.
+
+    A held-out evaluation of this very model (the run's evaluate stage naming ``model_dir``) is preferred; else the
+    fine-tune stage's final evaluation. Empty when neither exists.
+    """
+    data = cfg.get("data") or {}
+    if stage is None:
+        return {}
+    evaluation = stage.run.evaluate.metrics
+    if evaluation.is_file():
+        ev = read_json(evaluation)
+        if isinstance(ev, dict) and ev.get("top1") is not None and ev.get("model_dir") and \
+                Path(ev["model_dir"]).resolve() == model_dir.resolve():
+            dataset = ev.get("dataset") or data.get("dataset")
+            return {"top1": ev["top1"], "dataset": dataset, "eval_split": _split_name(dataset, ev.get("split")),
+                    "eval_samples": ev.get("num_eval_samples")}
+    if not stage.finished:
+        return {}
+    metrics = read_json(stage.metrics)
+    if not isinstance(metrics, dict) or metrics.get("top1") is None:
+        return {}
+    return {"top1": metrics["top1"], "dataset": data.get("dataset"),
+            "eval_split": _split_name(data.get("dataset"), data.get("eval_split")),
+            "eval_samples": metrics.get("num_eval_samples")}
+
+
+def _split_name(dataset: str | None, split: str | None) -> str | None:
+    """``split``, or the dataset's default evaluation split when the run recorded none (or "default")."""
+    if split not in (None, "default") or not dataset:
+        return split
+    from gmpq.data import get_dataset_spec
+
+    return get_dataset_spec(dataset).eval_split
+
+
+def _training_description(stage: StageDir | None, cfg: Mapping[str, Any]) -> str | None:
+    metrics = read_json(stage.metrics) if stage is not None and stage.finished else None
+    if not isinstance(metrics, dict):
+        return None
+    facts = ["Quantization-aware fine-tuning by `gmpq finetune`"]
+    if cfg.get("recipe_name"):
+        facts.append(f"recipe `{cfg['recipe_name']}`")
+    if metrics.get("epochs") is not None:
+        facts.append(f"{metrics['epochs']} epochs")
+    if metrics.get("num_train_samples") is not None:
+        dataset = (cfg.get("data") or {}).get("dataset") or "its dataset"
+        facts.append(f"{metrics['num_train_samples']:,} training images of {dataset}")
+    if metrics.get("distill"):
+        facts.append(f"distillation weight {metrics['distill']}")
+    if metrics.get("float_checkpoint"):
+        facts.append(f"from the float model `{metrics['float_checkpoint']}`")
+    return ", ".join(facts) + "."
+
+
+def _figures(run: RunDir, uniform: dict[str, Any] | None) -> list[Path]:
     from gmpq.policy import Policy
     from gmpq.viz import plot_policies, plot_search
 
-    policies = [Policy.load(out / "search" / "policy.json")]
+    policies = [Policy.load(run.policy)]
     if uniform is not None:
         policies.append(Policy.load(uniform["policy"]))
-    figures = [plot_policies(policies, out / "policy.png")]
-    if (out / "search" / "search_log.jsonl").exists():
-        figures.append(plot_search(out / "search", out / SEARCH_FIGURE))
+    figures = [plot_policies(policies, run.policy_figure)]
+    if run.search.epoch_log.exists():
+        figures.append(plot_search(run.search.path, run.search_figure))
     return [Path(f) for f in figures]
 
 
@@ -243,6 +313,6 @@ def format_summary(result: RunResult) -> str:
         lines.append(f"  float teacher top-1 {m['float_top1']:.2f} %")
     lines.append(f"  exported model: {m['export_dir']} (model card README.md, {m['size_bytes'] / 1e6:.2f} MB, "
                  f"{m['fp32_bytes'] / max(m['size_bytes'], 1):.1f}x smaller than FP32)")
-    lines.append(f"  run directory: {result.output_dir} (metrics.json, "
+    lines.append(f"  run directory: {result.output_dir} ({RunDir(result.output_dir).summary.name}, "
                  + ", ".join(p.name for p in result.figures) + f"); wall time {m['wall_s']['total']:.0f} s")
     return "\n".join(lines)

@@ -141,6 +141,10 @@ class SearchConfig:
     kappa: float = _f(24.0, gt=0, doc="kappa of the capacity-aware attribution loss")
     teacher: str | None = _f(None, doc="float teacher checkpoint; None = the pretrain output")
     max_steps: int | None = _f(None, gt=0, doc="stop each epoch after N batches (smoke tests)")
+    grad_accum: int = _f(1, gt=0, doc="gradient accumulation steps (both optimizers step every N batches)")
+    mixed_precision: Literal["no", "bf16"] = _f("no", doc="bf16 autocast of the supernet (GPU); 'no' = float32")
+    max_grad_norm: float | None = _f(None, gt=0, doc="clip the global gradient norm (weights and architecture "
+                                                     "logits together) to this value; None = no clipping")
 
 
 @dataclass
@@ -405,12 +409,11 @@ def _coerce(value: Any, tp: Any, dotted: str) -> Any:
     origin = typing.get_origin(tp)
     bad = RecipeError(f"recipe key {dotted!r} must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
     if origin in (Union, types.UnionType):
-        errors = []
         for option in typing.get_args(tp):
             try:
                 return _coerce(value, option, dotted)
-            except RecipeError as e:
-                errors.append(e)
+            except RecipeError:
+                continue
         raise bad
     if tp is type(None):
         if value is None:

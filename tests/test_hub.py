@@ -280,7 +280,7 @@ def test_bad_config_is_refused(export_copy: Path, field: str, value, message: st
 def test_missing_files_and_wrong_paths_are_refused(export_copy: Path, tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="is a file"):
         gmpq.from_pretrained(export_copy / F.CONFIG_FILE)
-    with pytest.raises(CheckpointError, match="no export directory"):
+    with pytest.raises(CheckpointError, match="no model directory"):
         gmpq.from_pretrained(tmp_path / "nowhere")
     with pytest.raises(CheckpointError, match=r"no model 'not-published' in \./hub or .*published there: "):
         gmpq.from_pretrained("hub/not-published")

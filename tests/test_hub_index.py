@@ -11,9 +11,10 @@ import torch
 import gmpq
 from gmpq.cli import main
 from gmpq.hub import format as F
+from gmpq.hub import write_model_dir
 from gmpq.hub.index import INDEX_FILE, list_hub, update_index
+from gmpq.pipeline import export_run
 from gmpq.policy import LayerBits
-from gmpq.train.checkpoint import save_quantized_model
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +27,8 @@ def finetune_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.
     gmpq.quantize(model, policy)
     gmpq.calibrate(model, [torch.randn(2, 3, 32, 32)])
     run = tmp_path_factory.mktemp("run")
-    save_quantized_model(model, run / "finetune" / "model",
-                         extra={"recipe_name": "unit", "data": {"dataset": "cifar10_embedded", "eval_split": None}})
+    write_model_dir(model, run / "finetune" / "model",
+                    extra={"recipe_name": "unit", "data": {"dataset": "cifar10_embedded", "eval_split": None}})
     (run / "finetune" / "metrics.json").write_text(json.dumps(
         {"top1": 33.4, "num_eval_samples": 500, "epochs": 2, "num_train_samples": 1500, "distill": 0.0}))
     return run, model.eval()
@@ -58,17 +59,18 @@ def test_held_out_evaluation_of_the_same_model_is_preferred(finetune_run, tmp_pa
         {"top1": 35.0, "dataset": "cifar10_embedded", "split": "test", "num_eval_samples": 500,
          "model_dir": str(run / "finetune" / "model")}))
     try:
-        report = gmpq.hub.export.export_trained(run / "finetune", tmp_path / "m", format="float")
+        report = export_run(run / "finetune", tmp_path / "m", format="float")
     finally:
         (run / "evaluate" / "metrics.json").unlink()
     assert report.layout == "float"
     assert json.loads((tmp_path / "m" / F.CONFIG_FILE).read_text())["metrics"]["top1"] == 35.0
 
 
-def test_a_training_model_directory_is_not_mistaken_for_an_export(finetune_run) -> None:
-    run, _ = finetune_run
-    with pytest.raises(gmpq.CheckpointError, match="training model directory.*`gmpq export`"):
-        gmpq.from_pretrained(run / "finetune" / "model")
+def test_a_stage_model_directory_loads_like_an_export(finetune_run) -> None:
+    """One model-directory format: the fine-tune stage's model loads with from_pretrained, as its export does."""
+    run, model = finetune_run
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(gmpq.from_pretrained(run / "finetune" / "model")(x), model(x))
 
 
 def test_cli_export_of_something_else_fails_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -85,7 +87,7 @@ def test_hub_index_and_list(finetune_run, tmp_path: Path, capsys: pytest.Capture
     assert "gmpq hub index" in capsys.readouterr().err
     gmpq.save_pretrained(model, hub / "b-model", card=False, dataset="cifar10_embedded", top1=12.0)
     update_index(hub)
-    gmpq.hub.export.export_trained(run, hub / "a-model", name="a-model")   # the index exists: refreshed on export
+    export_run(run, hub / "a-model", name="a-model")   # the index exists: refreshed on export
     entries = list_hub(hub)
     assert [e.name for e in entries] == ["a-model", "b-model"]
     a = entries[0]

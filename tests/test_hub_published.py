@@ -81,3 +81,18 @@ def test_published_models_load_from_a_fresh_clone_and_measure_what_their_cards_s
                                  config["mean"], config["std"])
         assert n == m["eval_samples"]
         assert abs(top1 - m["top1"]) <= 100.0 / n + 1e-9    # at most one image apart (batch-size rounding)
+
+
+def test_gmpq_evaluate_runs_on_the_published_model(clone: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    """`gmpq evaluate hub/<name>` as a new user types it: the data and split come from the model's config."""
+    from gmpq.cli import main
+
+    monkeypatch.chdir(clone)
+    entry = list_hub(clone / "hub")[0]
+    assert main(["evaluate", f"hub/{entry.path}", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    m = json.loads((clone / "hub" / entry.path / F.CONFIG_FILE).read_text())["metrics"]
+    assert got["dataset"] == m["dataset"] and got["num_eval_samples"] == m["eval_samples"]
+    assert got["precision"] == "quantized" and got["bops_searched_g"] == pytest.approx(m["bops_searched_g"], rel=1e-9)
+    assert abs(got["top1"] - m["top1"]) <= 100.0 / m["eval_samples"] + 1e-9

@@ -1,13 +1,15 @@
-"""Registry and adapter: any timm CNN, kept layers, CIFAR variants."""
+"""The adapter: any timm CNN, kept layers, CIFAR variants in timm's registry."""
 
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
 
 import gmpq
 from gmpq import ModelError
-from gmpq.models import get_backbone, register_backbone
+from gmpq.models import base_arch, model_data_config
+from gmpq.models.cifar import CIFAR_MEAN
 
 ARCHS = {  # arch -> (kept layers, a small input size for a fast forward)
     "resnet18": (["conv1", "fc"], 64),
@@ -37,15 +39,17 @@ def test_adapter_quantizes_every_layer_of_timm_families(arch: str) -> None:
 
 @pytest.mark.parametrize("arch", ["resnet18_cifar", "resnet50_cifar", "mobilenetv2_100_cifar", "mobilenetv2_050_cifar"])
 def test_cifar_variants_keep_base_layer_names_and_a_4x4_final_map(arch: str) -> None:
-    entry = get_backbone(arch)
     variant = gmpq.create_model(arch, num_classes=10)
-    base = gmpq.create_model(entry.base, num_classes=10)
+    base = gmpq.create_model(base_arch(arch), num_classes=10)
     assert list(gmpq.quantizable_layers(variant)) == list(gmpq.quantizable_layers(base))
     assert variant.gmpq_input_size == 32
     with torch.no_grad():
         feats = variant.forward_features(torch.randn(1, 3, 32, 32))
     assert feats.shape[-2:] == (4, 4)
-    assert variant.pretrained_cfg["mean"] == entry.mean
+    assert variant.pretrained_cfg["mean"] == CIFAR_MEAN
+    assert timm.is_model(arch) and arch in gmpq.list_cifar_variants()
+    assert model_data_config(arch) == model_data_config(variant) and model_data_config(arch).input_size == 32
+    assert type(timm.create_model(arch, num_classes=10)) is type(variant)  # a timm model like any other
 
 
 def test_unknown_arch_is_a_model_error_with_suggestions() -> None:
@@ -53,16 +57,16 @@ def test_unknown_arch_is_a_model_error_with_suggestions() -> None:
         gmpq.create_model("resnet1")
 
 
-def test_register_backbone_decorator_and_duplicates() -> None:
-    @register_backbone("tiny_test_net", base="resnet18", input_size=16)
-    def tiny_test_net(pretrained: bool = False, **kwargs):
-        """A test entry."""
-        return gmpq.create_model("resnet18", **kwargs)
+def test_a_model_registered_in_timm_is_a_gmpq_model() -> None:
+    from timm.models import register_model
 
-    assert "tiny_test_net" in gmpq.list_backbones()
-    assert gmpq.create_model("tiny_test_net", num_classes=3).gmpq_input_size == 16
-    with pytest.raises(ValueError, match="already registered"):
-        register_backbone("tiny_test_net", base="resnet18")(tiny_test_net)
+    @register_model
+    def gmpq_tiny_test_net(pretrained: bool = False, **kwargs):
+        return timm.create_model("resnet18", pretrained=pretrained, **kwargs)
+
+    model = gmpq.create_model("gmpq_tiny_test_net", num_classes=3)
+    assert model.gmpq_arch == "gmpq_tiny_test_net" and model.gmpq_input_size == 224
+    assert gmpq.kept_layer_names(model) == ["conv1", "fc"]
 
 
 def test_32_bit_policy_reproduces_the_float_model_exactly() -> None:
@@ -74,3 +78,12 @@ def test_32_bit_policy_reproduces_the_float_model_exactly() -> None:
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(quantized(x), float_model(x))
+
+
+def test_gmpq_backbones_lists_the_cifar_variants(capsys) -> None:
+    from gmpq.cli import main
+
+    assert main(["backbones"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == gmpq.list_cifar_variants()
+    assert "base=mobilenetv2_050" in lines[0] and "input=32" in lines[0]

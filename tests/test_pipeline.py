@@ -12,9 +12,9 @@ import torch
 
 import gmpq
 from gmpq.cli import main
+from gmpq.hub import load_model_dir, write_model_dir
 from gmpq.pipeline import format_summary, run, target_recipe
 from gmpq.recipes import load_recipe
-from gmpq.train import save_float_model
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 ARCHS = {"mobilenetv2_100": 7.4, "resnet18": 15.3, "resnet50": 30.7}
@@ -48,7 +48,7 @@ def float_checkpoints(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("float")
     out = {}
     for arch in [*ARCHS, *(f"{a}_cifar" for a in ARCHS)]:
-        out[arch] = str(save_float_model(gmpq.create_model(arch, num_classes=10), root / arch))
+        out[arch] = str(write_model_dir(gmpq.create_model(arch, num_classes=10), root / arch))
     return out
 
 
@@ -100,11 +100,9 @@ def test_quickstart_writes_every_stage_summary_figures_and_export(quickstart_run
 
 
 def test_quickstart_export_loads_and_matches_the_fine_tuned_model(quickstart_run) -> None:
-    from gmpq.train import load_model
-
     _, result = quickstart_run
     exported = gmpq.from_pretrained(result.export_dir)
-    tuned = load_model(result.output_dir / "finetune" / "model").eval()
+    tuned = load_model_dir(result.output_dir / "finetune" / "model")
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(exported(x), tuned(x), atol=1e-5)
@@ -114,6 +112,10 @@ def test_quickstart_export_loads_and_matches_the_fine_tuned_model(quickstart_run
     assert "](search.png)" in card and (result.export_dir / "search.png").is_file()
     uniform = result.metrics["uniform"]
     assert f"| uniform W{uniform['w_bits']:.0f}A{uniform['a_bits']:.0f} at the same budget | {uniform['top1']:.2f} %" in card
+    # `gmpq evaluate` takes the export like any model directory gmpq writes: its data section names the dataset
+    again = gmpq.evaluate(result.export_dir, ["data.max_eval_samples=32", f"output_dir={result.output_dir / 'ev'}"])
+    assert again["dataset"] == "cifar10_embedded" and again["num_eval_samples"] == 32
+    assert abs(again["top1"] - result.metrics["top1"]) <= 100 / 32 + 1e-9
 
 
 def test_a_finished_run_is_reused_and_a_killed_run_resumes(quickstart_run, monkeypatch) -> None:
@@ -163,11 +165,11 @@ def test_run_bad_input_exits_2(argv, message, tmp_path, capsys) -> None:
 
 def test_every_cli_stage_is_a_public_python_call() -> None:
     import gmpq.pipeline
-    import gmpq.train.stages
+    import gmpq.stages
 
     assert gmpq.run is gmpq.pipeline.run
     assert (gmpq.pretrain, gmpq.finetune, gmpq.evaluate) == (
-        gmpq.train.stages.pretrain, gmpq.train.stages.finetune, gmpq.train.stages.evaluate)
+        gmpq.stages.pretrain, gmpq.stages.finetune, gmpq.stages.evaluate)
     assert callable(gmpq.search)
     with pytest.raises(AttributeError):
         gmpq.not_a_thing  # noqa: B018

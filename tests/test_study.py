@@ -13,6 +13,7 @@ import yaml
 
 from gmpq.cli import main
 from gmpq.errors import BudgetError, RecipeError, RunError
+from gmpq.rundir import RunDir
 from gmpq.search.budget import decode_uniform
 from gmpq.study import load_study, paired_difference, run_study, spread, study_from_dict
 from gmpq.study.grid import expand_grid, proxy_space
@@ -148,7 +149,7 @@ def test_smoke_study_runs_resumes_slices_and_travels_as_an_archive(tmp_path) -> 
     assert len((out / "results.csv").read_text().splitlines()) == 4
 
     # an interrupted cell (no metrics.json) is run again, the others are not
-    (out / "cells" / "uniform_w2a4_s0" / "metrics.json").unlink()
+    RunDir(out / "cells" / "uniform_w2a4_s0").summary.unlink()
     assert run_study(path).ran == ["uniform_w2a4_s0"]
 
     archive = run_study(path, report_only=True, pack=tmp_path / "cells.tar.gz")
@@ -193,7 +194,7 @@ def test_attribution_effect_counts_the_layers_gmpq_and_edmips_decode_differently
     first, second = list(base.layers)[:2]
     for run_id, change in (("g", {}), ("e", {first: LayerBits(2, 3), second: LayerBits(6, 6)})):
         policy = gmpq.Policy(arch=base.arch, input_size=32, layers={**base.layers, **change}, kept=base.kept)
-        policy.save(tmp_path / "out" / "cells" / run_id / "search" / "policy.json")
+        policy.save(RunDir(study.cell_dir(run_id)).policy)
     rows = [{"strategy": s, "budget_g": 0.21, "seed": 0, "run_id": r} for s, r in (("gmpq", "g"), ("edmips", "e"))]
     (effect,) = attribution_effect(study, rows)
     n = len(base.layers)

@@ -8,13 +8,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import gmpq
 from gmpq.errors import CheckpointError, RecipeError
+from gmpq.hub import load_model_dir, read_state_dict, write_model_dir
 from gmpq.recipes import TrainConfig, load_recipe
+from gmpq.stages import model_size_mb
 from gmpq.train import (
     CheckpointManager,
     MetricsLogger,
@@ -23,14 +25,8 @@ from gmpq.train import (
     distillation_loss,
     evaluate,
     init_from_checkpoint,
-    load_float_model,
-    load_model,
-    load_quantized_model,
     make_accelerator,
-    model_size_mb,
     prepare_output_dir,
-    save_float_model,
-    save_quantized_model,
     write_metrics_json,
     write_run_info,
 )
@@ -124,49 +120,67 @@ def trained_like(model: nn.Module) -> nn.Module:
 
 def test_float_model_round_trip(tmp_path):
     model = trained_like(gmpq.create_model(ARCH, num_classes=10))
-    path = save_float_model(model, tmp_path / "m", extra={"data": {"dataset": "cifar10_embedded"}})
+    path = write_model_dir(model, tmp_path / "m", input_size=32, extra={"data": {"dataset": "cifar10_embedded"}})
     assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
     cfg = json.loads((path / "config.json").read_text())
-    assert cfg["format"] == "gmpq-float" and cfg["arch"] == ARCH and cfg["num_classes"] == 10
-    assert cfg["data"]["dataset"] == "cifar10_embedded"
+    assert cfg["format"] == "gmpq" and cfg["weights"] == "float" and cfg["arch"] == ARCH and cfg["num_classes"] == 10
+    assert cfg["data"]["dataset"] == "cifar10_embedded" and cfg["input_size"] == [3, 32, 32]
+    assert list(cfg["files"]) == ["model.safetensors"]  # no policy: a float model
     x = torch.randn(2, 3, 32, 32)
-    assert torch.equal(load_float_model(path)(x), model(x))
-    with pytest.raises(CheckpointError, match="holds a float model"):
-        load_quantized_model(path)
-    with pytest.raises(CheckpointError, match="quantized model; use save_quantized_model"):
-        save_float_model(gmpq.quantize(model, gmpq.uniform_policy(model, 4, 4)), tmp_path / "x")
+    rng = torch.get_rng_state()
+    loaded = gmpq.from_pretrained(path)
+    assert torch.equal(torch.get_rng_state(), rng), "loading leaves the caller's random numbers alone"
+    assert torch.equal(loaded(x), model(x)) and loaded.gmpq_input_size == 32
+    assert getattr(loaded, "gmpq_policy", None) is None
 
 
-def test_quantized_model_round_trip(tmp_path):
+def test_quantized_model_round_trip_keeps_the_training_state(tmp_path):
     model = trained_like(gmpq.create_model(ARCH, num_classes=10))
     gmpq.quantize(model, gmpq.uniform_policy(model, 3, 4))
     gmpq.calibrate(model, [torch.randn(8, 3, 32, 32)])
-    path = save_quantized_model(model, tmp_path / "q")
+    path = write_model_dir(model, tmp_path / "q")
     assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors", "policy.json"]
-    loaded = load_quantized_model(path)
+    loaded = load_model_dir(path)
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(loaded(x), model.eval()(x))
     assert loaded.gmpq_policy.layers == model.gmpq_policy.layers
-    with pytest.raises(CheckpointError, match="holds a quantized model"):
-        load_float_model(path)
+    stored = load_file(str(path / "model.safetensors"))
+    assert all(torch.equal(stored[k], v) for k, v in model.state_dict().items())  # latent weights, as trained
 
 
 def test_model_directory_errors(tmp_path):
     model = gmpq.create_model(ARCH, num_classes=10)
-    path = save_float_model(model, tmp_path / "m")
+    path = write_model_dir(model, tmp_path / "m")
     with pytest.raises(CheckpointError, match="not a gmpq model directory"):
-        load_model(tmp_path)
+        load_model_dir(tmp_path)
     (path / "model.safetensors").write_bytes(b"truncated")
-    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
-        load_model(path)
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_model_dir(path)
     (path / "config.json").write_text(json.dumps({"format": "pickle", "arch": ARCH}))
-    with pytest.raises(CheckpointError, match="unknown format"):
-        load_model(path)
-    other = save_float_model(gmpq.create_model(ARCH, num_classes=5), tmp_path / "o")
+    with pytest.raises(CheckpointError, match="not a gmpq model config"):
+        load_model_dir(path)
+    other = write_model_dir(gmpq.create_model(ARCH, num_classes=5), tmp_path / "o")
     cfg = json.loads((other / "config.json").read_text())
-    (other / "config.json").write_text(json.dumps({**cfg, "num_classes": 10}))
-    with pytest.raises(CheckpointError, match="do not fit test_resnet"):
-        load_model(other)
+    (other / "config.json").write_text(json.dumps({**cfg, "model_kwargs": {"num_classes": 10, "in_chans": 3}}))
+    with pytest.raises(CheckpointError, match=r"'fc\.(weight|bias)'.*shape \[5.*needs \[10"):
+        load_model_dir(other)
+
+
+def test_directories_of_gmpq_0_1_training_stages_still_load(tmp_path):
+    """Format version 0: config 'gmpq-float' / 'gmpq-quantized', a plain state dict, no file hashes."""
+    model = trained_like(gmpq.create_model(ARCH, num_classes=10))
+    gmpq.quantize(model, gmpq.uniform_policy(model, 4, 4))
+    gmpq.calibrate(model, [torch.randn(8, 3, 32, 32)])
+    old = tmp_path / "finetune" / "model"
+    old.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(old / "model.safetensors"),
+              metadata={"format": "pt"})
+    model.gmpq_policy.save(old / "policy.json")
+    (old / "config.json").write_text(json.dumps({"schema_version": 1, "format": "gmpq-quantized", "arch": ARCH,
+                                                 "num_classes": 10, "input_size": 32}))
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(load_model_dir(old)(x), model.eval()(x))
+    assert read_state_dict(old).keys() == model.state_dict().keys()
 
 
 def test_init_from_checkpoint_sources(tmp_path):
@@ -174,7 +188,7 @@ def test_init_from_checkpoint_sources(tmp_path):
     state = source.state_dict()
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "w.safetensors"))
     torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "w.pth")
-    save_float_model(source, tmp_path / "run" / "pretrain" / "model")
+    write_model_dir(source, tmp_path / "run" / "pretrain" / "model")
     for src in (tmp_path / "w.safetensors", tmp_path / "w.pth", tmp_path / "run"):
         target = gmpq.create_model(ARCH, num_classes=10)
         report = init_from_checkpoint(target, str(src))
@@ -323,3 +337,57 @@ def test_freeze_bn_keeps_running_statistics(tmp_path):
 def test_divergence_stops_with_a_clear_error(tmp_path):
     with pytest.raises(RecipeError, match="training diverged.*lower the learning rate.*freeze_bn"):
         _fit_linear(tmp_path, "boom", lr=1e30, epochs=3)
+
+
+def test_a_training_step_sees_every_optimizer_step_and_keeps_its_state_across_resume(tmp_path):
+    """The step hook of the one loop: optimizers and schedules over the total step count, on_step_end after each
+    optimizer step (not after accumulating batches), its state in every checkpoint, a named lr per optimizer."""
+    from gmpq.train import Progress, ScheduledOptimizer, StepOutput, TrainingStep, fit, lr_factor
+
+    class Recorder(TrainingStep):
+        def __init__(self):
+            self.seen: list[Progress] = []
+            self.counter = 0
+
+        def configure_optimizers(self, model, steps_per_epoch, total_steps):
+            self.total = total_steps
+            opt_a = torch.optim.SGD([model.weight], lr=0.1)
+            opt_b = torch.optim.Adam([model.bias], lr=0.01)
+            cosine = lr_factor("cosine", steps_per_epoch, total_steps)
+            return [ScheduledOptimizer("w", opt_a, torch.optim.lr_scheduler.LambdaLR(opt_a, cosine)),
+                    ScheduledOptimizer("b", opt_b, torch.optim.lr_scheduler.LambdaLR(opt_b, cosine))]
+
+        def __call__(self, model, images, labels):
+            logits = model(images)
+            loss = F.cross_entropy(logits, labels)
+            return StepOutput(loss, logits, {"loss": loss})
+
+        def on_step_end(self, out, progress):
+            self.seen.append(progress)
+            self.counter += 1
+
+        def epoch_summary(self):
+            return {"counter": self.counter}
+
+        def state_dict(self):
+            return {"counter": self.counter}
+
+        def load_state_dict(self, state):
+            self.counter = state["counter"]
+
+    x, y = torch.randn(32, 5), torch.randint(0, 3, (32,))
+    cfg = TrainConfig(epochs=2, grad_accum=2)
+    loader = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True, drop_last=True)
+    step = Recorder()
+    result = fit(nn.Linear(5, 3), loader, None, cfg, make_accelerator(recipe(tmp_path), cfg), tmp_path / "s",
+                 step=step)
+    assert step.total == 8 and [p.step for p in step.seen] == list(range(1, 9))  # 8 batches / 2 per step, 2 epochs
+    assert [p.epoch for p in step.seen] == [0] * 4 + [1] * 4 and step.seen[-1].fraction == 1.0
+    assert [r["counter"] for r in result.history] == [4, 8] and result.final == {}
+    assert set(result.history[0]) == {"epoch", "loss", "train_top1", "lr_w", "lr_b", "steps", "counter", "epoch_s"}
+    assert result.history[0]["lr_w"] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 3 / 8)))
+    resumed = Recorder()
+    cfg3 = TrainConfig(epochs=3, grad_accum=2)
+    again = fit(nn.Linear(5, 3), loader, None, cfg3, make_accelerator(recipe(tmp_path), cfg3), tmp_path / "s",
+                step=resumed, resume=True)
+    assert again.resumed_from == 2 and resumed.counter == 12 and [p.step for p in resumed.seen] == [9, 10, 11, 12]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from gmpq.train import finetune, pretrain
+from gmpq.stages import finetune, pretrain
 
 RECIPE = {
     "name": "dist", "seed": 0,

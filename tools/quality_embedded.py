@@ -24,7 +24,7 @@ from pathlib import Path
 
 from gmpq.errors import RecipeError
 from gmpq.recipes import load_recipe
-from gmpq.train import finetune, pretrain
+from gmpq.stages import finetune, pretrain
 
 
 def main() -> None:

@@ -1,5 +1,6 @@
-"""Export a quantized model: ``save_pretrained(model, dir)`` writes model.safetensors, policy.json, config.json and
-the model card (see :mod:`gmpq.hub.format` for the layout).
+"""Writing gmpq model directories (:mod:`gmpq.hub.format`): :func:`write_model_dir` saves a float or fake-quant
+model as a training stage holds it; :func:`save_pretrained` publishes a quantized model (packed codes by default,
+measured size and BOPs, model card); :func:`push_to_hub` uploads one.
 
 The integer codes written for a quantized layer are those its forward pass uses: with ``W_q = Q_w(W)`` the
 fake-quantized weight and ``s`` the per-channel step, ``q = round(W_q / s)`` (exact, since ``W_q`` is an integer
@@ -33,11 +34,12 @@ from gmpq.errors import ModelError
 from gmpq.hub import format as F
 from gmpq.hub.index import INDEX_FILE, update_index
 from gmpq.hub.packing import pack_codes
-from gmpq.models import default_input_size, quantizable_layers
+from gmpq.models import default_input_size, model_signature, quantizable_layers
 from gmpq.policy import Policy
 from gmpq.quant import ActQuantizer, QuantMixin, WeightQuantizer
 from gmpq.quant import functional as QF
 from gmpq.utils import atomic_write, atomic_write_text
+from gmpq.version import __version__
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,11 @@ def _check_exportable(model: nn.Module) -> Policy:
     if not isinstance(policy, Policy):
         raise ModelError("save_pretrained needs a model quantized by gmpq (gmpq.create_model(arch, policy=...) or "
                          "gmpq.quantize(model, policy)); this model has no gmpq_policy")
+    _check_quantized_layers(model)
+    return policy
+
+
+def _check_quantized_layers(model: nn.Module) -> None:
     for name, m in quantizable_layers(model).items():
         if not isinstance(m, QuantMixin):
             raise ModelError(f"layer {name!r} is a {type(m).__name__}, not a fixed-bit quantized layer; export a "
@@ -102,7 +109,6 @@ def _check_exportable(model: nn.Module) -> Policy:
         if not m.aq.is_float and not bool(m.aq.calibrated):
             raise ModelError(f"layer {name!r} has an uncalibrated activation quantizer; run "
                              "gmpq.calibrate(model, batches) (or train it) before exporting")
-    return policy
 
 
 def _quantizer_keys(model: nn.Module) -> set[str]:
@@ -115,7 +121,7 @@ def _quantizer_keys(model: nn.Module) -> set[str]:
 
 
 def _layer_bits(model: nn.Module) -> dict[str, tuple[int, int]]:
-    return {name: (m.w_bits, m.a_bits) for name, m in quantizable_layers(model).items()}
+    return {name: (m.w_bits, m.a_bits) for name, m in quantizable_layers(model).items() if isinstance(m, QuantMixin)}
 
 
 def _packed_tensors(state: Mapping[str, torch.Tensor], layers: Mapping[str, QuantMixin]
@@ -140,6 +146,7 @@ def _packed_tensors(state: Mapping[str, torch.Tensor], layers: Mapping[str, Quan
 
 
 def _float_tensors(state: Mapping[str, torch.Tensor], layers: Mapping[str, QuantMixin]) -> dict[str, torch.Tensor]:
+    """The float layout: every tensor as is (floating ones in float32), the weights of ``layers`` dequantized."""
     weight_keys = {f"{name}.weight": m for name, m in layers.items()}
     out = {}
     for key, tensor in state.items():
@@ -149,6 +156,59 @@ def _float_tensors(state: Mapping[str, torch.Tensor], layers: Mapping[str, Quant
         else:
             t = tensor.detach().cpu()
             out[key] = (t.float() if t.is_floating_point() else t).contiguous()
+    return out
+
+
+@dataclass(frozen=True)
+class _Written:
+    """The tensor files of a model directory, before its config.json."""
+
+    weights: Path
+    policy: Path | None
+    packed_bytes: int
+    extras_bytes: int
+
+    def files(self) -> dict[str, dict[str, Any]]:
+        """config.json's ``files`` record: SHA-256 and size of every file the loader needs."""
+        paths = [self.weights] if self.policy is None else [self.weights, self.policy]
+        return {p.name: {"sha256": F.sha256_file(p), "bytes": p.stat().st_size} for p in paths}
+
+
+def _write_tensors(model: nn.Module, out: Path, layout: str, dequantize: bool) -> _Written:
+    """model.safetensors in ``layout`` (quantized weights dequantized in the float layout with ``dequantize``) and,
+    for a quantized model, policy.json."""
+    policy = getattr(model, "gmpq_policy", None)
+    layers = F.coded_layers(model) if policy is not None else {}
+    state = model.state_dict()
+    metadata = {"format": F.FORMAT_NAME, "format_version": str(F.FORMAT_VERSION), "weights": layout,
+                "bits": F.encode_bits(_layer_bits(model))}
+    if layout == "packed":
+        tensors, entries, packed_bytes = _packed_tensors(state, layers)
+        metadata["index"] = F.encode_index(entries)
+    else:
+        tensors, packed_bytes = _float_tensors(state, layers if dequantize else {}), 0
+    extras_bytes = sum(t.numel() * t.element_size() for t in tensors.values()) - packed_bytes
+    out.mkdir(parents=True, exist_ok=True)
+    weights = atomic_write(out / F.WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    return _Written(weights, None if policy is None else policy.save(out / F.POLICY_FILE), packed_bytes, extras_bytes)
+
+
+def write_model_dir(model: nn.Module, directory: str | os.PathLike, *, input_size: int | None = None,
+                    extra: Mapping[str, Any] | None = None) -> Path:
+    """Write a float or quantized (fake-quant) ``model`` as a gmpq model directory in the float layout: its state
+    dict as it is (latent weights and quantizer state), policy.json when quantized, and config.json last.
+
+    This is how a training stage saves its model; :func:`gmpq.hub.load.load_model_dir` reads it back, and
+    :func:`save_pretrained` publishes a quantized model (packed codes, card). ``input_size`` is the resolution the
+    model was trained at (default: its native one); ``extra`` adds fields to config.json (e.g. the training
+    ``data`` section, which ``gmpq evaluate`` reads).
+    """
+    if getattr(model, "gmpq_policy", None) is not None:
+        _check_quantized_layers(model)
+    out = Path(directory)
+    written = _write_tensors(model, out, "float", dequantize=False)
+    config = {**model_config(model, input_size), **(extra or {}), "files": written.files()}
+    atomic_write_text(out / F.CONFIG_FILE, json.dumps(config, indent=2) + "\n")
     return out
 
 
@@ -182,29 +242,19 @@ def fp32_safetensors_bytes(model: nn.Module) -> int:
     return len(safetensors_bytes(state))
 
 
-def model_config(model: nn.Module) -> dict[str, Any]:
-    """The part of config.json that rebuilds the network: arch, model kwargs, input size, normalisation."""
-    arch = getattr(model, "gmpq_arch", None)
-    if not arch:
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        arch = cfg.get("architecture")
-    if not arch:
-        raise ModelError("cannot tell the model's architecture: create it with gmpq.create_model(name, ...) so that "
-                         "it carries gmpq_arch")
-    num_classes = getattr(model, "num_classes", None)
-    if not isinstance(num_classes, int):
-        raise ModelError(f"cannot tell the number of classes of {arch!r}: expected a timm model with num_classes")
-    first = next(iter(quantizable_layers(model).values()))
-    in_chans = first.in_channels if isinstance(first, nn.Conv2d) else first.in_features
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    size = default_input_size(model)
+def model_config(model: nn.Module, input_size: int | None = None) -> dict[str, Any]:
+    """The part of config.json that rebuilds the network and feeds it: arch, model kwargs, input size (default: the
+    model's native one), normalisation, and the format's name and versions."""
+    sig = model_signature(model)
+    size = input_size or sig.input_size
     return {
-        "arch": arch,
-        "model_kwargs": {"num_classes": num_classes, "in_chans": in_chans},
-        "num_classes": num_classes,
-        "input_size": [in_chans, size, size],
-        "mean": list(cfg.get("mean", ())) or None,
-        "std": list(cfg.get("std", ())) or None,
+        "format": F.FORMAT_NAME, "format_version": F.FORMAT_VERSION, "gmpq_version": __version__, "weights": "float",
+        "arch": sig.arch,
+        "model_kwargs": {"num_classes": sig.num_classes, "in_chans": sig.in_chans},
+        "num_classes": sig.num_classes,
+        "input_size": [sig.in_chans, size, size],
+        "mean": list(sig.mean),
+        "std": list(sig.std),
     }
 
 
@@ -213,7 +263,7 @@ def save_pretrained(
     dataset: str | None = None, top1: float | None = None, eval_split: str | None = None,
     eval_samples: int | None = None, bops_input_size: int | None = None, description: str | None = None,
     repo_id: str | None = None, card: bool = True, figures: Mapping[str, str | os.PathLike] | None = None,
-    comparison: Sequence[Mapping[str, Any]] = (),
+    comparison: Sequence[Mapping[str, Any]] = (), data: Mapping[str, Any] | None = None,
 ) -> ExportReport:
     """Export a quantized ``model`` to ``save_dir``; return what was written and measured.
 
@@ -234,6 +284,8 @@ def save_pretrained(
         comparison: rows of a table on the card comparing this model with others measured the same way, each
             ``{"model", "top1", "bops_searched_g", "mean_w_bits", "mean_a_bits"}`` (e.g. the uniform policy at the
             same budget).
+        data: the training data section (dataset, path, splits, input size), recorded so that ``gmpq evaluate``
+            finds the data the model was made for.
     """
     if format not in F.LAYOUTS:
         raise ModelError(f"unknown export format {format!r}; choose one of {', '.join(F.LAYOUTS)}")
@@ -243,44 +295,30 @@ def save_pretrained(
     _check_figures(figures or {})
     out = Path(save_dir)
     config = model_config(model)
-    layers = F.coded_layers(model)
-    state = model.state_dict()
-    metadata = {"format": F.FORMAT_NAME, "format_version": str(F.FORMAT_VERSION), "weights": format,
-                "bits": F.encode_bits(_layer_bits(model))}
-    if format == "packed":
-        tensors, entries, packed_bytes = _packed_tensors(state, layers)
-        metadata["index"] = F.encode_index(entries)
-    else:
-        tensors, packed_bytes = _float_tensors(state, layers), 0
-    extras_bytes = sum(t.numel() * t.element_size() for t in tensors.values()) - packed_bytes
-
-    out.mkdir(parents=True, exist_ok=True)
-    weights_path = atomic_write(out / F.WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    policy_path = policy.save(out / F.POLICY_FILE)
+    written = _write_tensors(model, out, format, dequantize=True)
 
     size = bops_input_size or default_input_size(model)
     bops = count_bops(model, size)
-    report = ExportReport(out, format, weights_path.stat().st_size, packed_bytes, extras_bytes,
+    report = ExportReport(out, format, written.weights.stat().st_size, written.packed_bytes, written.extras_bytes,
                           fp32_safetensors_bytes(model), size, bops.bops_searched_g, bops.bops_total_g)
     w_mean, a_mean = policy.mean_bits
-    from gmpq import __version__
-
     config.update({
-        "format": F.FORMAT_NAME, "format_version": F.FORMAT_VERSION, "gmpq_version": __version__,
         "weights": format, "name": name or out.resolve().name,
+        **({"data": dict(data)} if data is not None else {}),
         "metrics": {
             "dataset": dataset, "top1": top1, "eval_split": eval_split, "eval_samples": eval_samples,
             "bops_input_size": size, "bops_searched_g": bops.bops_searched_g, "bops_total_g": bops.bops_total_g,
             "mean_w_bits": None if math.isnan(w_mean) else w_mean,
             "mean_a_bits": None if math.isnan(a_mean) else a_mean,
-            "file_bytes": report.file_bytes, "packed_bytes": packed_bytes, "extras_bytes": extras_bytes,
-            "fp32_bytes": report.fp32_bytes, "ratio_fp32": report.ratio_fp32, "overhead": report.overhead,
+            "file_bytes": report.file_bytes, "packed_bytes": written.packed_bytes,
+            "extras_bytes": written.extras_bytes, "fp32_bytes": report.fp32_bytes, "ratio_fp32": report.ratio_fp32,
+            "overhead": report.overhead,
         },
         "description": description,
         "comparison": [dict(row) for row in comparison],
         "figures": _copy_figures(figures or {}, out),
         "provenance": policy.provenance,
-        "files": {p.name: {"sha256": F.sha256_file(p), "bytes": p.stat().st_size} for p in (weights_path, policy_path)},
+        "files": written.files(),
     })
     if card:
         from gmpq.hub.card import write_card
@@ -311,7 +349,7 @@ def push_to_hub(
     loading snippet names ``repo_id``. Uploads through ``HfApi.create_repo`` and ``HfApi.upload_folder``.
     """
     from gmpq.hub.card import write_card
-    from gmpq.hub.load import load_export_dir, read_config
+    from gmpq.hub.load import load_model_dir
     from gmpq.hub.remote import upload_export
 
     with tempfile.TemporaryDirectory(prefix="gmpq-push-") as tmp:
@@ -323,101 +361,14 @@ def push_to_hub(
                 raise ModelError(f"export options {sorted(export_kwargs)} apply to a model, not to an export "
                                  f"directory ({model_or_dir})")
             source = Path(model_or_dir)
-            load_export_dir(source)
+            model = load_model_dir(source)
+            if getattr(model, "gmpq_policy", None) is None:
+                raise ModelError(f"{source} holds a float model; push_to_hub publishes quantized models")
             staged.mkdir()
-            for name in (*F.REQUIRED_FILES, F.FIGURE_FILE):
+            for name in (F.CONFIG_FILE, F.POLICY_FILE, F.WEIGHTS_FILE, F.FIGURE_FILE):
                 if (source / name).is_file():
                     shutil.copy2(source / name, staged / name)
-            write_card(staged, read_config(staged), Policy.load(staged / F.POLICY_FILE), repo_id=repo_id,
+            write_card(staged, F.read_config(staged), Policy.load(staged / F.POLICY_FILE), repo_id=repo_id,
                        figure=False)
         return upload_export(staged, repo_id, token=token, private=private, revision=revision,
                              commit_message=commit_message, create_pr=create_pr)
-
-
-def trained_model_dir(source: str | os.PathLike) -> Path:
-    """The quantized model directory of a run, a fine-tune stage or a model directory written by gmpq training."""
-    from gmpq.train.checkpoint import QUANTIZED_FORMAT, read_model_config
-
-    root = Path(source)
-    for candidate in (root, root / "model", root / "finetune" / "model"):
-        if (candidate / F.CONFIG_FILE).is_file() and (candidate / F.WEIGHTS_FILE).is_file():
-            if read_model_config(candidate).get("format") == QUANTIZED_FORMAT:
-                return candidate
-    raise ModelError(f"no quantized model found at {str(root)!r} (looked for {root}, {root / 'model'} and "
-                     f"{root / 'finetune' / 'model'}); export the result of `gmpq finetune`")
-
-
-def _measured_accuracy(model_dir: Path, cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Top-1 of the model in ``model_dir`` as its run measured it, with dataset, split and image count.
-
-    A held-out evaluation of this very model (``<run>/evaluate/metrics.json`` naming ``model_dir``) is preferred;
-    else the fine-tune stage's final evaluation (``<stage>/metrics.json``). Empty when neither exists.
-    """
-    data = cfg.get("data") or {}
-    evaluation = model_dir.parent.parent / "evaluate" / "metrics.json"
-    if evaluation.is_file():
-        ev = F.read_json(evaluation)
-        if isinstance(ev, dict) and ev.get("top1") is not None and ev.get("model_dir") and \
-                Path(ev["model_dir"]).resolve() == model_dir.resolve():
-            dataset = ev.get("dataset") or data.get("dataset")
-            return {"top1": ev["top1"], "dataset": dataset, "eval_split": _split_name(dataset, ev.get("split")),
-                    "eval_samples": ev.get("num_eval_samples")}
-    stage = model_dir.parent / "metrics.json"
-    if not stage.is_file():
-        return {}
-    metrics = F.read_json(stage)
-    if not isinstance(metrics, dict) or metrics.get("top1") is None:
-        return {}
-    return {"top1": metrics["top1"], "dataset": data.get("dataset"),
-            "eval_split": _split_name(data.get("dataset"), data.get("eval_split")),
-            "eval_samples": metrics.get("num_eval_samples")}
-
-
-def _split_name(dataset: str | None, split: str | None) -> str | None:
-    """``split``, or the dataset's default evaluation split when the run recorded none (or "default")."""
-    if split not in (None, "default") or not dataset:
-        return split
-    from gmpq.data import get_dataset_spec
-
-    return get_dataset_spec(dataset).eval_split
-
-
-def _training_description(model_dir: Path, cfg: Mapping[str, Any]) -> str | None:
-    stage = model_dir.parent / "metrics.json"
-    metrics = F.read_json(stage) if stage.is_file() else None
-    if not isinstance(metrics, dict):
-        return None
-    facts = ["Quantization-aware fine-tuning by `gmpq finetune`"]
-    if cfg.get("recipe_name"):
-        facts.append(f"recipe `{cfg['recipe_name']}`")
-    if metrics.get("epochs") is not None:
-        facts.append(f"{metrics['epochs']} epochs")
-    if metrics.get("num_train_samples") is not None:
-        dataset = (cfg.get("data") or {}).get("dataset") or "its dataset"
-        facts.append(f"{metrics['num_train_samples']:,} training images of {dataset}")
-    if metrics.get("distill"):
-        facts.append(f"distillation weight {metrics['distill']}")
-    if metrics.get("float_checkpoint"):
-        facts.append(f"from the float model `{metrics['float_checkpoint']}`")
-    return ", ".join(facts) + "."
-
-
-def export_trained(
-    source: str | os.PathLike, save_dir: str | os.PathLike, *, format: str = "packed", name: str | None = None,
-    bops_input_size: int | None = None, repo_id: str | None = None,
-    figures: Mapping[str, str | os.PathLike] | None = None, comparison: Sequence[Mapping[str, Any]] = (),
-) -> ExportReport:
-    """Export the quantized model of a gmpq fine-tune run (run dir, ``finetune`` stage dir or its ``model`` dir).
-
-    The card's top-1, dataset, split and image count are those the run measured (see :func:`_measured_accuracy`);
-    its description states how the model was trained. ``figures`` and ``comparison`` go to the card as in
-    :func:`save_pretrained`.
-    """
-    from gmpq.train.checkpoint import load_quantized_model, read_model_config
-
-    model_dir = trained_model_dir(source)
-    model = load_quantized_model(model_dir)
-    cfg = read_model_config(model_dir)
-    return save_pretrained(model, save_dir, format=format, name=name, bops_input_size=bops_input_size,
-                           description=_training_description(model_dir, cfg), repo_id=repo_id,
-                           figures=figures, comparison=comparison, **_measured_accuracy(model_dir, cfg))

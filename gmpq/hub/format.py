@@ -1,22 +1,29 @@
-"""The on-disk format of an exported gmpq model (format version 1).
+"""gmpq's one model-directory format (format version 1): float, fake-quant and packed models alike.
 
-An export directory holds::
+Every model gmpq writes — a stage's ``model/`` (pretrain, finetune), an export (``gmpq export``, ``gmpq run``), a
+published ``hub/<name>`` — is a directory holding::
 
     model.safetensors   the tensors (below)
-    policy.json         the mixed-precision policy (gmpq.Policy JSON)
-    config.json         arch, model kwargs, input size, mean/std, versions, measured metrics, and the SHA-256 and
-                        size of model.safetensors and policy.json (so a truncated, tampered or half-rewritten
-                        export is refused)
-    README.md           the model card, with policy.png
+    policy.json         the mixed-precision policy (gmpq.Policy JSON); only for a quantized model
+    config.json         arch, model kwargs, input size, mean/std, versions, optionally the training data section,
+                        measured metrics and the card's extras, and the SHA-256 and size of model.safetensors and
+                        policy.json (so a truncated, tampered or half-rewritten directory is refused)
+    README.md           the model card, with policy.png (exports only)
+
+The model is quantized exactly when config.json's ``files`` record lists policy.json. One loader
+(:func:`gmpq.hub.load.load_model_dir`) reads them all.
 
 ``model.safetensors`` comes in two layouts, named by its metadata key ``weights``:
 
-* ``packed`` (default). The weights of every quantized layer (``w_bits`` in 2..8) are stored as integer codes
-  ``q = W_q / s`` in ``[-Q_p, Q_p]`` (``Q_p = 2^(b-1) - 1``), offset to ``u = q + Q_p`` in ``[0, 2^b - 2]`` and packed
-  densely to ``b`` bits (:mod:`gmpq.hub.packing`). Everything else of the model's state dict — per-channel weight
-  steps ``wq.scale``, activation clips ``aq.clip``, sign modes ``aq.signed``, calibration flags, BN statistics,
-  biases, float layers — is kept exactly. To keep the safetensors header small (a few hundred tensors of a small
-  CNN would otherwise cost over 10 % of the file), tensors are concatenated into four streams::
+* ``float``. A plain state dict (one named tensor per entry). A stage writes its model's state dict as it is (a
+  fake-quant model keeps its latent float weights beside its quantizer state); an export of a quantized model in
+  this layout stores the dequantized weights ``s * q``.
+* ``packed`` (quantized models; the export default). The weights of every quantized layer (``w_bits`` in 2..8) are
+  stored as integer codes ``q = W_q / s`` in ``[-Q_p, Q_p]`` (``Q_p = 2^(b-1) - 1``), offset to ``u = q + Q_p`` in
+  ``[0, 2^b - 2]`` and packed densely to ``b`` bits (:mod:`gmpq.hub.packing`). Everything else of the model's state
+  dict — per-channel weight steps ``wq.scale``, activation clips ``aq.clip``, sign modes ``aq.signed``, calibration
+  flags, BN statistics, biases, float layers — is kept exactly. To keep the safetensors header small (a few hundred
+  tensors of a small CNN would otherwise cost over 10 % of the file), tensors are concatenated into four streams::
 
       codes    uint8    packed codes, layer after layer (each layer starts on a byte boundary)
       float32  float32  every floating-point tensor, flattened
@@ -25,12 +32,15 @@ An export directory holds::
 
   and the metadata key ``index`` maps ``{module path: {tensor name: [stream, *shape]}}`` in stream order, with the
   stream tags ``c`` (codes), ``f``, ``b`` and ``i``.
-* ``float``. A plain state dict (one named tensor per entry) whose quantized weights are dequantized, ``s * q``.
 
 Both carry metadata ``format`` (``gmpq``), ``format_version``, ``weights`` (the layout) and ``bits``
-(``{layer: [w_bits, a_bits]}``, which must agree with policy.json). ``index`` and ``bits`` are stored as
-base64(zlib(compact JSON)): the JSON would be escaped inside the safetensors header and cost ~20 kB, over 4 % of a
-MobileNetV2-0.5 file, while compressed it costs ~2 kB. Loading reads safetensors and JSON only; nothing is unpickled.
+(``{layer: [w_bits, a_bits]}`` of the quantized layers, which must agree with policy.json). ``index`` and ``bits``
+are stored as base64(zlib(compact JSON)): the JSON would be escaped inside the safetensors header and cost ~20 kB,
+over 4 % of a MobileNetV2-0.5 file, while compressed it costs ~2 kB. Loading reads safetensors and JSON only;
+nothing is unpickled.
+
+Directories written by gmpq 0.1's training stages (config ``format`` ``gmpq-float`` / ``gmpq-quantized``, no file
+hashes) are read as format version 0: a plain state dict, quantized when its format says so.
 """
 
 from __future__ import annotations
@@ -58,9 +68,9 @@ POLICY_FILE = "policy.json"
 CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"
 FIGURE_FILE = "policy.png"
-#: Files of an export that a loader needs (the card is for people).
-REQUIRED_FILES = (CONFIG_FILE, POLICY_FILE, WEIGHTS_FILE)
 LAYOUTS = ("packed", "float")
+#: The config ``format`` of gmpq 0.1's training directories (read as format version 0) -> quantized or not.
+LEGACY_FORMATS = {"gmpq-float": False, "gmpq-quantized": True}
 
 #: Stream tag -> (safetensors tensor name, dtype).
 STREAMS: dict[str, tuple[str, torch.dtype]] = {
@@ -171,7 +181,7 @@ def read_json(path: Path) -> Any:
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); the export is corrupted — export it again") from None
+        raise CheckpointError(f"{path} is not valid JSON ({e}); the file is corrupted — write it again") from None
 
 
 def coded_layers(model: nn.Module) -> dict[str, QuantMixin]:
@@ -183,3 +193,62 @@ def coded_layers(model: nn.Module) -> dict[str, QuantMixin]:
 def dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``s * q`` with one step per output channel (the first dimension of ``codes``), in float32."""
     return codes.float() * scale.float().view(-1, *([1] * (codes.dim() - 1)))
+
+
+def is_model_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a gmpq model directory (its config.json and model.safetensors; not yet verified)."""
+    p = Path(path)
+    return (p / CONFIG_FILE).is_file() and (p / WEIGHTS_FILE).is_file()
+
+
+def is_quantized(config: dict[str, Any]) -> bool:
+    """Whether the checked ``config`` (:func:`read_config`) describes a quantized model (it records a policy.json)."""
+    return POLICY_FILE in config["files"]
+
+
+def read_config(root: Path) -> dict[str, Any]:
+    """Read and check the config.json of the model directory ``root`` (format version 0 is converted)."""
+    if not (root / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{root} is not a gmpq model directory: {CONFIG_FILE} is missing (a model directory "
+                              f"holds {CONFIG_FILE}, {WEIGHTS_FILE} and, when quantized, {POLICY_FILE})")
+    config = read_json(root / CONFIG_FILE)
+    if isinstance(config, dict) and config.get("format") in LEGACY_FORMATS:
+        config = _legacy_config(root, config)
+    if not isinstance(config, dict) or config.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{root / CONFIG_FILE} is not a gmpq model config (its 'format' is not "
+                              f"{FORMAT_NAME!r})")
+    version = config.get("format_version")
+    if version not in (0, FORMAT_VERSION):
+        raise CheckpointError(f"{root}: format_version {version!r} is not supported; this gmpq reads version "
+                              f"{FORMAT_VERSION} — upgrade gmpq or re-export the model")
+    if config.get("weights") not in LAYOUTS:
+        raise CheckpointError(f"{root / CONFIG_FILE}: 'weights' must be one of {', '.join(LAYOUTS)}, "
+                              f"got {config.get('weights')!r}")
+    kwargs = config.get("model_kwargs")
+    size = config.get("input_size")
+    if not isinstance(config.get("arch"), str) or not isinstance(kwargs, dict) or not (
+            isinstance(size, list) and size and isinstance(size[-1], int)):
+        raise CheckpointError(f"{root / CONFIG_FILE} needs 'arch' (str), 'model_kwargs' (object) and "
+                              "'input_size' ([C, H, W])")
+    files = config.get("files")
+    if not isinstance(files, dict) or WEIGHTS_FILE not in files:
+        raise CheckpointError(f"{root / CONFIG_FILE} has no 'files' record (SHA-256 of the model's files)")
+    for name in files:
+        if not (root / name).is_file():
+            raise CheckpointError(f"{root} is not a complete gmpq model directory: {name} is missing (its config.json "
+                                  f"records {', '.join(files)})")
+    return config
+
+
+def _legacy_config(root: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """A gmpq 0.1 training directory's config in the current shape (no file hashes: ``files`` values are None)."""
+    for key in ("arch", "num_classes"):
+        if key not in config:
+            raise CheckpointError(f"{root / CONFIG_FILE} lacks the field {key!r}")
+    files: dict[str, None] = {WEIGHTS_FILE: None}
+    if LEGACY_FORMATS[config["format"]]:
+        files[POLICY_FILE] = None
+    size = config.get("input_size")
+    return {**config, "format": FORMAT_NAME, "format_version": 0, "weights": "float",
+            "model_kwargs": {"num_classes": int(config["num_classes"])},
+            "input_size": [3, size, size] if isinstance(size, int) else size, "files": files}

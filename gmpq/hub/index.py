@@ -49,9 +49,7 @@ def default_hub_dir() -> Path:
 
 
 def _entry(export_dir: Path, hub_dir: Path) -> HubEntry:
-    from gmpq.hub.load import read_config
-
-    config = read_config(export_dir)
+    config = F.read_config(export_dir)
     metrics = config.get("metrics") or {}
     values: dict[str, Any] = {"name": config.get("name") or export_dir.name,
                               "path": export_dir.relative_to(hub_dir).as_posix(), "arch": config["arch"]}

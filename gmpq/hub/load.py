@@ -1,10 +1,12 @@
-"""Load an exported model: ``from_pretrained(path_or_repo_id)`` -> an eval-mode quantized model.
+"""The one loader of gmpq's model directories (:mod:`gmpq.hub.format`): ``load_model_dir(path)`` and
+``from_pretrained(path_or_repo_id)`` -> an eval-mode float or quantized model.
 
-Every check runs before the model is returned, so a bad export never yields a half-loaded model:
+Every check runs before the model is returned, so a bad directory never yields a half-loaded model:
 
 1. config.json: format ``gmpq``, a supported ``format_version``, a known layout; the SHA-256 and size it records for
-   model.safetensors and policy.json (a truncated, tampered or half-rewritten export is refused).
-2. policy.json parses and fits the architecture, which gmpq rebuilds (random init, no download) from config.json.
+   model.safetensors and policy.json (a truncated, tampered or half-rewritten directory is refused).
+2. policy.json (quantized models) parses and fits the architecture, which gmpq rebuilds (random init, no download,
+   the caller's random number generator untouched) from config.json.
 3. model.safetensors: the per-layer bits in its metadata equal the policy's; every tensor of the rebuilt model is
    present with its shape, and nothing else; packed codes lie in ``[0, 2^b - 2]``.
 4. The state dict is loaded strictly, including the quantizers' ``initialized`` / ``calibrated`` flags, so the loaded
@@ -31,6 +33,7 @@ from gmpq.hub.packing import packed_nbytes, unpack_codes
 from gmpq.hub.remote import download_snapshot
 from gmpq.models import create_model, quantizable_layers
 from gmpq.policy import Policy
+from gmpq.quant import QuantMixin
 from gmpq.quant import functional as QF
 
 
@@ -39,10 +42,10 @@ def from_pretrained(
     cache_dir: str | os.PathLike | None = None, token: str | bool | None = None,
     device: str | torch.device = "cpu",
 ) -> nn.Module:
-    """Load an exported gmpq model from a local directory or a Hugging Face Hub repo id.
+    """Load a gmpq model from a local model directory or a Hugging Face Hub repo id.
 
     Args:
-        path_or_repo_id: an export directory (``hub/<name>`` is also looked up in the gmpq checkout's ``hub/``) or
+        path_or_repo_id: a model directory (``hub/<name>`` is also looked up in the gmpq checkout's ``hub/``) or
             a Hub repo id (``user/name``), downloaded through ``huggingface_hub`` into its cache.
         revision: branch, tag or commit of a Hub repo.
         local_files_only: use only the Hugging Face cache (``None`` follows ``HF_HUB_OFFLINE``).
@@ -50,19 +53,19 @@ def from_pretrained(
         token: Hub token for private repos.
         device: where the returned model lives.
 
-    Returns the model in eval mode, with ``gmpq_policy``, ``gmpq_arch``, ``gmpq_input_size`` and ``gmpq_config``
-    (config.json, with the measured metrics). Any problem raises :class:`~gmpq.errors.CheckpointError`.
+    Returns the model in eval mode, with ``gmpq_arch``, ``gmpq_input_size``, ``gmpq_config`` (config.json, with any
+    measured metrics) and, when quantized, ``gmpq_policy``. Any problem raises :class:`~gmpq.errors.CheckpointError`.
     """
-    directory = resolve_export_dir(path_or_repo_id, revision=revision, local_files_only=local_files_only,
-                                   cache_dir=cache_dir, token=token)
-    return load_export_dir(directory).to(device)
+    directory = resolve_model_dir(path_or_repo_id, revision=revision, local_files_only=local_files_only,
+                                  cache_dir=cache_dir, token=token)
+    return load_model_dir(directory).to(device)
 
 
-def resolve_export_dir(
+def resolve_model_dir(
     path_or_repo_id: str | os.PathLike, revision: str | None = None, local_files_only: bool | None = None,
     cache_dir: str | os.PathLike | None = None, token: str | bool | None = None,
 ) -> Path:
-    """The local directory of an export: ``path_or_repo_id`` itself if it is a directory; ``hub/<name>`` in the gmpq
+    """The local model directory of ``path_or_repo_id``: itself if it is a directory; ``hub/<name>`` in the gmpq
     checkout for a ``hub/<name>`` path that is not one relative to the working directory; else the snapshot of the
     Hugging Face repo ``path_or_repo_id`` (downloaded into, or found in, the HF cache)."""
     text = os.fspath(path_or_repo_id)
@@ -70,7 +73,7 @@ def resolve_export_dir(
     if path.is_dir():
         return path
     if path.exists():
-        raise CheckpointError(f"{text!r} is a file; pass the export directory that holds {F.CONFIG_FILE}")
+        raise CheckpointError(f"{text!r} is a file; pass the model directory that holds {F.CONFIG_FILE}")
     parts = Path(text).parts
     if len(parts) == 2 and parts[0] == "hub" and CHECKOUT_HUB.is_dir():
         if (CHECKOUT_HUB / parts[1]).is_dir():
@@ -79,22 +82,20 @@ def resolve_export_dir(
         raise CheckpointError(f"no model {parts[1]!r} in ./hub or {CHECKOUT_HUB}; published there: "
                               f"{', '.join(names) or 'none'} (`gmpq hub list`)")
     if path.is_absolute() or text.startswith((".", "~")) or len(parts) > 2 or "\\" in text:
-        raise CheckpointError(f"no export directory at {text!r}")
+        raise CheckpointError(f"no model directory at {text!r}")
     return download_snapshot(text, revision=revision, local_files_only=local_files_only, cache_dir=cache_dir,
                              token=token)
 
 
-def load_export_dir(directory: str | os.PathLike) -> nn.Module:
-    """Load and verify the export in ``directory`` (see the module docstring)."""
+def load_model_dir(directory: str | os.PathLike) -> nn.Module:
+    """Load and verify the model directory ``directory`` (see the module docstring)."""
     root = Path(directory)
-    config = read_config(root)
+    config = F.read_config(root)
     _verify_files(root, config)
-    try:
-        policy = Policy.load(root / F.POLICY_FILE)
-    except GmpqError as e:
-        raise CheckpointError(f"{root}: invalid {F.POLICY_FILE}: {e}") from None
-    model = _rebuild(root, config, policy)
-    state = _read_state(root / F.WEIGHTS_FILE, config["weights"], model)
+    policy = _read_policy(root) if F.is_quantized(config) else None
+    with torch.random.fork_rng(devices=[]):  # a fresh init that the loaded weights replace: leave the caller's RNG
+        model = _rebuild(root, config, policy)
+    state = _read_state(root / F.WEIGHTS_FILE, config, model)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -104,44 +105,34 @@ def load_export_dir(directory: str | os.PathLike) -> nn.Module:
     return model.eval()
 
 
-def read_config(root: Path) -> dict[str, Any]:
-    """Read and check config.json of the export in ``root``."""
-    def require(name: str) -> None:
-        if not (root / name).is_file():
-            raise CheckpointError(f"{root} is not a gmpq export: {name} is missing (an export holds "
-                                  f"{', '.join(F.REQUIRED_FILES)})")
+def read_state_dict(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state dict of the model in ``directory``, verified; a float layout is read without building the model."""
+    root = Path(directory)
+    config = F.read_config(root)
+    if config["weights"] != "float":
+        return load_model_dir(root).state_dict()
+    _verify_files(root, config)
+    path = root / F.WEIGHTS_FILE
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if config["format_version"]:
+                _check_format(path, f.metadata() or {}, "float")
+            return {key: f.get_tensor(key) for key in f.keys()}
+    except SafetensorError as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
 
-    require(F.CONFIG_FILE)
-    config = F.read_json(root / F.CONFIG_FILE)
-    if isinstance(config, dict) and str(config.get("format", "")).startswith(f"{F.FORMAT_NAME}-"):
-        raise CheckpointError(f"{root} is a gmpq training model directory ({config['format']}), not an export; "
-                              "load it with gmpq.train.load_model, or export it with `gmpq export`")
-    if not isinstance(config, dict) or config.get("format") != F.FORMAT_NAME:
-        raise CheckpointError(f"{root / F.CONFIG_FILE} is not a gmpq model config (its 'format' is not "
-                              f"{F.FORMAT_NAME!r})")
-    for name in F.REQUIRED_FILES:
-        require(name)
-    version = config.get("format_version")
-    if version != F.FORMAT_VERSION:
-        raise CheckpointError(f"{root}: format_version {version!r} is not supported; this gmpq reads version "
-                              f"{F.FORMAT_VERSION} — upgrade gmpq or re-export the model")
-    if config.get("weights") not in F.LAYOUTS:
-        raise CheckpointError(f"{root / F.CONFIG_FILE}: 'weights' must be one of {', '.join(F.LAYOUTS)}, "
-                              f"got {config.get('weights')!r}")
-    kwargs = config.get("model_kwargs")
-    size = config.get("input_size")
-    if not isinstance(config.get("arch"), str) or not isinstance(kwargs, dict) or not (
-            isinstance(size, list) and size and isinstance(size[-1], int)):
-        raise CheckpointError(f"{root / F.CONFIG_FILE} needs 'arch' (str), 'model_kwargs' (object) and "
-                              "'input_size' ([C, H, W])")
-    if not isinstance(config.get("files"), dict):
-        raise CheckpointError(f"{root / F.CONFIG_FILE} has no 'files' record (SHA-256 of the exported files)")
-    return config
+
+def _read_policy(root: Path) -> Policy:
+    try:
+        return Policy.load(root / F.POLICY_FILE)
+    except GmpqError as e:
+        raise CheckpointError(f"{root}: invalid {F.POLICY_FILE}: {e}") from None
 
 
 def _verify_files(root: Path, config: Mapping[str, Any]) -> None:
-    for name in (F.WEIGHTS_FILE, F.POLICY_FILE):
-        record = config["files"].get(name)
+    if config["format_version"] == 0:
+        return  # gmpq 0.1's training directories recorded no hashes
+    for name, record in config["files"].items():
         if not isinstance(record, dict) or "sha256" not in record or "bytes" not in record:
             raise CheckpointError(f"{root / F.CONFIG_FILE} does not record the SHA-256 and size of {name}")
         path = root / name
@@ -154,21 +145,24 @@ def _verify_files(root: Path, config: Mapping[str, Any]) -> None:
                                   "or was modified — download or export it again")
 
 
-def _rebuild(root: Path, config: Mapping[str, Any], policy: Policy) -> nn.Module:
+def _rebuild(root: Path, config: Mapping[str, Any], policy: Policy | None) -> nn.Module:
     try:
         return create_model(config["arch"], policy=policy, **config["model_kwargs"])
     except GmpqError as e:
-        raise CheckpointError(f"{root}: cannot rebuild the model from config.json and policy.json: {e}") from None
+        raise CheckpointError(f"{root}: cannot rebuild the model from its config.json and policy: {e}") from None
     except (TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{root}: cannot build {config['arch']!r} with model_kwargs "
                               f"{config['model_kwargs']}: {e}") from None
 
 
-def _read_state(path: Path, layout: str, model: nn.Module) -> dict[str, torch.Tensor]:
+def _read_state(path: Path, config: Mapping[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:
+    layout = config["weights"]
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-            _check_metadata(path, metadata, layout, model)
+            if config["format_version"]:
+                _check_format(path, metadata, layout)
+                _check_bits(path, metadata, model)
             if layout == "packed":
                 tensors = {name: f.get_tensor(name) for name, _ in F.STREAMS.values() if name in f.keys()}
                 return _unpack_state(path, metadata, tensors, model)
@@ -180,15 +174,19 @@ def _read_state(path: Path, layout: str, model: nn.Module) -> dict[str, torch.Te
         raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
 
 
-def _check_metadata(path: Path, metadata: Mapping[str, str], layout: str, model: nn.Module) -> None:
+def _check_format(path: Path, metadata: Mapping[str, str], layout: str) -> None:
     if metadata.get("format") != F.FORMAT_NAME or metadata.get("format_version") != str(F.FORMAT_VERSION):
         raise CheckpointError(f"{path}: metadata says format {metadata.get('format')!r} version "
                               f"{metadata.get('format_version')!r}; this gmpq reads {F.FORMAT_NAME!r} version "
                               f"{F.FORMAT_VERSION}")
     if metadata.get("weights") != layout:
         raise CheckpointError(f"{path} holds {metadata.get('weights')!r} weights but config.json says {layout!r}")
+
+
+def _check_bits(path: Path, metadata: Mapping[str, str], model: nn.Module) -> None:
     stored = F.decode_bits(metadata.get("bits"))
-    expected = {name: (m.w_bits, m.a_bits) for name, m in quantizable_layers(model).items()}
+    expected = {name: (m.w_bits, m.a_bits) for name, m in quantizable_layers(model).items()
+                if isinstance(m, QuantMixin)}
     for name, bits in expected.items():
         if name not in stored:
             raise CheckpointError(f"{path} has no bits for layer {name!r} of the policy")
@@ -207,15 +205,15 @@ def _check_entries(path: Path, entries: list[F.Entry], model: nn.Module, packed:
     seen = set()
     for e in entries:
         if e.key not in expected:
-            raise CheckpointError(f"{path} holds tensor {e.key!r}, which {model.gmpq_arch!r} with this policy does "
-                                  "not have")
+            raise CheckpointError(f"{path} holds tensor {e.key!r}, which {model.gmpq_arch!r} (with its policy, if "
+                                  "any) does not have")
         if e.key in seen:
             raise CheckpointError(f"{path} holds tensor {e.key!r} twice")
         seen.add(e.key)
         want = expected[e.key]
         if e.shape != tuple(want.shape):
             raise CheckpointError(f"tensor {e.key!r} in {path.name} has shape {list(e.shape)} but the model built "
-                                  f"from config.json and policy.json needs {list(want.shape)}")
+                                  f"from the directory's config (and policy) needs {list(want.shape)}")
         tag = "c" if e.key in coded else F.stream_tag(want)
         if e.tag != tag:
             raise CheckpointError(f"tensor {e.key!r} in {path.name} is stored as {e.tag!r} but the policy needs "

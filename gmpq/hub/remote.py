@@ -15,7 +15,7 @@ from gmpq.errors import CheckpointError
 from gmpq.hub import format as F
 
 #: The files fetched from a repo: what a loader needs, plus the card and its figure.
-DOWNLOAD_PATTERNS = [*F.REQUIRED_FILES, F.CARD_FILE, F.FIGURE_FILE]
+DOWNLOAD_PATTERNS = [F.CONFIG_FILE, F.WEIGHTS_FILE, F.POLICY_FILE, F.CARD_FILE, F.FIGURE_FILE]
 
 
 def download_snapshot(
@@ -35,7 +35,7 @@ def download_snapshot(
         RevisionNotFoundError,
     )
 
-    from gmpq import __version__
+    from gmpq.version import __version__
 
     at = f" at revision {revision!r}" if revision else ""
     try:

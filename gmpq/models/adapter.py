@@ -1,21 +1,24 @@
-"""The quantization adapter: swaps the Conv2d/Linear layers of any timm CNN for quantized ones, in place.
+"""The timm adapter: builds models through timm's registry and swaps their Conv2d/Linear layers for quantized ones.
 
-This is the only module that knows how timm lays models out: the stem and classifier are read from timm's
-``pretrained_cfg`` (``first_conv``, ``classifier``), the convention every timm model follows.
+This is the only module that knows how timm builds models: names are resolved by ``timm.is_model`` /
+``timm.create_model``; the stem and classifier are read from timm's ``pretrained_cfg`` (``first_conv``,
+``classifier``); input size and normalisation come from ``timm.data.resolve_model_data_config``; the head structure
+from timm's ``global_pool`` / ``get_classifier`` / ``forward_head`` interface.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import timm
+from timm.data import resolve_data_config, resolve_model_data_config
 from torch import nn
 
 from gmpq.errors import ModelError, PolicyError
-from gmpq.models.registry import get_backbone, list_backbones
+from gmpq.models.cifar import list_cifar_variants
 from gmpq.policy import DEFAULT_KEPT_BITS, LayerBits, Policy, as_policy
 from gmpq.quant import QUANTIZABLE_TYPES, check_bits, to_quantized
 
@@ -49,6 +52,28 @@ def searchable_layer_names(model: nn.Module) -> list[str]:
     """The quantizable layers that a search assigns bits to: all but :func:`kept_layer_names`."""
     kept = set(kept_layer_names(model))
     return [n for n in quantizable_layers(model) if n not in kept]
+
+
+def classifier(model: nn.Module) -> nn.Module:
+    """The classifier layer of a timm model (``get_classifier()``)."""
+    return model.get_classifier()
+
+
+def gap_linear_classifier(model: nn.Module) -> nn.Linear | None:
+    """The classifier when the model declares its head to be global average pooling + one linear layer, else None.
+
+    Declared by timm's interface: a ``global_pool`` that averages (``pool_type='avg'`` or an ``AdaptiveAvgPool2d``),
+    no head dropout, ``forward_features`` / ``forward_head`` and a ``get_classifier()`` that is an ``nn.Linear``
+    (float, quantized or mixed). This reads the structure only; callers that rely on it check the behaviour too.
+    """
+    pool = getattr(model, "global_pool", None)
+    if pool is None or not all(hasattr(model, f) for f in ("get_classifier", "forward_features", "forward_head")):
+        return None
+    avg = isinstance(pool, nn.AdaptiveAvgPool2d) or getattr(pool, "pool_type", None) == "avg"
+    if not avg or float(getattr(model, "drop_rate", 0.0) or 0.0) > 0:
+        return None
+    head = model.get_classifier()
+    return head if isinstance(head, nn.Linear) else None
 
 
 def replace_layers(model: nn.Module, make: Callable[[str, nn.Module], nn.Module], names: list[str]) -> nn.Module:
@@ -98,13 +123,59 @@ def quantize(model: nn.Module, policy: PolicyLike) -> nn.Module:
     return model
 
 
+@dataclass(frozen=True)
+class ModelDataConfig:
+    """What the data pipeline takes from a model: native input size and normalisation constants."""
+
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def model_data_config(model_or_arch: nn.Module | str) -> ModelDataConfig:
+    """Native input size, mean and std of a model (``timm.data.resolve_model_data_config``) or of an architecture
+    name (``timm.data.resolve_data_config`` over its registered configuration; no model is built). Names timm has no
+    configuration for get timm's defaults (224, ImageNet normalisation)."""
+    if isinstance(model_or_arch, nn.Module):
+        cfg = resolve_model_data_config(model_or_arch)
+    else:
+        pretrained = timm.get_pretrained_cfg(model_or_arch) if timm.is_model(model_or_arch) else None
+        cfg = resolve_data_config(args={} if pretrained else {"input_size": (3, 224, 224)},
+                                  pretrained_cfg=pretrained.to_dict() if pretrained else None)
+    return ModelDataConfig(int(cfg["input_size"][-1]), tuple(cfg["mean"]), tuple(cfg["std"]))
+
+
+@dataclass(frozen=True)
+class ModelSignature:
+    """What rebuilds a network (``create_model(arch, num_classes=, in_chans=)``) and what it is fed."""
+
+    arch: str
+    num_classes: int
+    in_chans: int
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def model_signature(model: nn.Module) -> ModelSignature:
+    """The :class:`ModelSignature` of a model made by :func:`create_model` (or any timm model)."""
+    arch = getattr(model, "gmpq_arch", None) or (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    if not arch:
+        raise ModelError("cannot tell the model's architecture: create it with gmpq.create_model(name, ...) so that "
+                         "it carries gmpq_arch")
+    num_classes = getattr(model, "num_classes", None)
+    if not isinstance(num_classes, int):
+        raise ModelError(f"cannot tell the number of classes of {arch!r}: expected a timm model with num_classes")
+    first = next(iter(quantizable_layers(model).values()))
+    in_chans = first.in_channels if isinstance(first, nn.Conv2d) else first.in_features
+    data = model_data_config(model)
+    return ModelSignature(arch, num_classes, in_chans, default_input_size(model), data.mean, data.std)
+
+
 def default_input_size(model: nn.Module) -> int:
-    """The model's native input resolution: gmpq's registry entry, else timm's ``pretrained_cfg``, else 224."""
+    """The model's native input resolution (``gmpq_input_size``, else :func:`model_data_config`)."""
     size = getattr(model, "gmpq_input_size", None)
-    if size:
-        return int(size)
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    return int(cfg.get("input_size", (3, 224, 224))[-1])
+    return int(size) if size else model_data_config(model).input_size
 
 
 def create_model(
@@ -113,33 +184,22 @@ def create_model(
 ) -> nn.Module:
     """Create a backbone by name, optionally quantized with ``policy`` — gmpq's one front door.
 
-    ``name`` is a registered backbone (see ``gmpq.list_backbones()``) or any timm model name. Without a policy the
-    float model is returned. ``kept_bits`` overrides the bits of the policy's kept layers (32 keeps them float).
+    ``name`` is any timm model name, gmpq's CIFAR variants included (:mod:`gmpq.models.cifar`). Without a policy
+    the float model is returned. ``kept_bits`` overrides the bits of the policy's kept layers (32 keeps them float).
     The model carries ``gmpq_arch`` and ``gmpq_input_size`` attributes (and ``gmpq_policy`` when quantized).
     """
     if num_classes is not None:
         timm_kwargs["num_classes"] = num_classes
-    entry = get_backbone(name)
-    try:
-        if entry is not None:
-            model = entry.builder(pretrained=pretrained, **timm_kwargs)
-        else:
-            model = timm.create_model(name, pretrained=pretrained, **timm_kwargs)
-    except RuntimeError as e:
-        if "Unknown model" not in str(e):
-            raise
+    if ":" not in name and not timm.is_model(name):  # "hf-hub:..." / "local-dir:..." names are timm's to resolve
         import difflib
 
-        close = difflib.get_close_matches(name, list(dict.fromkeys(list_backbones() + timm.list_models())), n=3)
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
         raise ModelError(
-            f"unknown architecture {name!r}; use a registered backbone ({', '.join(list_backbones())}) or a timm "
-            f"model name" + (f" — did you mean {', '.join(close)}?" if close else "")
-        ) from None
+            f"unknown architecture {name!r}; use a timm model name (gmpq adds the CIFAR variants "
+            f"{', '.join(list_cifar_variants())})" + (f" — did you mean {', '.join(close)}?" if close else ""))
+    model = timm.create_model(name, pretrained=pretrained, **timm_kwargs)
     model.gmpq_arch = name
-    model.gmpq_input_size = entry.input_size if entry else default_input_size(model)
-    if entry is not None:
-        model.pretrained_cfg = {**(getattr(model, "pretrained_cfg", None) or {}), "mean": entry.mean, "std": entry.std,
-                                "input_size": (3, entry.input_size, entry.input_size)}
+    model.gmpq_input_size = model_data_config(model).input_size
     if policy is not None:
         if kept_bits is not None:
             try:

@@ -41,6 +41,15 @@ class LayerRole:
     shortcut: bool
 
 
+def layer_kind(module: nn.Module) -> str:
+    """``conv``, ``dwconv`` (depthwise: groups == in == out channels), ``gconv`` (other grouped) or ``linear``."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if module.groups == 1:
+        return "conv"
+    return "dwconv" if module.groups == module.in_channels == module.out_channels else "gconv"
+
+
 def _block_of(name: str, modules: dict[str, nn.Module]) -> tuple[str | None, bool]:
     parts = name.split(".")
     for depth in range(len(parts) - 1, 0, -1):
@@ -57,8 +66,6 @@ def _block_of(name: str, modules: dict[str, nn.Module]) -> tuple[str | None, boo
 
 def layer_roles(model: nn.Module) -> list[LayerRole]:
     """The :class:`LayerRole` of every quantizable layer of ``model``, in module order."""
-    from gmpq.complexity import layer_kind
-
     modules = dict(model.named_modules())
     roles = []
     for name, module in quantizable_layers(model).items():

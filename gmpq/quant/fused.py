@@ -1,4 +1,5 @@
-"""Fused kernels of the mixed-precision (EdMIPS composite) layers: one pass over a tensor for all K candidates.
+"""Fused kernels of the quantized layers: one pass over a tensor for all K candidates of a mixed layer, and the
+same kernels with K = 1 for a fixed-bit quantizer.
 
 A searched layer computes ``op(x_mix, W_mix)`` with (see :mod:`gmpq.quant.mixed`)::
 
@@ -18,15 +19,27 @@ half, as ``torch.minimum``/``torch.maximum`` do)::
     d L / d s_j[o]  = p_j * gamma_j * sum_(row o) g * (round(z) - z inside, +-Q_p,j on or outside the bounds)
     (z = W / s_j, gamma_j = 1 / sqrt(numel(W[o]) * Q_p,j): LSQ's gradient scale)
 
-The elementwise kernels are plain PyTorch functions. The ``compile`` backend hands them to ``torch.compile``
-(a C++/OpenMP loop on CPUs, Triton on GPUs) so that each becomes one pass over memory; the ``eager`` backend runs them
-op by op (slow on large tensors, but dependency-free and bit-identical in value). Choose with :func:`set_backend` or
-the ``GMPQ_FUSED_BACKEND`` environment variable (``auto`` | ``compile`` | ``eager``; ``auto`` compiles and falls
-back to eager with a warning if compilation fails).
+A fixed-bit quantizer is the case K = 1, p = 1 (:func:`fake_quant_activation`, :func:`fake_quant_weight`): one
+kernel forward, one backward, instead of autograd's chain of clamp/round/scale passes with their saved tensors.
+
+Backends (:func:`set_backend`, or the ``GMPQ_FUSED_BACKEND`` environment variable):
+
+* ``triton`` — :mod:`gmpq.quant.triton_kernels`: one Triton kernel per (layer, direction), all candidates inside;
+  CUDA tensors (CPU tensors only under Triton's interpreter, for tests).
+* ``compile`` — the elementwise kernels below handed to ``torch.compile`` (a C++/OpenMP loop on CPUs).
+* ``eager`` — the same kernels op by op (slow on large tensors, but dependency-free and bit-identical in value).
+* ``auto`` (default) — ``triton`` for CUDA tensors, ``compile`` for the others; each falls back (to ``compile``,
+  then ``eager``) with one warning if it fails to build. Under ``eager``, fixed-bit quantizers keep the autograd form
+  of :mod:`gmpq.quant.functional` (the reference the fused kernels are tested against).
+
+No call moves data between host and device: per-candidate constants (levels, LSQ gradient scales) are cached device
+tensors, and every scalar stays on the device. Under autocast the mixtures are written directly in the autocast
+dtype (bf16), which the convolution then reads; all quantizer arithmetic is float32.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from collections.abc import Callable
@@ -37,20 +50,19 @@ import torch.nn.functional as F
 
 from gmpq.quant import functional as QF
 
-BACKENDS = ("auto", "compile", "eager")
+BACKENDS = ("auto", "triton", "compile", "eager")
 
 # ---------------------------------------------------------------------------------------------- the kernels (math)
 
 
-def act_mix_forward(
-    x: torch.Tensor, probs: torch.Tensor, lower: torch.Tensor, clip: torch.Tensor, inv_step: torch.Tensor,
-    step: torch.Tensor, k: int,
-) -> torch.Tensor:
-    """``sum_i probs[i] * round(clamp(x, lower[i], clip[i]) * inv_step[i]) * step[i]`` over ``k`` candidates.
-
-    ``inv_step = n / c`` and ``step = c / n`` are passed precomputed so that every candidate is bit-identical to
-    :func:`gmpq.quant.functional.quantize_activation`.
-    """
+def act_mix_forward(x: torch.Tensor, probs: torch.Tensor, clip: torch.Tensor, levels: torch.Tensor, signed: bool,
+                    k: int) -> torch.Tensor:
+    """``sum_i probs[i] * round(clamp(x, lower_i, clip[i]) * (n_i / clip[i])) * (clip[i] / n_i)`` over ``k``
+    candidates (``levels`` holds the n_i), computed in the dtype of ``clip`` or wider: bit-identical, candidate by
+    candidate, to :func:`gmpq.quant.functional.quantize_activation`."""
+    x = x.to(torch.promote_types(x.dtype, clip.dtype))
+    lower = -clip if signed else torch.zeros_like(clip)
+    inv_step, step = levels / clip, clip / levels
     acc = torch.zeros_like(x)
     for i in range(k):
         y = torch.minimum(torch.maximum(x, lower[i]), clip[i])
@@ -58,11 +70,13 @@ def act_mix_forward(
     return acc
 
 
-def act_mix_backward(
-    x: torch.Tensor, grad: torch.Tensor, probs: torch.Tensor, lower: torch.Tensor, clip: torch.Tensor,
-    inv_step: torch.Tensor, step: torch.Tensor, inv_levels: torch.Tensor, signed: float, k: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def act_mix_backward(x: torch.Tensor, grad: torch.Tensor, probs: torch.Tensor, clip: torch.Tensor,
+                     levels: torch.Tensor, signed: bool, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``act_mix_forward`` w.r.t. ``x``, ``probs`` and the clips (see the module docstring)."""
+    dtype = torch.promote_types(x.dtype, clip.dtype)
+    x, grad = x.to(dtype), grad.to(dtype)
+    lower = -clip if signed else torch.zeros_like(clip)
+    inv_step, step, inv_levels = levels / clip, clip / levels, 1.0 / levels
     pass_through = torch.zeros_like(x)
     grad_probs = []
     grad_clip = []
@@ -74,38 +88,51 @@ def act_mix_backward(
         above = (x > clip[i]).to(x.dtype) + 0.5 * (x == clip[i]).to(x.dtype)
         below = (x < lower[i]).to(x.dtype) + 0.5 * (x == lower[i]).to(x.dtype)
         pass_through = pass_through + probs[i] * (1.0 - above - below)
-        d_clip = (r - z) * inv_levels[i] + above - signed * below
+        d_clip = (r - z) * inv_levels[i] + above - (1.0 if signed else 0.0) * below
         grad_clip.append(probs[i] * (grad * d_clip).sum())
     return grad * pass_through, torch.stack(grad_probs), torch.stack(grad_clip)
 
 
-def weight_mix_forward(w: torch.Tensor, probs: torch.Tensor, scales: torch.Tensor,
+def weight_mix_forward(w: torch.Tensor, probs: torch.Tensor, scales: torch.Tensor, gammas: torch.Tensor,
                        qmax: tuple[int, ...]) -> torch.Tensor:
-    """``sum_j probs[j] * round(clamp(w / s_j, -Q_j, Q_j)) * s_j`` for ``w`` of shape [C, M], ``scales`` [K, C]."""
+    """``sum_j probs[j] * round(clamp(w / s_j, -Q_j, Q_j)) * s_j`` for ``w`` of shape [C, M], ``scales`` [K, C], with
+    ``s_j`` the forward value of LSQ's gradient-scaled step (``gammas`` [K]: see :func:`effective_scales`)."""
+    w = w.to(torch.promote_types(w.dtype, scales.dtype))
+    eff = effective_scales(scales, gammas)
     acc = torch.zeros_like(w)
     for j, q in enumerate(qmax):
-        s = scales[j].unsqueeze(1)
+        s = eff[j].unsqueeze(1)
         acc = acc + probs[j] * (torch.round(torch.clamp(w / s, -q, q)) * s)
     return acc
 
 
 def weight_mix_backward(
-    w: torch.Tensor, grad: torch.Tensor, probs: torch.Tensor, scales: torch.Tensor, qmax: tuple[int, ...],
+    w: torch.Tensor, grad: torch.Tensor, probs: torch.Tensor, scales: torch.Tensor, gammas: torch.Tensor,
+    qmax: tuple[int, ...],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of ``weight_mix_forward`` w.r.t. ``w`` [C, M], ``probs`` [K] and ``scales`` [K, C] (before LSQ's
-    gradient scale, which the caller applies)."""
+    """Gradients of ``weight_mix_forward`` w.r.t. ``w`` [C, M], ``probs`` [K] and ``scales`` [K, C] (LSQ's gradient
+    scale applied)."""
+    dtype = torch.promote_types(w.dtype, scales.dtype)
+    w, grad = w.to(dtype), grad.to(dtype)
+    eff = effective_scales(scales, gammas)
     pass_through = torch.zeros_like(w)
     grad_probs = []
     grad_scales = []
     for j, q in enumerate(qmax):
-        s = scales[j].unsqueeze(1)
+        s = eff[j].unsqueeze(1)
         z = w / s
         r = torch.round(torch.clamp(z, -q, q))
         grad_probs.append((grad * (r * s)).sum())
         inside = ((z > -q) & (z < q)).to(w.dtype)  # torch.clamp passes no gradient at its bounds
         pass_through = pass_through + probs[j] * inside
         grad_scales.append(probs[j] * (grad * torch.where(inside > 0, r - z, r)).sum(dim=1))
-    return grad * pass_through, torch.stack(grad_probs), torch.stack(grad_scales)
+    return grad * pass_through, torch.stack(grad_probs), torch.stack(grad_scales) * gammas[:, None]
+
+
+def effective_scales(scales: torch.Tensor, gammas: torch.Tensor) -> torch.Tensor:
+    """The forward value of :func:`gmpq.quant.functional.scale_grad` (may differ from ``scales`` by an ulp)."""
+    scaled = scales * gammas[:, None]
+    return (scales - scaled) + scaled
 
 
 def activation_ste_mask(x: torch.Tensor, clip: torch.Tensor, signed: bool) -> torch.Tensor:
@@ -125,21 +152,77 @@ _KERNELS = {
 _backend = os.environ.get("GMPQ_FUSED_BACKEND", "auto")
 _compiled: dict[str, Callable[..., Any]] = {}
 _compile_failed = False
+_triton_failed = False
 
 
 def set_backend(name: str) -> None:
-    """Select how the fused kernels run: ``auto`` (compile, fall back to eager), ``compile`` or ``eager``."""
+    """Select how the fused kernels run: ``auto``, ``triton``, ``compile`` or ``eager`` (module docstring)."""
     global _backend
     if name not in BACKENDS:
         raise ValueError(f"unknown fused-kernel backend {name!r}; choose one of {', '.join(BACKENDS)}")
     _backend = name
 
 
-def get_backend() -> str:
-    """The backend that kernels run on now: ``compile`` or ``eager``."""
+def get_backend(device: torch.device | str | None = None) -> str:
+    """The backend kernels on ``device`` run on now (``triton``, ``compile`` or ``eager``; no device: a CPU)."""
+    device_type = "cpu" if device is None else device.type if isinstance(device, torch.device) else \
+        torch.device(device).type
+    if _backend == "triton" or (_backend == "auto" and device_type == "cuda" and not _triton_failed):
+        return "triton"
     if _backend == "eager" or (_backend == "auto" and _compile_failed):
         return "eager"
     return "compile"
+
+
+@functools.cache
+def _triton_module() -> Any:
+    from gmpq.quant import triton_kernels
+
+    return triton_kernels
+
+
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _triton_kernels(*tensors: torch.Tensor) -> Any | None:
+    """The Triton kernel module if the ``triton`` backend serves ``tensors``, else ``None`` (use the torch kernels).
+
+    Under ``auto``, a Triton that cannot be imported switches CUDA tensors to ``compile`` with one warning; under an
+    explicit ``triton`` any failure raises."""
+    if get_backend(tensors[0].device) != "triton":
+        return None
+    if any(t.dtype not in _TRITON_DTYPES for t in tensors):
+        return None  # float64 and others: the torch kernels compute them in their own precision
+    try:
+        module = _triton_module()
+    except Exception as e:  # noqa: BLE001 — missing or broken Triton
+        _give_up_triton(e)
+        return None
+    if tensors[0].device.type != "cuda" and not module.interpreted():
+        raise RuntimeError("gmpq: the 'triton' fused-kernel backend needs CUDA tensors (or TRITON_INTERPRET=1 set "
+                           "before gmpq.quant.triton_kernels is imported); use the 'compile' or 'eager' backend")
+    return module
+
+
+def _triton_run(launch: Callable[..., Any], *args: Any) -> Any | None:
+    """``launch(*args)``; under ``auto`` a Triton failure (compilation, launch) switches CUDA tensors to the
+    ``compile`` backend for the rest of the process, with one warning, and returns ``None``."""
+    try:
+        return launch(*args)
+    except Exception as e:  # noqa: BLE001 — any Triton compiler or launch failure
+        _give_up_triton(e)
+        return None
+
+
+def _give_up_triton(error: Exception) -> None:
+    """Re-raise ``error`` unless the backend is ``auto``; then use the torch kernels on CUDA from now on."""
+    global _triton_failed
+    if _backend != "auto":
+        raise error
+    _triton_failed = True
+    first_line = str(error).splitlines()[0] if str(error) else ""
+    warnings.warn(f"gmpq: the Triton quantization kernels failed ({type(error).__name__}: {first_line}); using "
+                  "torch.compile'd kernels instead (slower)", RuntimeWarning, stacklevel=5)
 
 
 def _kernel(name: str) -> Callable[..., Any]:
@@ -151,7 +234,7 @@ def _kernel(name: str) -> Callable[..., Any]:
 
 
 def _run(name: str, *args: Any) -> Any:
-    """Run kernel ``name``; under ``auto`` a compilation failure switches to eager for the rest of the process."""
+    """Run torch kernel ``name``; under ``auto`` a compilation failure switches to eager for the rest of the process."""
     global _compile_failed
     kernel = _kernel(name)
     if kernel is _KERNELS[name]:
@@ -171,46 +254,48 @@ def _run(name: str, *args: Any) -> Any:
         return _KERNELS[name](*args)
 
 
-# ---------------------------------------------------------------------------------------------- quantizer specs
+# ---------------------------------------------------------------------------------------------- cached constants
 
 
-class ActSpec:
-    """Per-candidate activation constants derived from the clips (no gradient): bounds and step sizes."""
-
-    def __init__(self, clip: torch.Tensor, bits: tuple[int, ...], signed: bool) -> None:
-        levels = torch.tensor([QF.act_levels(b, signed) for b in bits], dtype=clip.dtype, device=clip.device)
-        self.clip = clip
-        self.lower = -clip if signed else torch.zeros_like(clip)
-        self.inv_step = levels / clip
-        self.step = clip / levels
-        self.inv_levels = 1.0 / levels
-        self.signed = signed
-        self.k = len(bits)
+# Cached constants are made outside inference mode (an inference tensor cannot be saved for backward later).
 
 
-def _effective_scales(scales: torch.Tensor, gammas: torch.Tensor) -> torch.Tensor:
-    """The forward value of :func:`gmpq.quant.functional.scale_grad` (may differ from ``scales`` by an ulp)."""
-    scaled = scales * gammas[:, None]
-    return (scales - scaled) + scaled
+@functools.cache
+def act_levels(bits: tuple[int, ...], signed: bool, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``[K]`` level counts n_i of the activation candidates (:func:`gmpq.quant.functional.act_levels`), cached per
+    device so that no call copies them from the host."""
+    with torch.inference_mode(False):
+        return torch.tensor([QF.act_levels(b, signed) for b in bits], dtype=dtype, device=device)
 
 
-def weight_gammas(weight: torch.Tensor, bits: tuple[int, ...]) -> torch.Tensor:
-    """LSQ's gradient scale of each candidate: 1 / sqrt(numel(W[o]) * Q_p)."""
-    per_row = weight[0].numel()
-    return torch.tensor([1.0 / (per_row * QF.weight_qmax(b)) ** 0.5 for b in bits], dtype=weight.dtype,
-                        device=weight.device)
+@functools.cache
+def weight_constants(bits: tuple[int, ...], per_row: int, device: torch.device,
+                     dtype: torch.dtype) -> tuple[tuple[int, ...], torch.Tensor, torch.Tensor]:
+    """``(Q_p per candidate, the same as a [K] tensor, LSQ's gradient scales 1 / sqrt(per_row * Q_p) [K])`` for a
+    weight with ``per_row`` elements per output channel, cached per device."""
+    qmax = tuple(QF.weight_qmax(b) for b in bits)
+    gammas = [1.0 / (per_row * q) ** 0.5 for q in qmax]
+    with torch.inference_mode(False):
+        return (qmax, torch.tensor(qmax, dtype=torch.float32, device=device),
+                torch.tensor(gammas, dtype=dtype, device=device))
 
 
-def mixed_activation(x: torch.Tensor, probs: torch.Tensor, clip: torch.Tensor, bits: tuple[int, ...],
-                     signed: bool) -> torch.Tensor:
-    """``x_mix`` with the fused kernels and no stored intermediates (a standalone autograd function)."""
-    return _MixedActivation.apply(x, probs, clip, bits, signed)
+@functools.cache
+def _one(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The probability vector ``[1.]`` of a fixed-bit quantizer (one candidate), cached per device."""
+    with torch.inference_mode(False):
+        return torch.ones(1, dtype=dtype, device=device)
 
 
-def mixed_weight(weight: torch.Tensor, probs: torch.Tensor, scales: torch.Tensor,
-                 bits: tuple[int, ...]) -> torch.Tensor:
-    """``W_mix`` with the fused kernels (a standalone autograd function)."""
-    return _MixedWeight.apply(weight, probs, scales, bits)
+def operand_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype a convolution / matrix product will read ``t`` in: autocast's dtype where autocast is on."""
+    device_type = t.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return t.dtype
+
+
+# ---------------------------------------------------------------------------------------------- kernel dispatch
 
 
 def _flat(t: torch.Tensor, *shape: int) -> torch.Tensor:
@@ -224,61 +309,155 @@ def _flat(t: torch.Tensor, *shape: int) -> torch.Tensor:
     return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), shape, strides)
 
 
-def _act_forward(x: torch.Tensor, probs: torch.Tensor, spec: ActSpec) -> torch.Tensor:
-    out = _run("act_fwd", _flat(x, x.numel()), probs, spec.lower, spec.clip, spec.inv_step, spec.step, spec.k)
-    return out.view(x.shape)
+def _memory_format(t: torch.Tensor) -> torch.memory_format:
+    """channels_last for a 4-D tensor stored that way, else the contiguous format."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
-def _act_backward(x: torch.Tensor, grad: torch.Tensor, probs: torch.Tensor, spec: ActSpec):
-    gx, gp, gc = _run("act_bwd", _flat(x, x.numel()), _flat(grad, grad.numel()), probs, spec.lower, spec.clip,
-                      spec.inv_step, spec.step, spec.inv_levels, 1.0 if spec.signed else 0.0, spec.k)
-    return gx.view(x.shape), gp, gc
+def _dense(t: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+    """``t`` in layout ``fmt`` (itself when it already is): the Triton kernels index its storage flat (they run
+    inside autograd functions, where nothing is recorded)."""
+    return t.contiguous(memory_format=fmt)
 
 
-def _weight_forward(weight: torch.Tensor, probs: torch.Tensor, scales: torch.Tensor, bits: tuple[int, ...]):
-    qmax = tuple(QF.weight_qmax(b) for b in bits)
+def _act_forward(x: torch.Tensor, probs: torch.Tensor, clip: torch.Tensor, bits: tuple[int, ...], signed: bool,
+                 out_dtype: torch.dtype) -> torch.Tensor:
+    levels = act_levels(bits, signed, clip.device, clip.dtype)
+    tk = _triton_kernels(x, clip)
+    if tk is not None:
+        out = _triton_run(tk.act_forward, _dense(x, _memory_format(x)), probs, clip, levels.float(), signed,
+                          out_dtype)
+        if out is not None:
+            return out
+    out = _run("act_fwd", _flat(x, x.numel()), probs.detach(), clip.detach(), levels, signed, len(bits))
+    return out.view(x.shape).to(out_dtype)
+
+
+def _act_backward(x: torch.Tensor, grad: torch.Tensor, probs: torch.Tensor, clip: torch.Tensor,
+                  bits: tuple[int, ...], signed: bool, need_x: bool = True, need_probs: bool = True):
+    """``(dL/dx or None, dL/dprobs or None, dL/dclip)``."""
+    levels = act_levels(bits, signed, clip.device, clip.dtype)
+    tk = _triton_kernels(x, grad, clip)
+    if tk is not None:
+        fmt = _memory_format(x)
+        grads = _triton_run(tk.act_backward, _dense(x, fmt), _dense(grad, fmt), probs, clip, levels.float(), signed,
+                            need_x, need_probs)
+        if grads is not None:
+            return grads
+    gx, gp, gc = _run("act_bwd", _flat(x, x.numel()), _flat(grad, grad.numel()), probs.detach(), clip.detach(),
+                      levels, signed, len(bits))
+    return (gx.view(x.shape).to(x.dtype) if need_x else None), (gp if need_probs else None), gc
+
+
+def _weight_forward(weight: torch.Tensor, probs: torch.Tensor, scales: torch.Tensor, bits: tuple[int, ...],
+                    out_dtype: torch.dtype) -> torch.Tensor:
     rows, cols = weight.shape[0], weight[0].numel()
-    eff = _effective_scales(scales, weight_gammas(weight, bits))
-    return _run("w_fwd", _flat(weight, rows, cols), probs, eff, qmax).view(weight.shape)
+    qmax, qmax_t, gammas = weight_constants(bits, cols, scales.device, scales.dtype)
+    tk = _triton_kernels(weight, scales)
+    if tk is not None:
+        w = _dense(weight, _memory_format(weight))
+        out = _triton_run(tk.weight_forward, _rows(w), probs, scales, qmax_t, gammas.float(), out_dtype)
+        if out is not None:
+            return _as_layout(out, w)
+    out = _run("w_fwd", _flat(weight, rows, cols), probs.detach(), scales.detach(), gammas, qmax)
+    return out.view(weight.shape).to(out_dtype)
 
 
 def _weight_backward(weight: torch.Tensor, grad: torch.Tensor, probs: torch.Tensor, scales: torch.Tensor,
-                     bits: tuple[int, ...]):
-    qmax = tuple(QF.weight_qmax(b) for b in bits)
+                     bits: tuple[int, ...], need_probs: bool = True):
+    """``(dL/dW, dL/dprobs or None, dL/dscales)``."""
     rows, cols = weight.shape[0], weight[0].numel()
-    gammas = weight_gammas(weight, bits)
-    gw, gp, gs = _run("w_bwd", _flat(weight, rows, cols), _flat(grad, rows, cols), probs,
-                      _effective_scales(scales, gammas), qmax)
-    return gw.view(weight.shape), gp, gs * gammas[:, None]
+    qmax, qmax_t, gammas = weight_constants(bits, cols, scales.device, scales.dtype)
+    tk = _triton_kernels(weight, grad, scales)
+    if tk is not None:
+        fmt = _memory_format(weight)
+        w, g = _dense(weight, fmt), _dense(grad, fmt)
+        grads = _triton_run(tk.weight_backward, _rows(w), _rows(g), probs, scales, qmax_t, gammas.float(),
+                            need_probs)
+        if grads is not None:
+            return _as_layout(grads[0], w), grads[1], grads[2]
+    gw, gp, gs = _run("w_bwd", _flat(weight, rows, cols), _flat(grad, rows, cols), probs.detach(), scales.detach(),
+                      gammas, qmax)
+    return gw.view(weight.shape).to(weight.dtype), (gp if need_probs else None), gs
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """A dense tensor whose output-channel rows are contiguous (contiguous or channels_last) as its [C, M] storage."""
+    rows = t.shape[0]
+    if t.is_contiguous():
+        return t.view(rows, -1)
+    return t.as_strided((rows, t.numel() // rows), (t.numel() // rows, 1))
+
+
+def _as_layout(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The [C, M] storage ``flat`` seen with the shape and strides of ``like``."""
+    return flat.as_strided(like.shape, like.stride())
+
+
+# ---------------------------------------------------------------------------------------------- autograd functions
+
+
+def mixed_activation(x: torch.Tensor, probs: torch.Tensor, clip: torch.Tensor, bits: tuple[int, ...],
+                     signed: bool) -> torch.Tensor:
+    """``x_mix`` with the fused kernels and no stored intermediates (a standalone autograd function)."""
+    return _MixedActivation.apply(x, probs, clip, bits, signed, x.dtype)
+
+
+def mixed_weight(weight: torch.Tensor, probs: torch.Tensor, scales: torch.Tensor,
+                 bits: tuple[int, ...]) -> torch.Tensor:
+    """``W_mix`` with the fused kernels (a standalone autograd function)."""
+    return _MixedWeight.apply(weight, probs, scales, bits, weight.dtype)
+
+
+def fake_quant_activation(x: torch.Tensor, clip: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """:func:`gmpq.quant.functional.quantize_activation` (same values and gradients): one fused kernel each way
+    (``triton`` and ``compile`` backends), written in autocast's dtype where autocast is on; the autograd form under
+    ``eager`` (the reference)."""
+    if get_backend(x.device) == "eager":
+        return QF.quantize_activation(x, clip, bits, signed)
+    return _MixedActivation.apply(x, _one(clip.device, clip.dtype), clip.reshape(1), (bits,), signed,
+                                  operand_dtype(x))
+
+
+def fake_quant_weight(weight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`gmpq.quant.functional.quantize_weight` (same values and gradients): one fused kernel each way
+    (``triton`` and ``compile`` backends), written in autocast's dtype where autocast is on; the autograd form under
+    ``eager`` (the reference)."""
+    if get_backend(weight.device) == "eager":
+        return QF.quantize_weight(weight, scale, bits)
+    return _MixedWeight.apply(weight, _one(scale.device, scale.dtype), scale.reshape(1, -1), (bits,),
+                              operand_dtype(weight))
 
 
 class _MixedActivation(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, probs, clip, bits, signed):
-        spec = ActSpec(clip, bits, signed)
+    def forward(ctx, x, probs, clip, bits, signed, out_dtype):
         ctx.save_for_backward(x, probs, clip)
         ctx.bits, ctx.signed = bits, signed
-        return _act_forward(x, probs, spec)
+        return _act_forward(x, probs, clip, bits, signed, out_dtype)
 
     @staticmethod
     def backward(ctx, grad):
         x, probs, clip = ctx.saved_tensors
-        gx, gp, gc = _act_backward(x, grad.contiguous(), probs, ActSpec(clip, ctx.bits, ctx.signed))
-        return gx, gp, gc, None, None
+        gx, gp, gc = _act_backward(x, grad, probs, clip, ctx.bits, ctx.signed, ctx.needs_input_grad[0],
+                                   ctx.needs_input_grad[1])
+        return gx, gp, gc, None, None, None
 
 
 class _MixedWeight(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, weight, probs, scales, bits):
+    def forward(ctx, weight, probs, scales, bits, out_dtype):
         ctx.save_for_backward(weight, probs, scales)
         ctx.bits = bits
-        return _weight_forward(weight, probs, scales, bits)
+        return _weight_forward(weight, probs, scales, bits, out_dtype)
 
     @staticmethod
     def backward(ctx, grad):
         weight, probs, scales = ctx.saved_tensors
-        gw, gp, gs = _weight_backward(weight, grad.contiguous(), probs, scales, ctx.bits)
-        return gw, gp, gs, None
+        gw, gp, gs = _weight_backward(weight, grad, probs, scales, ctx.bits, ctx.needs_input_grad[1])
+        return gw, gp, gs, None, None
 
 
 # ---------------------------------------------------------------------------------------------- fused layers
@@ -291,7 +470,8 @@ def mixed_conv2d(
 ) -> torch.Tensor:
     """``conv2d(x_mix, W_mix) + bias`` storing only ``x`` and ``W``; both mixtures are recomputed in backward."""
     return _MixedConv2d.apply(x, weight, bias, probs_a, clip, probs_w, scales,
-                              (a_bits, w_bits, signed, tuple(stride), tuple(padding), tuple(dilation), groups))
+                              (a_bits, w_bits, signed, tuple(stride), tuple(padding), tuple(dilation), groups),
+                              operand_dtype(x))
 
 
 def mixed_linear(
@@ -299,26 +479,28 @@ def mixed_linear(
     probs_w: torch.Tensor, scales: torch.Tensor, a_bits: tuple[int, ...], w_bits: tuple[int, ...], signed: bool,
 ) -> torch.Tensor:
     """``linear(x_mix, W_mix) + bias`` storing only ``x`` and ``W``."""
-    return _MixedLinear.apply(x, weight, bias, probs_a, clip, probs_w, scales, (a_bits, w_bits, signed))
+    return _MixedLinear.apply(x, weight, bias, probs_a, clip, probs_w, scales, (a_bits, w_bits, signed),
+                              operand_dtype(x))
 
 
-def _mixtures(x, weight, probs_a, clip, probs_w, scales, a_bits, w_bits, signed):
-    spec = ActSpec(clip, a_bits, signed)
-    return spec, _act_forward(x, probs_a, spec), _weight_forward(weight, probs_w, scales, w_bits)
+def _mixtures(x, weight, probs_a, clip, probs_w, scales, a_bits, w_bits, signed, dtype):
+    return (_act_forward(x, probs_a, clip, a_bits, signed, dtype),
+            _weight_forward(weight, probs_w, scales, w_bits, dtype))
 
 
-def _quant_backward(needs_x_grad, x, weight, probs_a, probs_w, scales, spec, w_bits, grad_x_mix, grad_w_mix):
+def _quant_backward(ctx, x, weight, probs_a, clip, probs_w, scales, a_bits, w_bits, signed, grad_x_mix, grad_w_mix):
     """Chain the gradients of ``x_mix`` and ``W_mix`` back to x, W, the probabilities, clips and steps."""
-    gx, gpa, gc = _act_backward(x, grad_x_mix.to(x.dtype), probs_a, spec)
-    gw, gpw, gs = _weight_backward(weight, grad_w_mix.to(weight.dtype), probs_w, scales, w_bits)
-    return (gx if needs_x_grad else None), gw, gpa, gc, gpw, gs
+    gx, gpa, gc = _act_backward(x, grad_x_mix, probs_a, clip, a_bits, signed, ctx.needs_input_grad[0],
+                                ctx.needs_input_grad[3])
+    gw, gpw, gs = _weight_backward(weight, grad_w_mix, probs_w, scales, w_bits, ctx.needs_input_grad[5])
+    return gx, gw, gpa, gc, gpw, gs
 
 
 class _MixedConv2d(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, probs_a, clip, probs_w, scales, cfg):
+    def forward(ctx, x, weight, bias, probs_a, clip, probs_w, scales, cfg, dtype):
         a_bits, w_bits, signed, stride, padding, dilation, groups = cfg
-        _, x_mix, w_mix = _mixtures(x, weight, probs_a, clip, probs_w, scales, a_bits, w_bits, signed)
+        x_mix, w_mix = _mixtures(x, weight, probs_a, clip, probs_w, scales, a_bits, w_bits, signed, dtype)
         ctx.save_for_backward(x, weight, bias, probs_a, clip, probs_w, scales)
         ctx.cfg = cfg
         return F.conv2d(x_mix, w_mix, bias, stride, padding, dilation, groups)
@@ -327,23 +509,22 @@ class _MixedConv2d(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, bias, probs_a, clip, probs_w, scales = ctx.saved_tensors
         a_bits, w_bits, signed, stride, padding, dilation, groups = ctx.cfg
-        spec, x_mix, w_mix = _mixtures(x, weight, probs_a, clip, probs_w, scales, a_bits, w_bits, signed)
-        grad = grad.contiguous()
+        x_mix, w_mix = _mixtures(x, weight, probs_a, clip, probs_w, scales, a_bits, w_bits, signed, grad.dtype)
         gxm, gwm, gb = torch.ops.aten.convolution_backward(
-            grad, x_mix.to(grad.dtype), w_mix.to(grad.dtype), None if bias is None else list(bias.shape),
+            grad, x_mix, w_mix, None if bias is None else list(bias.shape),
             list(stride), list(padding), list(dilation), False, [0, 0], groups, [True, True, bias is not None],
         )
         del x_mix, w_mix
-        gx, gw, gpa, gc, gpw, gs = _quant_backward(ctx.needs_input_grad[0], x, weight, probs_a, probs_w, scales, spec,
-                                                   w_bits, gxm, gwm)
-        return gx, gw, (gb.to(bias.dtype) if bias is not None else None), gpa, gc, gpw, gs, None
+        gx, gw, gpa, gc, gpw, gs = _quant_backward(ctx, x, weight, probs_a, clip, probs_w, scales, a_bits, w_bits,
+                                                   signed, gxm, gwm)
+        return gx, gw, (gb.to(bias.dtype) if bias is not None else None), gpa, gc, gpw, gs, None, None
 
 
 class _MixedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, probs_a, clip, probs_w, scales, cfg):
+    def forward(ctx, x, weight, bias, probs_a, clip, probs_w, scales, cfg, dtype):
         a_bits, w_bits, signed = cfg
-        _, x_mix, w_mix = _mixtures(x, weight, probs_a, clip, probs_w, scales, a_bits, w_bits, signed)
+        x_mix, w_mix = _mixtures(x, weight, probs_a, clip, probs_w, scales, a_bits, w_bits, signed, dtype)
         ctx.save_for_backward(x, weight, bias, probs_a, clip, probs_w, scales)
         ctx.cfg = cfg
         return F.linear(x_mix, w_mix, bias)
@@ -352,12 +533,12 @@ class _MixedLinear(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, bias, probs_a, clip, probs_w, scales = ctx.saved_tensors
         a_bits, w_bits, signed = ctx.cfg
-        spec, x_mix, w_mix = _mixtures(x, weight, probs_a, clip, probs_w, scales, a_bits, w_bits, signed)
+        x_mix, w_mix = _mixtures(x, weight, probs_a, clip, probs_w, scales, a_bits, w_bits, signed, grad.dtype)
         g2 = grad.reshape(-1, grad.shape[-1])
-        gxm = (g2 @ w_mix.to(grad.dtype)).view(*grad.shape[:-1], weight.shape[1])
-        gwm = g2.t() @ x_mix.reshape(-1, x_mix.shape[-1]).to(grad.dtype)
+        gxm = (g2 @ w_mix).view(*grad.shape[:-1], weight.shape[1])
+        gwm = g2.t() @ x_mix.reshape(-1, x_mix.shape[-1])
         gb = g2.sum(0).to(bias.dtype) if bias is not None else None
         del x_mix, w_mix
-        gx, gw, gpa, gc, gpw, gs = _quant_backward(ctx.needs_input_grad[0], x, weight, probs_a, probs_w, scales, spec,
-                                                   w_bits, gxm, gwm)
-        return gx, gw, gb, gpa, gc, gpw, gs, None
+        gx, gw, gpa, gc, gpw, gs = _quant_backward(ctx, x, weight, probs_a, clip, probs_w, scales, a_bits, w_bits,
+                                                   signed, gxm, gwm)
+        return gx, gw, gb, gpa, gc, gpw, gs, None, None

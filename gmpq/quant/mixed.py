@@ -30,7 +30,7 @@ from gmpq.quant import functional as QF
 from gmpq.quant import fused
 from gmpq.quant import quantizers as _quantizers
 from gmpq.quant.layers import QConv2d, QLinear
-from gmpq.quant.quantizers import ActQuantizer, WeightQuantizer, optimal_clip
+from gmpq.quant.quantizers import ActQuantizer, WeightQuantizer, host_bool, optimal_clip
 
 #: Observed activations each candidate's MSE-optimal clip is searched on (a fixed random subset of them).
 _CLIP_SAMPLES = 16384
@@ -78,7 +78,7 @@ class MixedActQuantizer(ActQuantizer):
         if self.observing:
             self.observe(x)
             return False
-        if not bool(self.calibrated):
+        if not host_bool(self.calibrated):
             self.observe(x)
             self.finish_calibration()
         return True
@@ -87,11 +87,11 @@ class MixedActQuantizer(ActQuantizer):
         """``sum_i probs[i] * Q_a(x; clip[i], bits[i])`` (fused)."""
         if not self.prepare(x):
             return x
-        return fused.mixed_activation(x, probs, self.clip, self.bits, bool(self.signed))
+        return fused.mixed_activation(x, probs, self.clip, self.bits, host_bool(self.signed))
 
     def reference(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         """The same mixture in plain autograd form (K quantizers, all intermediates stored)."""
-        signed = bool(self.signed)
+        signed = host_bool(self.signed)
         return sum(probs[i] * QF.quantize_activation(x, self.clip[i], b, signed) for i, b in enumerate(self.bits))
 
     def candidate(self, bits: int) -> ActQuantizer:
@@ -134,7 +134,7 @@ class MixedWeightQuantizer(WeightQuantizer):
 
     def prepare(self, weight: torch.Tensor) -> None:
         """Initialise the steps from ``weight`` on first use."""
-        if not bool(self.initialized):
+        if not host_bool(self.initialized):
             self.init_scale(weight)
 
     def reference(self, weight: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
@@ -193,7 +193,7 @@ class MixedMixin:
     def _observed_weight(self) -> torch.Tensor:
         """The weight used while activations are observed for calibration: the float weight before the steps are
         initialised (:func:`gmpq.quant.calibrate` sets them right after observing), else the mixed weight."""
-        if not bool(self.wq.initialized):
+        if not host_bool(self.wq.initialized):
             return self.weight
         return self.wq(self.weight, self.probs()[0])
 
@@ -235,7 +235,7 @@ class MixedConv2d(MixedMixin, nn.Conv2d):
         if self.padding_mode != "zeros" or isinstance(self.padding, str):
             return self._conv_forward(self.aq(x, p_a), self.wq(self.weight, p_w), self.bias)
         return fused.mixed_conv2d(x, self.weight, self.bias, p_a, clip, p_w, scale, self.aq.bits, self.wq.bits,
-                                  bool(self.aq.signed), self.stride, self.padding, self.dilation, self.groups)
+                                  host_bool(self.aq.signed), self.stride, self.padding, self.dilation, self.groups)
 
     def to_fixed(self, w_bits: int, a_bits: int) -> QConv2d:
         """The fixed-bit :class:`QConv2d` this layer computes when its probabilities are one-hot on (w_bits, a_bits)."""
@@ -281,7 +281,7 @@ class MixedLinear(MixedMixin, nn.Linear):
         if not self.fused:
             return F.linear(self.aq.reference(x, p_a), self.wq.reference(self.weight, p_w), self.bias)
         return fused.mixed_linear(x, self.weight, self.bias, p_a, clip, p_w, scale, self.aq.bits, self.wq.bits,
-                                  bool(self.aq.signed))
+                                  host_bool(self.aq.signed))
 
     def to_fixed(self, w_bits: int, a_bits: int) -> QLinear:
         """The fixed-bit :class:`QLinear` this layer computes when its probabilities are one-hot on (w_bits, a_bits)."""

@@ -25,15 +25,18 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from contextlib import ExitStack
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gmpq.models import classifier, gap_linear_classifier
 from gmpq.quant import QuantMixin, fused, quantization_bypassed
 from gmpq.quant.fused import activation_ste_mask
 from gmpq.quant.mixed import MixedLinear
+from gmpq.quant.quantizers import host_bool
 
 Method = Literal["auto", "closed", "autograd"]
 MIN_ATTRIBUTION_SIZE = 4
@@ -42,25 +45,17 @@ MIN_ATTRIBUTION_SIZE = 4
 def linear_head(model: nn.Module) -> nn.Linear | None:
     """The classifier of ``model`` if its head is verified to be global average pooling + that linear layer.
 
-    Structure: a timm ``global_pool`` averaging (``pool_type='avg'``) with flattening, no head dropout, and a
-    ``get_classifier()`` that is an ``nn.Linear`` (float, quantized or mixed). Behaviour: ``forward_head(F)`` must equal
-    ``classifier(mean_hw F)`` on a random probe (evaluation mode, quantizers bypassed). Otherwise ``None``.
+    Structure: declared GAP + linear by the model (:func:`gmpq.models.gap_linear_classifier`). Behaviour:
+    ``forward_head(F)`` must equal ``classifier(mean_hw F)`` on a random probe (evaluation mode, quantizers
+    bypassed). Otherwise ``None``.
     """
-    pool = getattr(model, "global_pool", None)
-    get_classifier = getattr(model, "get_classifier", None)
-    if pool is None or get_classifier is None or not hasattr(model, "forward_head"):
+    head = gap_linear_classifier(model)
+    if head is None:
         return None
-    avg = isinstance(pool, nn.AdaptiveAvgPool2d) or getattr(pool, "pool_type", None) == "avg"
-    if not avg or float(getattr(model, "drop_rate", 0.0) or 0.0) > 0:
-        return None
-    head = get_classifier()
-    if not isinstance(head, nn.Linear):
-        return None
-    features = getattr(model, "num_features", head.in_features)
     was_training = model.training
     model.eval()
     try:
-        probe = torch.randn(2, features, 3, 3, generator=torch.Generator().manual_seed(0)).to(head.weight)
+        probe = torch.randn(2, head.in_features, 3, 3, generator=torch.Generator().manual_seed(0)).to(head.weight)
         with torch.no_grad(), quantization_bypassed():
             expected = model.forward_head(probe)
             closed = head(probe.mean((2, 3)))
@@ -78,12 +73,12 @@ def class_weights(head: nn.Linear, pooled: torch.Tensor, classes: torch.Tensor) 
     if isinstance(head, MixedLinear):
         p_w, p_a = head.probs()
         weight = head.wq(head.weight, p_w)
-        signed = bool(head.aq.signed)
+        signed = host_bool(head.aq.signed)
         mask = sum(p_a[i] * activation_ste_mask(pooled, head.aq.clip[i], signed) for i in range(len(head.aq.bits)))
     elif isinstance(head, QuantMixin):
         weight = head.quantized_weight()
         aq = head.aq
-        mask = 1.0 if aq.is_float else activation_ste_mask(pooled, aq.clip, bool(aq.signed))
+        mask = 1.0 if aq.is_float else activation_ste_mask(pooled, aq.clip, host_bool(aq.signed))
     else:
         weight, mask = head.weight, 1.0
     # the rows W[c_b] as a one-hot product: its backward is a matrix product, whereas indexing's backward
@@ -117,6 +112,8 @@ class AttributionModel(nn.Module):
         self.method: Literal["closed", "autograd"] = "closed" if head is not None else "autograd"
         self._warned = False
         self._frozen: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._teacher = False
+        self._autocast_dtype: torch.dtype | None = None
 
     def _check_size(self, features: torch.Tensor) -> None:
         if self._warned:
@@ -131,21 +128,34 @@ class AttributionModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logits, cam)``: the model's logits and the Grad-CAM [B, H, W] of its predicted classes."""
+        if not self._teacher:
+            return self._forward(x)
+        with ExitStack() as stack:
+            # a frozen teacher: no autograd at all for the closed form (the autograd form differentiates its head)
+            stack.enter_context(torch.inference_mode() if self.method == "closed" else torch.no_grad())
+            if self._autocast_dtype is not None:
+                stack.enter_context(torch.autocast(x.device.type, self._autocast_dtype))
+            return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self._frozen_features(x) if self._frozen is not None else self.model.forward_features(x)
         self._check_size(features)
         return self.attribute(features)
 
-    def freeze(self) -> AttributionModel:
-        """Make this a frozen teacher: evaluation mode, no gradients, and — where the fused kernels compile
-        (:func:`gmpq.quant.fused.get_backend`) — ``forward_features`` compiled for inference with its weights folded
-        in (conv + BN folding, prepacked weights; about a quarter faster on CPUs). Returns ``self``."""
+    def freeze(self, autocast_dtype: torch.dtype | None = None) -> AttributionModel:
+        """Make this a frozen teacher: evaluation mode, no gradients, its forward under ``torch.inference_mode``
+        (``no_grad`` for the autograd Grad-CAM) and, with ``autocast_dtype`` (e.g. ``torch.bfloat16``), under autocast
+        to that dtype. On CPUs, where the fused kernels compile (:func:`gmpq.quant.fused.get_backend`),
+        ``forward_features`` is compiled for inference with its weights folded in (conv + BN folding, prepacked
+        weights; about a quarter faster); on GPUs it runs eagerly (cuDNN; no compilation delay). Returns ``self``."""
         self.eval().requires_grad_(False)
+        self._teacher, self._autocast_dtype = True, autocast_dtype
         if fused.get_backend() == "compile":
             self._frozen = torch.compile(self.model.forward_features, options={"freezing": True})
         return self
 
     def _frozen_features(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() or self.training:
+        if torch.is_grad_enabled() or self.training or fused.get_backend(x.device) != "compile":
             return self.model.forward_features(x)
         try:
             return self._frozen(x)
@@ -161,7 +171,7 @@ class AttributionModel(nn.Module):
         if (method or self.method) == "closed":
             if method == "closed" and self.method != "closed":
                 raise ValueError("this model's head has no closed-form Grad-CAM")
-            head = self.model.get_classifier()
+            head = classifier(self.model)
             pooled = features.mean((2, 3))
             logits = head(pooled)
             classes = logits.detach().argmax(1)

@@ -28,6 +28,7 @@ side (tests/test_search_core.py); the exact decoding then places the policy in [
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,11 +53,18 @@ def attribution_loss(cam_fp: torch.Tensor, cam_q: torch.Tensor, p: float) -> tor
     return (target - student).pow(2).mean()
 
 
+@functools.cache
+def _constant(values: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``values`` as a tensor on ``device``, made once (a host-to-device copy every step would synchronise)."""
+    with torch.inference_mode(False):
+        return torch.tensor(values, dtype=dtype, device=device)
+
+
 def expected_bits(model: nn.Module, space: SearchSpace) -> tuple[torch.Tensor, torch.Tensor]:
     """``[L]`` expected weight and activation bits of the searched layers under the current alphas."""
     w_probs, a_probs = layer_probabilities(model, space)
-    bits = torch.tensor(space.bits, dtype=w_probs.dtype, device=w_probs.device)
-    return w_probs @ bits, a_probs @ bits
+    bits = _constant(space.bits, w_probs.device, w_probs.dtype)
+    return (w_probs * bits).sum(-1), (a_probs * bits).sum(-1)
 
 
 def capacity_p(model: nn.Module, space: SearchSpace, kappa: float) -> float:
@@ -69,9 +77,8 @@ def capacity_p(model: nn.Module, space: SearchSpace, kappa: float) -> float:
 def expected_bops_g(model: nn.Module, space: SearchSpace) -> torch.Tensor:
     """Differentiable expected searched-layer BOPs (G) at the deployment resolution."""
     w_probs, a_probs = layer_probabilities(model, space)
-    bits = torch.tensor(space.bits, dtype=w_probs.dtype, device=w_probs.device)
-    macs = torch.tensor(space.macs, dtype=w_probs.dtype, device=w_probs.device)
-    return expected_bops(macs, w_probs, a_probs, bits, bits)
+    bits = _constant(space.bits, w_probs.device, w_probs.dtype)
+    return expected_bops(_constant(space.macs, w_probs.device, w_probs.dtype), w_probs, a_probs, bits, bits)
 
 
 @dataclass

@@ -182,6 +182,15 @@ def layer_log_probabilities(model: nn.Module, space: SearchSpace) -> tuple[torch
             torch.stack([torch.log_softmax(layers[n].alpha_a, 0) for n in space.layers]))
 
 
+def alpha_entropy(w_probs: torch.Tensor, a_probs: torch.Tensor) -> float:
+    """Mean over searched layers of (H(p_w) + H(p_a)) / 2, in nats (log K for uniform probabilities, 0 one-hot)."""
+
+    def entropy(p: torch.Tensor) -> torch.Tensor:
+        return -(p * torch.log(p.clamp_min(1e-30))).sum(1)
+
+    return float(0.5 * (entropy(w_probs) + entropy(a_probs)).mean())
+
+
 def alpha_table(model: nn.Module, space: SearchSpace) -> dict[str, dict[str, list[float]]]:
     """``{layer: {"alpha_w", "alpha_a", "w", "a"}}``: logits and probabilities of every searched layer."""
     out = {}

@@ -47,16 +47,15 @@ def _files(root: Path, base: Path, with_models: bool) -> list[Path]:
 
 def pack_study(study: StudyConfig, path: str | os.PathLike, with_models: bool = False) -> Path:
     """Write the archive of ``study``'s finished cells and float models to ``path`` (``.tar.gz``); return it."""
-    from gmpq.study.runner import CELLS, PROXY_FLOAT, STUDY_FILE, TARGET_FLOAT, _finished
-
     d = study.directory
-    cells = sorted(p.name for p in (d / CELLS).glob("*") if _finished(p)) if (d / CELLS).is_dir() else []
-    members: list[Path] = [d / STUDY_FILE] if (d / STUDY_FILE).exists() else []
-    for sub in (PROXY_FLOAT, TARGET_FLOAT):
+    found = study.cells_dir.glob("*") if study.cells_dir.is_dir() else []
+    cells = sorted(p.name for p in found if study.cell_finished(p.name))
+    members: list[Path] = [study.study_file] if study.study_file.exists() else []
+    for sub in (study.proxy_float_dir.name, study.target_float_dir.name):
         if (d / sub).is_dir():
             members += _files(d / sub, d, with_models=True)
     for run_id in cells:
-        members += _files(d / CELLS / run_id, d, with_models)
+        members += _files(study.cell_dir(run_id), d, with_models)
     manifest = {"name": study.name, "fingerprint": study.fingerprint(), "cells": cells}
 
     def write(tmp: Path) -> None:
@@ -74,8 +73,6 @@ def pack_study(study: StudyConfig, path: str | os.PathLike, with_models: bool = 
 def unpack_study(study: StudyConfig, path: str | os.PathLike) -> list[str]:
     """Merge the archive at ``path`` into ``study``'s directory (rules in the module docstring); return the run ids
     of the cells it added."""
-    from gmpq.study.runner import CELLS, PROXY_FLOAT, TARGET_FLOAT, _finished
-
     archive = Path(path)
     try:
         tar = tarfile.open(archive, "r:*")
@@ -98,12 +95,13 @@ def unpack_study(study: StudyConfig, path: str | os.PathLike) -> list[str]:
             raise RunError(f"cannot extract study archive {str(archive)!r}: {e}") from None
         d = study.directory
         d.mkdir(parents=True, exist_ok=True)
-        for sub in (PROXY_FLOAT, TARGET_FLOAT):
+        for sub in (study.proxy_float_dir.name, study.target_float_dir.name):
             _merge_float(tmp / sub, d / sub, archive)
         added = []
         for run_id in manifest.get("cells", []):
-            src, dst = tmp / CELLS / run_id, d / CELLS / run_id
-            if not src.is_dir() or _finished(dst):
+            dst = study.cell_dir(run_id)
+            src = tmp / dst.relative_to(d)
+            if not src.is_dir() or study.cell_finished(run_id):
                 continue
             if dst.exists():
                 shutil.rmtree(dst)

@@ -83,7 +83,46 @@ class StudyConfig:
 
     @property
     def directory(self) -> Path:
+        """The study directory: ``proxy_float/`` and ``target_float/`` (the shared float runs), ``cells/<run_id>/``
+        (one gmpq run directory per grid cell), ``study.yaml``, ``results.csv``, ``summary.md``, figures."""
         return Path(self.output_dir)
+
+    @property
+    def proxy_float_dir(self) -> Path:
+        return self.directory / "proxy_float"
+
+    @property
+    def target_float_dir(self) -> Path:
+        return self.directory / "target_float"
+
+    @property
+    def cells_dir(self) -> Path:
+        return self.directory / "cells"
+
+    def cell_dir(self, run_id: str) -> Path:
+        """The gmpq run directory of the cell ``run_id``."""
+        return self.cells_dir / run_id
+
+    def cell_info(self, run_id: str) -> Path:
+        """The cell's ``study_cell.json`` (device, wall time), written after its run: the cell is finished."""
+        return self.cell_dir(run_id) / "study_cell.json"
+
+    def cell_finished(self, run_id: str) -> bool:
+        from gmpq.rundir import RunDir
+
+        return RunDir(self.cell_dir(run_id)).summary.exists() and self.cell_info(run_id).exists()
+
+    @property
+    def study_file(self) -> Path:
+        """``study.yaml``: the resolved study and its fingerprint (a directory holds one study)."""
+        return self.directory / "study.yaml"
+
+    def float_top1(self) -> float | None:
+        """The target float model's top-1 on the target's test split (None until measured)."""
+        from gmpq.rundir import RunDir
+
+        path = RunDir(self.target_float_dir).evaluate.metrics
+        return float(json.loads(path.read_text())["top1"]) if path.exists() else None
 
     def fingerprint(self) -> str:
         """A hash of what determines every cell's result: the base recipe (without run-directory keys) and the

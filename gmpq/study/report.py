@@ -15,21 +15,20 @@ from pathlib import Path
 from typing import Any
 
 from gmpq.study.config import StudyConfig
+from gmpq.study.results import results_csv
 from gmpq.study.stats import PairedDifference, paired_difference, spread
 from gmpq.utils import atomic_write_text
 
-SUMMARY_FILE, FIGURE_FILE = "summary.md", "study.png"
+RESULTS_FILE, SUMMARY_FILE, FIGURE_FILE = "results.csv", "summary.md", "study.png"
 BASELINES = ("uniform_below", "uniform_above", "random")
 
 
 def write_report(study: StudyConfig, rows: list[dict[str, Any]], total_cells: int) -> tuple[Path, Path | None]:
     """Write ``results.csv``, ``summary.md``, ``study.png`` and, where gmpq and edmips both ran, one figure per budget
     of their policies side by side (``policies_b<budget>.png``); return the summary's and study.png's paths."""
-    from gmpq.study.runner import RESULTS_FILE, float_top1, results_csv
-
     directory = study.directory
     atomic_write_text(directory / RESULTS_FILE, results_csv(rows))
-    float_line = float_top1(study)
+    float_line = study.float_top1()
     attribution = attribution_effect(study, rows)
     text = summary_markdown(study, rows, total_cells, float_line) + _attribution_markdown(attribution)
     summary = atomic_write_text(directory / SUMMARY_FILE, text)
@@ -42,6 +41,7 @@ def attribution_effect(study: StudyConfig, rows: list[dict[str, Any]]) -> list[d
     ``edmips`` finished, the searched layers whose (w, a) differ and the mean absolute bit difference; writes the
     first seed's two policies side by side as ``policies_b<budget>.png``."""
     from gmpq.policy import Policy
+    from gmpq.rundir import RunDir
     from gmpq.viz import plot_policies
 
     table = _by(rows)
@@ -51,8 +51,8 @@ def attribution_effect(study: StudyConfig, rows: list[dict[str, Any]]) -> list[d
             continue
         others = table[(budget, "edmips")]
         for seed in sorted(set(cells) & set(others)):
-            g = Policy.load(study.directory / "cells" / cells[seed]["run_id"] / "search" / "policy.json")
-            e = Policy.load(study.directory / "cells" / others[seed]["run_id"] / "search" / "policy.json")
+            g = Policy.load(RunDir(study.cell_dir(cells[seed]["run_id"])).policy)
+            e = Policy.load(RunDir(study.cell_dir(others[seed]["run_id"])).policy)
             diff = [n for n in g.layers if (g.layers[n].w_bits, g.layers[n].a_bits) !=
                     (e.layers[n].w_bits, e.layers[n].a_bits)]
             dw = sum(abs(g.layers[n].w_bits - e.layers[n].w_bits) for n in g.layers) / len(g.layers)
@@ -190,7 +190,7 @@ def plot_study(study: StudyConfig, rows: list[dict[str, Any]], path: Path, float
     for i, strategy in enumerate(strategies):
         color, marker = COLORS[i % len(COLORS)], MARKERS[i % len(MARKERS)]
         xs, ys, xerr, yerr = [], [], [], []
-        for (budget, s), cells in sorted(table.items()):
+        for (_budget, s), cells in sorted(table.items()):
             if s != strategy:
                 continue
             b = spread([c["bops_searched_g"] for c in cells.values()])

@@ -20,8 +20,6 @@ one study: :mod:`gmpq.study.archive` packs finished cells and unpacks them elsew
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import time
@@ -37,19 +35,15 @@ from gmpq.errors import RecipeError, RunError
 from gmpq.pipeline import run as run_pipeline
 from gmpq.pipeline import target_recipe
 from gmpq.recipes import Recipe
+from gmpq.rundir import RunDir
+from gmpq.stages import evaluate, pretrain
+from gmpq.study.archive import pack_study, unpack_study
 from gmpq.study.config import TARGET, Cell, StudyConfig, load_study
 from gmpq.study.grid import expand_grid
+from gmpq.study.report import write_report
+from gmpq.study.results import collect_rows
 from gmpq.train.engine import process_state
-from gmpq.train.stages import evaluate, pretrain, stage_dir
 from gmpq.utils import atomic_write_text
-
-STUDY_FILE = "study.yaml"
-RESULTS_FILE = "results.csv"
-CELL_FILE = "study_cell.json"
-PROXY_FLOAT, TARGET_FLOAT, CELLS = "proxy_float", "target_float", "cells"
-RESULT_COLUMNS = ("strategy", "budget_g", "seed", "bops_searched_g", "budget_fraction", "mean_w_bits", "mean_a_bits",
-                  "top1", "top5", "search_s", "finetune_s", "cell_s", "alpha_entropy", "proxy_holdout_top1",
-                  "device", "run_id")
 
 
 @dataclass
@@ -75,9 +69,6 @@ def run_study(study: StudyConfig | str | os.PathLike, overrides: Sequence[str] =
     from the finished cells; ``unpack`` archives are merged in first and ``pack`` writes one at the end
     (:mod:`gmpq.study.archive`).
     """
-    from gmpq.study.archive import pack_study, unpack_study
-    from gmpq.study.report import write_report
-
     if not isinstance(study, StudyConfig):
         study = load_study(study, list(overrides))
     elif overrides:
@@ -95,7 +86,7 @@ def run_study(study: StudyConfig | str | os.PathLike, overrides: Sequence[str] =
     ran: list[str] = []
     if not report_only:
         proxy_model, target_model = _float_models(study)
-        todo = [c for c in selected if not _finished(directory / CELLS / c.run_id)]
+        todo = [c for c in selected if not study.cell_finished(c.run_id)]
         bar = tqdm(todo, desc=f"study {study.name}", unit="cell", disable=not state.is_local_main_process)
         for cell in bar:
             bar.set_postfix_str(cell.run_id)
@@ -105,7 +96,7 @@ def run_study(study: StudyConfig | str | os.PathLike, overrides: Sequence[str] =
             if state.is_main_process:
                 write_report(study, collect_rows(study, grid), len(grid))
     rows = collect_rows(study, grid)
-    result = StudyResult(directory, rows, len(grid), ran, float_top1=float_top1(study))
+    result = StudyResult(directory, rows, len(grid), ran, float_top1=study.float_top1())
     if state.is_main_process:
         result.summary, result.figure = write_report(study, rows, len(grid))
         if pack is not None:
@@ -149,7 +140,7 @@ def _select(runs: list[Cell], cells: str | None, shard: str | None) -> list[Cell
 
 def _claim_directory(study: StudyConfig) -> None:
     """Write ``study.yaml``, or check that the directory holds this study (same fingerprint)."""
-    path = study.directory / STUDY_FILE
+    path = study.study_file
     if path.exists():
         try:
             held = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -169,7 +160,7 @@ def _claim_directory(study: StudyConfig) -> None:
 # ------------------------------------------------------------------------------------------------ float models
 def proxy_float_recipe(study: StudyConfig) -> Recipe:
     """The proxy float model's pretrain run (the base recipe in ``<study>/proxy_float``)."""
-    return study.recipe.override([f"output_dir={study.directory / PROXY_FLOAT}", "resume=true", "force=false"])
+    return study.recipe.override([f"output_dir={study.proxy_float_dir}", "resume=true", "force=false"])
 
 
 def target_float_recipe(study: StudyConfig) -> Recipe:
@@ -177,7 +168,7 @@ def target_float_recipe(study: StudyConfig) -> Recipe:
     data = target_recipe(study.recipe, require_weights=False).to_dict()
     data["pretrain"] = dict(study.target_pretrain)
     data["data"]["eval_split"] = "holdout"
-    data["output_dir"] = str(study.directory / TARGET_FLOAT)
+    data["output_dir"] = str(study.target_float_dir)
     data["resume"], data["force"] = True, False
     return Recipe.from_dict(data)
 
@@ -189,13 +180,13 @@ def _float_models(study: StudyConfig) -> tuple[str, str]:
     if proxy is None:
         recipe = proxy_float_recipe(study)
         pretrain(recipe)
-        proxy = str(stage_dir(recipe, "pretrain") / "model")
+        proxy = str(RunDir.of(recipe).float_model)
     recipe = target_float_recipe(study)
     target = study.recipe.target.checkpoint
     if target is None:
         pretrain(recipe)
-        target = str(stage_dir(recipe, "pretrain") / "model")
-    if not (stage_dir(recipe, "evaluate") / "metrics.json").exists():
+        target = str(RunDir.of(recipe).float_model)
+    if not RunDir.of(recipe).evaluate.metrics.exists():
         if study.recipe.target.checkpoint is None:
             evaluate(recipe)
         else:  # a given model directory, evaluated on the target data into the study's target_float/
@@ -205,14 +196,6 @@ def _float_models(study: StudyConfig) -> tuple[str, str]:
     return proxy, target
 
 
-def float_top1(study: StudyConfig) -> float | None:
-    """The target float model's top-1 on the target's test split (None until measured)."""
-    path = study.directory / TARGET_FLOAT / "evaluate" / "metrics.json"
-    if not path.exists():
-        return None
-    return float(json.loads(path.read_text())["top1"])
-
-
 # ------------------------------------------------------------------------------------------------ cells
 def cell_recipe(study: StudyConfig, cell: Cell, proxy_model: str, target_model: str) -> Recipe:
     """The ``gmpq run`` recipe of ``cell``: the base recipe, the cell's strategy, budget and seed, the shared float
@@ -220,7 +203,7 @@ def cell_recipe(study: StudyConfig, cell: Cell, proxy_model: str, target_model: 
     student = target_model if cell.strategy == TARGET else proxy_model
     return study.recipe.override([
         f"seed={cell.seed}", f"search.budget_g={cell.budget_g!r}", *cell.overrides,
-        f"output_dir={study.directory / CELLS / cell.run_id}", f"model.checkpoint={student}",
+        f"output_dir={study.cell_dir(cell.run_id)}", f"model.checkpoint={student}",
         f"target.checkpoint={target_model}", "target.pretrained=false", "target.eval_split=holdout",
         "run.compare_uniform=false", f"name={study.name}-{cell.run_id}",
     ])
@@ -232,11 +215,7 @@ def _run_cell(study: StudyConfig, cell: Cell, proxy_model: str, target_model: st
     if main:
         info = {"run_id": cell.run_id, "device": device_name(), "cell_s": time.perf_counter() - t0,
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        atomic_write_text(study.directory / CELLS / cell.run_id / CELL_FILE, json.dumps(info, indent=1) + "\n")
-
-
-def _finished(run_dir: Path) -> bool:
-    return (run_dir / "metrics.json").exists() and (run_dir / CELL_FILE).exists()
+        atomic_write_text(study.cell_info(cell.run_id), json.dumps(info, indent=1) + "\n")
 
 
 def device_name() -> str:
@@ -248,51 +227,3 @@ def device_name() -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
-# ------------------------------------------------------------------------------------------------ results
-def collect_rows(study: StudyConfig, grid: list[Cell]) -> list[dict[str, Any]]:
-    """One row per finished grid cell (columns :data:`RESULT_COLUMNS`)."""
-    rows = []
-    for cell in grid:
-        run_dir = study.directory / CELLS / cell.run_id
-        if not _finished(run_dir):
-            continue
-        summary = _json(run_dir / "metrics.json")
-        search = _json(run_dir / "search" / "metrics.json")
-        info = _json(run_dir / CELL_FILE)
-        wall = summary.get("wall_s") or {}
-        bops = summary["bops_searched_g"]
-        rows.append({
-            "strategy": cell.strategy, "budget_g": cell.budget_g, "seed": cell.seed, "bops_searched_g": bops,
-            "budget_fraction": bops / cell.budget_g, "mean_w_bits": summary.get("mean_w_bits"),
-            "mean_a_bits": summary.get("mean_a_bits"), "top1": summary["top1"], "top5": summary["top5"],
-            "search_s": wall.get("search"), "finetune_s": wall.get("finetune"), "cell_s": info.get("cell_s"),
-            "alpha_entropy": _final_entropy(run_dir / "search"), "proxy_holdout_top1": search.get("decoded_top1"),
-            "device": info.get("device"), "run_id": cell.run_id,
-        })
-    return rows
-
-
-def results_csv(rows: list[dict[str, Any]]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else ("" if v is None else v)) for k, v in row.items()})
-    return buf.getvalue()
-
-
-def _final_entropy(search_dir: Path) -> float | None:
-    log = search_dir / "search_log.jsonl"
-    if not log.exists():
-        return None
-    lines = [ln for ln in log.read_text().splitlines() if ln.strip()]
-    return float(json.loads(lines[-1])["alpha_entropy"]) if lines else None
-
-
-def _json(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise RunError(f"cannot read {str(path)!r}: {e}") from None

@@ -1,15 +1,12 @@
-"""Checkpoints: per-epoch training state (accelerate) and final models (safetensors + JSON, never pickle).
+"""Checkpoints: per-epoch training state (accelerate) and initialisation from saved weights (never pickle).
 
 * :class:`CheckpointManager` wraps ``accelerator.save_state`` / ``load_state``. Epoch ``e`` is written by every
-  process into ``checkpoints/.tmp-epoch_000e`` together with ``trainer_state.json`` (epoch, metrics history), then
-  renamed to ``checkpoints/epoch_000e`` by the main process: a kill at any moment leaves either the complete previous
-  checkpoint or the complete new one. Only the newest ``keep`` checkpoints are kept.
-* :func:`save_float_model` / :func:`save_quantized_model` write a model directory — ``model.safetensors`` (the state
-  dict), ``config.json`` (format, arch, num_classes, input size, normalisation) and, for a quantized model,
-  ``policy.json``; :func:`load_model` rebuilds the module from such a directory (``load_float_model`` /
-  ``load_quantized_model`` insist on the kind). Each file is written atomically, ``config.json`` last.
-* :func:`init_from_checkpoint` initialises a float model from a gmpq model or run directory, a ``.safetensors`` /
-  ``.pth`` state dict (read with ``weights_only=True``) or a Hugging Face Hub / timm model id.
+  process into ``checkpoints/.tmp-epoch_000e`` together with ``trainer_state.json`` (epoch, metrics history, the
+  training step's own state), then renamed to ``checkpoints/epoch_000e`` by the main process: a kill at any moment
+  leaves either the complete previous checkpoint or the complete new one. Only the newest ``keep`` are kept.
+* :func:`init_from_checkpoint` initialises a model from a gmpq model directory (:mod:`gmpq.hub.format`) or a run
+  holding one, a ``.safetensors`` / ``.pth`` state dict (read with ``weights_only=True``) or a Hugging Face Hub /
+  timm model id. A stage's final model is a gmpq model directory, written by :func:`gmpq.hub.write_model_dir`.
 """
 
 from __future__ import annotations
@@ -21,21 +18,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from gmpq.errors import CheckpointError
-from gmpq.models import create_model, default_input_size
-from gmpq.policy import Policy
-from gmpq.quant import QuantMixin
-from gmpq.utils import atomic_write, atomic_write_text
+from gmpq.hub import is_model_dir, read_state_dict
+from gmpq.hub.format import is_quantized, read_config
+from gmpq.rundir import RunDir, StageDir
+from gmpq.utils import atomic_write_text
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-FLOAT_FORMAT = "gmpq-float"
-QUANTIZED_FORMAT = "gmpq-quantized"
-CONFIG_SCHEMA_VERSION = 1
 _EPOCH_PREFIX = "epoch_"
 
 
@@ -104,127 +98,14 @@ class CheckpointManager:
         return state
 
 
-# ------------------------------------------------------------------------------------------------ model directories
-def _config(model: nn.Module, fmt: str, extra: dict[str, Any] | None) -> dict[str, Any]:
-    from gmpq import __version__
-
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    return {
-        "schema_version": CONFIG_SCHEMA_VERSION,
-        "format": fmt,
-        "arch": getattr(model, "gmpq_arch", None) or type(model).__name__,
-        "num_classes": int(getattr(model, "num_classes", 0) or _num_outputs(model)),
-        "input_size": default_input_size(model),
-        "mean": list(cfg.get("mean", (0.485, 0.456, 0.406))),
-        "std": list(cfg.get("std", (0.229, 0.224, 0.225))),
-        "gmpq_version": __version__,
-        **(extra or {}),
-    }
-
-
-def _num_outputs(model: nn.Module) -> int:
-    last = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return last[-1].out_features if last else 0
-
-
-def _write_weights(model: nn.Module, directory: Path) -> None:
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(directory / "model.safetensors", lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
-
-
-def _is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, QuantMixin) for m in model.modules())
-
-
-def save_float_model(model: nn.Module, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
-    """Write a float model to ``directory`` (``model.safetensors`` + ``config.json``); return the directory."""
-    if _is_quantized(model):
-        raise CheckpointError("save_float_model() got a quantized model; use save_quantized_model()")
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_weights(model, out)
-    atomic_write_text(out / "config.json", json.dumps(_config(model, FLOAT_FORMAT, extra), indent=2) + "\n")
-    return out
-
-
-def save_quantized_model(model: nn.Module, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
-    """Write a quantized model (weights with quantizer steps/clips, ``policy.json``, ``config.json``)."""
-    policy: Policy | None = getattr(model, "gmpq_policy", None)
-    if policy is None or not _is_quantized(model):
-        raise CheckpointError("save_quantized_model() needs a model quantized with gmpq.quantize(model, policy)")
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_weights(model, out)
-    policy.save(out / "policy.json")
-    atomic_write_text(out / "config.json", json.dumps(_config(model, QUANTIZED_FORMAT, extra), indent=2) + "\n")
-    return out
-
-
-def read_model_config(directory: str | os.PathLike) -> dict[str, Any]:
-    """The ``config.json`` of a gmpq model directory, checked."""
-    d = Path(directory)
-    path = d / "config.json"
-    try:
-        cfg = json.loads(path.read_text())
-    except OSError:
-        raise CheckpointError(f"{str(d)!r} is not a gmpq model directory (no readable config.json)") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{str(path)!r} is not valid JSON ({e.msg})") from None
-    if not isinstance(cfg, dict) or cfg.get("format") not in (FLOAT_FORMAT, QUANTIZED_FORMAT):
-        raise CheckpointError(f"{str(path)!r} has an unknown format {cfg.get('format') if isinstance(cfg, dict) else cfg!r}; "
-                              f"expected {FLOAT_FORMAT!r} or {QUANTIZED_FORMAT!r}")
-    for key in ("arch", "num_classes"):
-        if key not in cfg:
-            raise CheckpointError(f"{str(path)!r} lacks the field {key!r}")
-    return cfg
-
-
-def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
-    path = directory / "model.safetensors"
-    if not path.exists():
-        raise CheckpointError(f"{str(directory)!r} has no model.safetensors")
-    try:
-        return load_file(str(path))
-    except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
-        raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({e})") from None
-
-
-def load_model(directory: str | os.PathLike) -> nn.Module:
-    """Rebuild the float or quantized model saved in ``directory``, in eval mode."""
-    d = Path(directory)
-    cfg = read_model_config(d)
-    policy = d / "policy.json" if cfg["format"] == QUANTIZED_FORMAT else None
-    if policy is not None and not policy.exists():
-        raise CheckpointError(f"{str(d)!r} holds a quantized model but no policy.json")
-    model = create_model(cfg["arch"], policy=policy, num_classes=int(cfg["num_classes"]))
-    state = _read_weights(d)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"weights in {str(d)!r} do not fit {cfg['arch']}: {str(e).splitlines()[0]}") from None
-    return model.eval()
-
-
-def load_float_model(directory: str | os.PathLike) -> nn.Module:
-    """:func:`load_model` for a float model directory."""
-    if read_model_config(directory)["format"] != FLOAT_FORMAT:
-        raise CheckpointError(f"{str(directory)!r} holds a quantized model; use load_model() or load_quantized_model()")
-    return load_model(directory)
-
-
-def load_quantized_model(directory: str | os.PathLike) -> nn.Module:
-    """:func:`load_model` for a quantized model directory."""
-    if read_model_config(directory)["format"] != QUANTIZED_FORMAT:
-        raise CheckpointError(f"{str(directory)!r} holds a float model; use load_model() or load_float_model()")
-    return load_model(directory)
-
-
 # ------------------------------------------------------------------------------------------------ initialisation
-def resolve_model_dir(path: str | os.PathLike) -> Path | None:
-    """The gmpq model directory at ``path``: itself, or ``<path>/model`` / ``<path>/pretrain/model`` of a run."""
+def find_model_dir(path: str | os.PathLike, quantized: bool | None = None) -> Path | None:
+    """The gmpq model directory ``path`` means: itself, a stage directory's model, or a run's model (the fine-tuned
+    one, then the float one) — the first of those that exists and, unless ``quantized`` is None, is quantized or
+    float as asked. None when there is none."""
     p = Path(path)
-    for candidate in (p, p / "model", p / "pretrain" / "model"):
-        if (candidate / "config.json").exists() and (candidate / "model.safetensors").exists():
+    for candidate in (p, StageDir.of(p).model, *RunDir(p).trained_models):
+        if is_model_dir(candidate) and quantized in (None, is_quantized(read_config(candidate))):
             return candidate
     return None
 
@@ -232,11 +113,11 @@ def resolve_model_dir(path: str | os.PathLike) -> Path | None:
 def init_from_checkpoint(model: nn.Module, source: str) -> dict[str, list[str]]:
     """Copy float weights from ``source`` into ``model`` where names and shapes match; return what was skipped.
 
-    ``source``: a gmpq model or run directory, a ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin`` state-dict file,
-    or a Hub model id (``timm/resnet18.a1_in1k``, optionally prefixed ``hf-hub:``) whose ``model.safetensors`` is
-    fetched (or read from the Hub cache). Weights with a different shape (e.g. a classifier with another class count
-    or the 3x3 stem of a CIFAR variant) are skipped and reported; a source sharing no weight with the model raises
-    :class:`CheckpointError`.
+    ``source``: a float gmpq model directory (or a run or stage holding one), a ``.safetensors`` / ``.pth`` / ``.pt`` /
+    ``.bin`` state-dict file, or a Hub model id (``timm/resnet18.a1_in1k``, optionally prefixed ``hf-hub:``) whose
+    ``model.safetensors`` is fetched (or read from the Hub cache). Weights with a different shape (e.g. a classifier
+    with another class count or the 3x3 stem of a CIFAR variant) are skipped and reported; a source sharing no weight
+    with the model raises :class:`CheckpointError`.
     """
     state = _state_dict_from(source)
     own = model.state_dict()
@@ -256,11 +137,12 @@ def init_from_checkpoint(model: nn.Module, source: str) -> dict[str, list[str]]:
 
 def _state_dict_from(source: str) -> dict[str, torch.Tensor]:
     path = Path(source).expanduser()
-    model_dir = resolve_model_dir(path) if path.is_dir() else None
+    model_dir = find_model_dir(path, quantized=False) if path.is_dir() else None
     if model_dir is not None:
-        return _read_weights(model_dir)
+        return read_state_dict(model_dir)
     if path.is_dir():
-        raise CheckpointError(f"{source!r} is a directory without a gmpq model (config.json + model.safetensors)")
+        raise CheckpointError(f"{source!r} is a directory without a float gmpq model (a model directory, or a run or "
+                              "stage holding one)")
     if path.is_file():
         if path.suffix == ".safetensors":
             try:

@@ -1,28 +1,37 @@
 """The training engine on accelerate, in its canonical form: ``prepare``, ``accumulate``, ``backward``,
-``gather_for_metrics``, ``save_state`` / ``load_state``.
+``clip_grad_norm_``, ``gather_for_metrics``, ``save_state`` / ``load_state``. One loop, :func:`fit`, trains every
+stage: float pretraining, the supernet search and quantization-aware fine-tuning.
 
-Building blocks any stage reuses (the search loop included):
-
+* :func:`fit` — the epoch loop: for each batch, the stage's :class:`TrainingStep` computes the loss; ``fit`` checks it
+  is finite (a divergence stops with a :class:`~gmpq.errors.RecipeError` naming the remedies), back-propagates under
+  ``accelerator.accumulate`` (``grad_accum`` batches per optimizer step), clips the global gradient norm
+  (``max_grad_norm``), steps every optimizer and its learning-rate schedule, and calls the step's
+  ``on_step_end`` after each optimizer step. bf16 autocast comes from the accelerator (``mixed_precision``). After
+  each epoch: optional evaluation, one log row (JSONL + CSV), an atomic checkpoint (with the step's own state), a
+  printed line; ``resume`` continues from the last checkpoint.
+* :class:`TrainingStep` — what one optimisation step trains and how: its optimizers and schedules
+  (``configure_optimizers``, over the loop's total number of optimizer steps), its loss on a batch, what happens
+  after each optimizer step (``on_step_end`` with the :class:`Progress`: step-wise schedules of anything) and what an
+  epoch adds to the log. :class:`SupervisedStep` is the loss-on-logits step of pretraining and fine-tuning.
 * :func:`make_accelerator` — a seeded :class:`accelerate.Accelerator`: bf16 autocast on GPUs when asked, gradient
   accumulation, global batches split across processes (``split_batches=True``) and a seedable sampler.
 * :func:`build_optimizer` — SGD (momentum, no Nesterov) or AdamW; weight decay only on tensors with more than one
   dimension (conv/linear weights), never on biases, norm parameters or quantizer steps/clips.
-* :func:`build_scheduler` — per-optimizer-step multiplier of the peak lr: linear warm-up from 1% over
-  ``warmup_epochs``, then cosine ``0.5 (1 + cos(pi t))`` with ``t`` the post-warm-up progress in [0, 1], or step
-  decay ``gamma ** floor(epoch / step_size)``.
+* :func:`lr_factor` / :func:`build_scheduler` — per-optimizer-step multiplier of the peak lr: linear warm-up from 1%
+  over the warm-up steps, then cosine ``0.5 (1 + cos(pi t))`` with ``t`` the post-warm-up progress in [0, 1], or
+  step decay ``gamma ** floor(epoch / step_size)``.
 * :func:`evaluate` — top-1 / top-5 accuracy (percent) and mean cross-entropy over a loader, gathered across processes
   with ``gather_for_metrics`` (the padding of the last distributed batch is not counted).
-* :func:`fit` — the epoch loop: train, evaluate, log (JSONL + CSV), checkpoint atomically each epoch, resume.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +43,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from gmpq.errors import RecipeError
+from gmpq.rundir import StageDir
 from gmpq.train.checkpoint import CheckpointManager
 from gmpq.train.runlog import MetricsLogger
 
@@ -42,6 +52,16 @@ if TYPE_CHECKING:
 
 #: ``loss_fn(model, images, labels) -> (loss, logits)``; the default is cross-entropy with label smoothing.
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class LoopConfig(Protocol):
+    """What :func:`fit` reads of a recipe section (``pretrain``, ``finetune`` and ``search`` all have it); gradient
+    accumulation and mixed precision are the accelerator's (:func:`make_accelerator`)."""
+
+    epochs: int
+    max_steps: int | None
+    max_grad_norm: float | None
+    grad_accum: int
 
 
 def process_state() -> PartialState:
@@ -57,9 +77,9 @@ def process_state() -> PartialState:
 def make_accelerator(recipe: Recipe, train_cfg: TrainConfig | None = None) -> Accelerator:
     """A fresh, seeded accelerator for one stage of ``recipe``.
 
-    ``train_cfg`` is any section with ``mixed_precision`` / ``grad_accum`` fields (missing fields: float32, no
-    accumulation). bf16 is used only when ``train_cfg.mixed_precision == 'bf16'`` and a CUDA device is present (CPU runs stay in
-    float32). Under ``torchrun`` on CPU the processes join a gloo group. The accelerator state of a previous stage in
+    ``train_cfg`` is any section with ``mixed_precision`` / ``grad_accum`` fields (``pretrain``, ``search``,
+    ``finetune``; None: float32, no accumulation). bf16 is used only when ``train_cfg.mixed_precision == 'bf16'``
+    and a CUDA device is present (CPU runs stay in float32). Under ``torchrun`` on CPU the processes join a gloo group. The accelerator state of a previous stage in
     this process is reset (accelerate's ``_reset_state``; the process group is kept), so that stages with different
     precision or accumulation settings can run one after another in one process.
     """
@@ -92,25 +112,38 @@ def build_optimizer(params: Iterable[nn.Parameter] | nn.Module, cfg: TrainConfig
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
-                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """A per-step :class:`~torch.optim.lr_scheduler.LambdaLR` with warm-up then cosine or step decay (module doc)."""
+def lr_factor(schedule: str, steps_per_epoch: int, total_steps: int, warmup_steps: int = 0, step_size: int = 1,
+              gamma: float = 1.0) -> Callable[[int], float]:
+    """The multiplier of the peak learning rate at optimizer step ``s`` (module docstring): warm-up over
+    ``warmup_steps``, then ``cosine`` (to 0 at ``total_steps``) or ``step`` decay (by ``gamma`` every ``step_size``
+    epochs of ``steps_per_epoch`` steps)."""
     steps_per_epoch = max(1, steps_per_epoch)
-    total = max(1, cfg.epochs * steps_per_epoch)
-    warmup = min(total, int(round(cfg.warmup_epochs * steps_per_epoch)))
+    total = max(1, total_steps)
+    warmup = min(total, warmup_steps)
 
     def factor(step: int) -> float:
         if step < warmup:
             return 0.01 + 0.99 * step / warmup
-        if cfg.schedule == "cosine":
+        if schedule == "cosine":
             t = min(1.0, (step - warmup) / max(1, total - warmup))
             return 0.5 * (1.0 + math.cos(math.pi * t))
-        return cfg.gamma ** ((step // steps_per_epoch) // cfg.step_size)
+        if schedule == "step":
+            return gamma ** ((step // steps_per_epoch) // step_size)
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}")
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return factor
 
 
-def optimizer_steps_per_epoch(loader: DataLoader, cfg: TrainConfig) -> int:
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step :class:`~torch.optim.lr_scheduler.LambdaLR` of ``cfg``'s schedule (:func:`lr_factor`)."""
+    steps_per_epoch = max(1, steps_per_epoch)
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.schedule, steps_per_epoch, cfg.epochs *
+                                                                  steps_per_epoch, warmup, cfg.step_size, cfg.gamma))
+
+
+def optimizer_steps_per_epoch(loader: DataLoader, cfg: LoopConfig) -> int:
     """Optimizer steps in one epoch: batches (capped by ``max_steps``) over ``grad_accum``, rounded up."""
     batches = len(loader) if cfg.max_steps is None else min(len(loader), cfg.max_steps)
     return max(1, math.ceil(batches / cfg.grad_accum))
@@ -157,79 +190,174 @@ def cross_entropy_loss(label_smoothing: float = 0.0) -> LossFn:
     return loss_fn
 
 
-def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    accelerator: Accelerator, cfg: TrainConfig, loss_fn: LossFn, desc: str = "train") -> dict[str, float]:
-    """One epoch of ``accelerate``'s canonical loop; returns mean training loss and top-1 over all processes.
+# ------------------------------------------------------------------------------------------------ the step
+@dataclass
+class StepOutput:
+    """What a :class:`TrainingStep` computed on one batch.
 
-    With ``cfg.max_grad_norm`` the global gradient norm is clipped before each optimizer step; with a ``freeze_bn``
-    field set (fine-tuning) BatchNorm layers keep their running statistics. A non-finite loss stops training with a
-    :class:`~gmpq.errors.RecipeError` naming the remedies instead of continuing with NaN weights.
+    Attributes:
+        loss: the scalar that is back-propagated.
+        logits: the model's logits (the epoch's training top-1 is counted from them).
+        metrics: scalars to log, each averaged over the epoch's samples (e.g. ``{"train_loss": loss}``).
+        aux: anything the step wants back in ``on_step_end``.
     """
-    model.train()
-    if getattr(cfg, "freeze_bn", False):
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()
-    totals = torch.zeros(3, device=accelerator.device, dtype=torch.float64)  # loss sum, correct, count
-    bar = tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process,
-               total=len(loader) if cfg.max_steps is None else min(len(loader), cfg.max_steps))
-    for step, (images, labels) in enumerate(bar):
-        if cfg.max_steps is not None and step >= cfg.max_steps:
-            break
-        with accelerator.accumulate(model):
-            loss, logits = loss_fn(model, images, labels)
-            if not torch.isfinite(loss.detach()).all():
-                raise RecipeError(
-                    f"{desc}: training diverged (loss {loss.item()}) at batch {step}; lower the learning rate, set "
-                    f"max_grad_norm, or for low-bit QAT set finetune.freeze_bn=true")
-            accelerator.backward(loss)
-            if cfg.max_grad_norm is not None and accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        n = labels.numel()
-        totals += torch.tensor([loss.item() * n, (logits.argmax(1) == labels).sum().item(), n],
-                               device=totals.device, dtype=torch.float64)
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-    totals = accelerator.reduce(totals, reduction="sum")
-    n = max(1.0, float(totals[2]))
-    return {"train_loss": float(totals[0]) / n, "train_top1": 100.0 * float(totals[1]) / n}
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+    metrics: dict[str, torch.Tensor]
+    aux: Any = None
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where the loop is after an optimizer step: ``step`` of ``total_steps`` optimizer steps done, in ``epoch``
+    (0-based) of ``steps_per_epoch`` steps each."""
+
+    step: int
+    total_steps: int
+    epoch: int
+    steps_per_epoch: int
+
+    @property
+    def fraction(self) -> float:
+        """``step / total_steps``, in [0, 1]: the argument of any schedule over the whole run."""
+        return self.step / max(1, self.total_steps)
 
 
 @dataclass
+class ScheduledOptimizer:
+    """An optimizer and its per-step learning-rate schedule; ``name`` labels its learning rate in the log
+    (``lr`` for an unnamed one, else ``lr_<name>``)."""
+
+    name: str
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+    @property
+    def log_key(self) -> str:
+        return f"lr_{self.name}" if self.name else "lr"
+
+
+class TrainingStep:
+    """What one optimisation step of :func:`fit` trains and how (the loop does everything around it).
+
+    Subclasses implement :meth:`configure_optimizers` and :meth:`__call__`; the other hooks have defaults.
+    ``remedy`` completes the message of a diverged loss.
+    """
+
+    remedy: str = "lower the learning rate or set max_grad_norm"
+
+    def configure_optimizers(self, model: nn.Module, steps_per_epoch: int,
+                             total_steps: int) -> list[ScheduledOptimizer]:
+        """The optimizers (with their schedules over ``total_steps`` optimizer steps) of the unprepared ``model``;
+        they step in this order."""
+        raise NotImplementedError
+
+    def __call__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
+        """The loss of one batch (``model`` is prepared: on the device, possibly wrapped by DDP)."""
+        raise NotImplementedError
+
+    def train_mode(self, model: nn.Module) -> None:
+        """Put ``model`` in training mode at the start of each epoch."""
+        model.train()
+
+    def on_step_end(self, out: StepOutput, progress: Progress) -> None:
+        """Called after each optimizer step (not after batches that only accumulate gradients)."""
+
+    def epoch_summary(self) -> dict[str, Any]:
+        """Fields this step adds to the epoch's log row."""
+        return {}
+
+    def describe(self, stage: str, epochs: int, row: dict[str, Any]) -> str:
+        """The line printed after each epoch."""
+        text = f"{stage} epoch {row['epoch']}/{epochs}: " + " ".join(
+            f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "epoch_s") and isinstance(v, float))
+        return f"{text} ({row['epoch_s']:.1f}s)"
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-ready state saved in each checkpoint (restored by :meth:`load_state_dict` on resume)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+
+
+class SupervisedStep(TrainingStep):
+    """Pretraining and fine-tuning: ``loss_fn(model, images, labels)`` (cross-entropy or distillation), one
+    optimizer and schedule of ``cfg`` (:func:`build_optimizer`, :func:`build_scheduler`); with ``cfg.freeze_bn``
+    BatchNorm layers keep their running statistics."""
+
+    def __init__(self, cfg: TrainConfig, loss_fn: LossFn | None = None) -> None:
+        self.cfg = cfg
+        self.loss_fn = loss_fn or cross_entropy_loss(cfg.label_smoothing)
+        self.remedy = "lower the learning rate, set max_grad_norm, or for low-bit QAT set finetune.freeze_bn=true"
+
+    def configure_optimizers(self, model: nn.Module, steps_per_epoch: int,
+                             total_steps: int) -> list[ScheduledOptimizer]:
+        optimizer = build_optimizer(model, self.cfg)
+        return [ScheduledOptimizer("", optimizer, build_scheduler(optimizer, self.cfg, steps_per_epoch))]
+
+    def train_mode(self, model: nn.Module) -> None:
+        model.train()
+        if getattr(self.cfg, "freeze_bn", False):
+            for module in model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+
+    def __call__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
+        loss, logits = self.loss_fn(model, images, labels)
+        return StepOutput(loss, logits, {"train_loss": loss})
+
+    def describe(self, stage: str, epochs: int, row: dict[str, Any]) -> str:
+        text = f"{stage} epoch {row['epoch']}/{epochs}: loss {row['train_loss']:.4f} train top1 {row['train_top1']:.2f}"
+        if "eval_top1" in row:
+            text += f" | eval top1 {row['eval_top1']:.2f} top5 {row['eval_top5']:.2f}"
+        return f"{text} ({row['epoch_s']:.1f}s)"
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+@dataclass
 class FitResult:
-    """What :func:`fit` returns: the per-epoch history and the last evaluation."""
+    """What :func:`fit` returns: the per-epoch history, the last evaluation (empty without an evaluation loader) and
+    the epoch it resumed from."""
 
     history: list[dict[str, Any]]
     final: dict[str, float]
     resumed_from: int | None
 
 
-def fit(model: nn.Module, train_loader: DataLoader, eval_loader: DataLoader, cfg: TrainConfig,
-        accelerator: Accelerator, out_dir: str | Path, *, resume: bool = False, loss_fn: LossFn | None = None,
-        stage: str = "train", extra_modules: Iterable[nn.Module] = (),
-        on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None) -> FitResult:
-    """Train ``model`` for ``cfg.epochs`` epochs with evaluation, logging and per-epoch checkpoints in ``out_dir``.
+def fit(model: nn.Module, train_loader: DataLoader, eval_loader: DataLoader | None, cfg: LoopConfig,
+        accelerator: Accelerator, out_dir: str | os.PathLike | StageDir, *, resume: bool = False,
+        loss_fn: LossFn | None = None, step: TrainingStep | None = None, stage: str = "train",
+        extra_modules: Iterable[nn.Module] = ()) -> FitResult:
+    """Train ``model`` for ``cfg.epochs`` epochs with logging and per-epoch checkpoints in the stage directory
+    ``out_dir`` (the module docstring describes one step and one epoch).
 
-    The model and loaders must *not* be prepared yet: ``fit`` builds the optimizer and scheduler, prepares everything
-    and, with ``resume``, restores the last checkpoint under ``out_dir/checkpoints`` (weights, optimizer, scheduler,
-    every process's RNG states and the metrics history) and continues with the next epoch; the sampler order of
-    epoch ``e`` depends only on ``seed + e``, so the result equals an uninterrupted run's. ``extra_modules``
-    (e.g. a distillation teacher) are moved to the device without being trained. ``on_epoch_end(epoch, row)`` is
-    called after each epoch's checkpoint (1-based epoch). Returns a :class:`FitResult`; the trained model stays
-    prepared (use ``accelerator.unwrap_model``).
+    ``step`` says what one optimisation step does (default: :class:`SupervisedStep` of ``cfg`` with ``loss_fn``).
+    The model and loaders must *not* be prepared yet: ``fit`` has the step build its optimizers and schedules,
+    prepares everything and, with ``resume``, restores the last checkpoint (weights, optimizers, schedules, every
+    process's RNG states, the metrics history and the step's state) and continues with the next epoch; the sampler
+    order of epoch ``e`` depends only on ``seed + e``, so the result equals an uninterrupted run's. With an
+    ``eval_loader`` the model is evaluated after every epoch. ``extra_modules`` (e.g. a frozen teacher) are moved
+    to the device without being trained. The trained model stays prepared (use ``accelerator.unwrap_model``).
     """
-    out = Path(out_dir)
-    loss_fn = loss_fn or cross_entropy_loss(cfg.label_smoothing)
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, optimizer_steps_per_epoch(train_loader, cfg))
-    model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, eval_loader, scheduler)
+    out = StageDir.of(out_dir)
+    step = step or SupervisedStep(cfg, loss_fn)
+    steps_per_epoch = optimizer_steps_per_epoch(train_loader, cfg)
+    total_steps = cfg.epochs * steps_per_epoch
+    slots = step.configure_optimizers(model, steps_per_epoch, total_steps)
+    loaders = [train_loader] if eval_loader is None else [train_loader, eval_loader]
+    prepared = accelerator.prepare(model, *(s.optimizer for s in slots), *loaders, *(s.scheduler for s in slots))
+    model, rest = prepared[0], list(prepared[1:])
+    for slot in slots:
+        slot.optimizer = rest.pop(0)
+    train_loader = rest.pop(0)
+    eval_loader = rest.pop(0) if eval_loader is not None else None
+    for slot in slots:
+        slot.scheduler = rest.pop(0)
     for extra in extra_modules:
         extra.to(accelerator.device).eval()
-    checkpoints = CheckpointManager(out / "checkpoints", accelerator)
+    checkpoints = CheckpointManager(out.checkpoints, accelerator)
     logger = MetricsLogger(out, accelerator)
     history: list[dict[str, Any]] = []
     start, resumed_from = 0, None
@@ -238,28 +366,80 @@ def fit(model: nn.Module, train_loader: DataLoader, eval_loader: DataLoader, cfg
         if state is not None:
             start = resumed_from = int(state["epoch"])
             history = list(state["history"])
+            step.load_state_dict(state.get("step", {}))
             accelerator.print(f"{stage}: resumed from epoch {start} ({checkpoints.latest()})")
-    final = _eval_of(history[-1]) if history else {}
+    final = _eval_of(history[-1]) if history and eval_loader is not None else {}
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         _set_epoch(train_loader, epoch)
-        train_stats = train_one_epoch(model, train_loader, optimizer, scheduler, accelerator, cfg, loss_fn,
-                                      desc=f"{stage} {epoch + 1}/{cfg.epochs}")
-        final = evaluate(model, eval_loader, accelerator, desc=f"{stage} eval {epoch + 1}/{cfg.epochs}")
-        row = {"epoch": epoch + 1, **train_stats, "eval_top1": final["top1"], "eval_top5": final["top5"],
-               "eval_loss": final["loss"], "eval_samples": final["num_samples"], "lr": scheduler.get_last_lr()[0],
-               "epoch_s": time.perf_counter() - t0}
+        row: dict[str, Any] = {"epoch": epoch + 1}
+        row.update(_train_epoch(model, train_loader, slots, step, accelerator, cfg,
+                                Progress(epoch * steps_per_epoch, total_steps, epoch, steps_per_epoch),
+                                desc=f"{stage} {epoch + 1}/{cfg.epochs}"))
+        if eval_loader is not None:
+            final = evaluate(model, eval_loader, accelerator, desc=f"{stage} eval {epoch + 1}/{cfg.epochs}")
+            row.update({"eval_top1": final["top1"], "eval_top5": final["top5"], "eval_loss": final["loss"],
+                        "eval_samples": final["num_samples"]})
+        row.update(step.epoch_summary())
+        row["epoch_s"] = time.perf_counter() - t0
         history.append(row)
-        checkpoints.save(epoch + 1, {"epoch": epoch + 1, "history": history})
+        checkpoints.save(epoch + 1, {"epoch": epoch + 1, "history": history, "step": step.state_dict()})
         logger.write(history)
-        accelerator.print(f"{stage} epoch {epoch + 1}/{cfg.epochs}: loss {train_stats['train_loss']:.4f} "
-                          f"train top1 {train_stats['train_top1']:.2f} | eval top1 {final['top1']:.2f} "
-                          f"top5 {final['top5']:.2f} ({row['epoch_s']:.1f}s)")
-        if on_epoch_end is not None:
-            on_epoch_end(epoch + 1, row)
-    if not final:
+        accelerator.print(step.describe(stage, cfg.epochs, row))
+    if not final and eval_loader is not None:
         final = evaluate(model, eval_loader, accelerator, desc=f"{stage} eval")
     return FitResult(history, final, resumed_from)
+
+
+def _train_epoch(model: nn.Module, loader: DataLoader, slots: list[ScheduledOptimizer], step: TrainingStep,
+                 accelerator: Accelerator, cfg: LoopConfig, progress: Progress, desc: str) -> dict[str, Any]:
+    """One epoch of accelerate's canonical loop; returns the step's metrics and the training top-1 (means over all
+    processes' samples), the learning rate of each optimizer's last step and the number of batches."""
+    step.train_mode(model)
+    total = len(loader) if cfg.max_steps is None else min(len(loader), cfg.max_steps)
+    bar = tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process, total=total)
+    sums: torch.Tensor | None = None  # per metric: sum of batch mean * batch size; then correct, count
+    names: list[str] = []
+    lrs: dict[str, float] = {}
+    done = progress.step
+    for batch, (images, labels) in enumerate(bar):
+        if batch >= total:
+            break
+        with accelerator.accumulate(model):
+            out = step(model, images, labels)
+            if not torch.isfinite(out.loss.detach()).all():
+                raise RecipeError(f"{desc}: training diverged (loss {out.loss.item()}) at batch {batch}; "
+                                  f"{step.remedy}")
+            accelerator.backward(out.loss)
+            if cfg.max_grad_norm is not None and accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            for slot in slots:
+                slot.optimizer.step()
+            if accelerator.sync_gradients:
+                lrs = {slot.log_key: slot.optimizer.param_groups[0]["lr"] for slot in slots}
+            for slot in slots:
+                slot.scheduler.step()
+            for slot in slots:
+                slot.optimizer.zero_grad(set_to_none=True)
+        if accelerator.sync_gradients:
+            done += 1
+            step.on_step_end(out, Progress(done, progress.total_steps, progress.epoch, progress.steps_per_epoch))
+        n = labels.numel()
+        if sums is None:
+            names = list(out.metrics)
+            sums = torch.zeros(len(names) + 2, dtype=torch.float64, device=accelerator.device)
+        values = [out.metrics[k].detach().double() * n for k in names]
+        correct = (out.logits.detach().argmax(1) == labels).sum().double()
+        sums += torch.stack([*values, correct, torch.tensor(float(n), dtype=torch.float64, device=sums.device)])
+        if batch % 10 == 0:
+            bar.set_postfix(loss=f"{out.loss.item():.3f}", **{k: f"{v:.2e}" for k, v in lrs.items()})
+    if sums is None:
+        raise RecipeError(f"{desc}: the training loader yielded no batch; lower data.batch_size")
+    sums = accelerator.reduce(sums, reduction="sum")
+    n = max(1.0, float(sums[-1]))
+    stats: dict[str, Any] = {name: float(sums[i]) / n for i, name in enumerate(names)}
+    stats["train_top1"] = 100.0 * float(sums[-2]) / n
+    return {**stats, **lrs, "steps": min(total, batch + 1)}
 
 
 def _eval_of(row: dict[str, Any]) -> dict[str, float]:

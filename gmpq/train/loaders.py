@@ -12,13 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import timm
 import torch
 from torch.utils.data import DataLoader
 
 from gmpq.data import ImageDataset, build_transform, get_dataset_spec, load_split
 from gmpq.errors import RecipeError
-from gmpq.models import get_backbone
+from gmpq.models import model_data_config
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -29,15 +28,6 @@ if TYPE_CHECKING:
 #: Seed of the subset ``data.max_eval_samples`` keeps: fixed, so that runs with different seeds are evaluated on the
 #: same images (their accuracies are then paired).
 EVAL_SUBSET_SEED = 0
-
-
-@dataclass(frozen=True)
-class ModelDataConfig:
-    """What the data pipeline takes from the model: native input size and normalisation constants."""
-
-    input_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
 
 
 @dataclass
@@ -53,20 +43,6 @@ class Loaders:
     class_names: list[str] | None
     train_source: str | None
     eval_source: str
-
-
-def model_data_config(arch: str) -> ModelDataConfig:
-    """Native input size, mean and std of ``arch``: gmpq's registry entry, else timm's pretrained config."""
-    entry = get_backbone(arch)
-    if entry is not None:
-        return ModelDataConfig(entry.input_size, entry.mean, entry.std)
-    try:
-        cfg = timm.get_pretrained_cfg(arch)
-    except RuntimeError:
-        cfg = None
-    if cfg is None:
-        return ModelDataConfig(224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    return ModelDataConfig(int(cfg.input_size[-1]), tuple(cfg.mean), tuple(cfg.std))
 
 
 def build_dataloaders(recipe: Recipe, accelerator: Accelerator | None = None, *, train: bool = True,

@@ -1,7 +1,8 @@
-"""What a stage writes into its output directory besides checkpoints.
+"""What a stage writes into its directory (:class:`~gmpq.rundir.StageDir`) besides checkpoints and models.
 
-* ``metrics.jsonl`` and ``metrics.csv`` — one row per epoch (:class:`MetricsLogger`), rewritten atomically from the
-  full history after each epoch, so that after a resume they hold exactly the epochs of the resumed run.
+* the epoch log (``metrics.jsonl``; the search's ``search_log.jsonl``) and its CSV table (scalar columns) — one row
+  per epoch (:class:`MetricsLogger`), rewritten atomically from the full history after each epoch, so that after a
+  resume they hold exactly the epochs of the resumed run.
 * ``metrics.json`` — the stage's final numbers (:func:`write_metrics_json`).
 * ``recipe.yaml`` and ``env.json`` — the resolved recipe and the environment: package versions, device, world size,
   mixed precision (:func:`write_run_info`).
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gmpq.errors import RecipeError
+from gmpq.rundir import StageDir
 from gmpq.utils import atomic_write_text
 
 if TYPE_CHECKING:
@@ -37,30 +39,30 @@ def _is_main(accelerator: Accelerator | None) -> bool:
 
 
 class MetricsLogger:
-    """Writes the per-epoch history of a stage as ``metrics.jsonl`` and ``metrics.csv`` in ``directory``."""
+    """Writes the per-epoch history of a stage as its epoch log (JSONL) and table (CSV of the scalar columns)."""
 
-    def __init__(self, directory: str | os.PathLike, accelerator: Accelerator | None = None) -> None:
-        self.directory = Path(directory)
+    def __init__(self, directory: str | os.PathLike | StageDir, accelerator: Accelerator | None = None) -> None:
+        self.stage = StageDir.of(directory)
         self.accelerator = accelerator
 
     def write(self, history: Sequence[dict[str, Any]]) -> None:
         if not _is_main(self.accelerator) or not history:
             return
         lines = "".join(json.dumps(row) + "\n" for row in history)
-        atomic_write_text(self.directory / "metrics.jsonl", lines)
-        columns = list(dict.fromkeys(k for row in history for k in row))
+        atomic_write_text(self.stage.epoch_log, lines)
+        columns = list(dict.fromkeys(k for row in history for k, v in row.items() if not isinstance(v, (dict, list))))
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=columns)
         writer.writeheader()
         for row in history:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-        atomic_write_text(self.directory / "metrics.csv", buf.getvalue())
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items() if k in columns})
+        atomic_write_text(self.stage.epoch_table, buf.getvalue())
 
 
-def write_metrics_json(directory: str | os.PathLike, metrics: dict[str, Any],
+def write_metrics_json(directory: str | os.PathLike | StageDir, metrics: dict[str, Any],
                        accelerator: Accelerator | None = None) -> Path:
-    """Write ``metrics`` as ``<directory>/metrics.json`` (main process only, atomically)."""
-    path = Path(directory) / "metrics.json"
+    """Write ``metrics`` as the stage's final numbers (main process only, atomically)."""
+    path = StageDir.of(directory).metrics
     if _is_main(accelerator):
         atomic_write_text(path, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     return path
@@ -73,7 +75,7 @@ def environment(accelerator: Accelerator | None = None) -> dict[str, Any]:
     import timm
     import torch
 
-    from gmpq import __version__
+    from gmpq.version import __version__
 
     env: dict[str, Any] = {
         "gmpq": __version__, "torch": torch.__version__, "timm": timm.__version__,
@@ -93,25 +95,27 @@ def environment(accelerator: Accelerator | None = None) -> dict[str, Any]:
     return env
 
 
-def write_run_info(directory: str | os.PathLike, recipe: Recipe, accelerator: Accelerator | None = None) -> None:
-    """Write the resolved recipe (``recipe.yaml``) and :func:`environment` (``env.json``) into ``directory``."""
+def write_run_info(directory: str | os.PathLike | StageDir, recipe: Recipe,
+                   accelerator: Accelerator | None = None) -> None:
+    """Write the resolved recipe (``recipe.yaml``) and :func:`environment` (``env.json``) into the stage directory."""
     if not _is_main(accelerator):
         return
-    out = Path(directory)
-    atomic_write_text(out / "recipe.yaml", recipe.to_yaml())
-    atomic_write_text(out / "env.json", json.dumps(environment(accelerator), indent=2) + "\n")
+    stage = StageDir.of(directory)
+    atomic_write_text(stage.recipe, recipe.to_yaml())
+    atomic_write_text(stage.env, json.dumps(environment(accelerator), indent=2) + "\n")
 
 
-def prepare_output_dir(directory: str | os.PathLike, resume: bool, force: bool,
+def prepare_output_dir(directory: str | os.PathLike | StageDir, resume: bool, force: bool,
                        accelerator: Accelerator | None = None) -> bool:
-    """Make ``directory`` ready for a stage; return True when it holds a *finished* run to reuse (resume).
+    """Make a stage directory ready; return True when it holds a *finished* stage to reuse (resume).
 
-    A directory holding a run (``metrics.json`` or checkpoints) is continued with ``resume`` (a finished run is
+    A directory holding a stage (final metrics or checkpoints) is continued with ``resume`` (a finished stage is
     reused as is), cleared with ``force``, and otherwise refused with :class:`RecipeError`.
     """
-    out = Path(directory)
-    finished = (out / "metrics.json").exists()
-    started = finished or (out / "checkpoints").is_dir()
+    stage = StageDir.of(directory)
+    out = stage.path
+    finished = stage.finished
+    started = finished or stage.checkpoints.is_dir()
     if started and not resume and not force:
         raise RecipeError(f"output directory {str(out)!r} already holds a run; pass resume=true to continue it, "
                           f"force=true to overwrite it, or choose another output_dir")

@@ -21,13 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from gmpq.errors import PolicyError, RunError
+from gmpq.rundir import RunDir, StageDir
 from gmpq.viz._render import figure_format, new_figure, save_figure
 
-METRICS_NAME = "metrics.json"
-POLICY_NAME = "policy.json"
 BOPS_AXES = ("searched", "total")
-STAGES = ("search", "finetune", "evaluate")  # merged in this order when a directory has no metrics.json of its own
-UNIFORM_DIR = "uniform"  # a pipeline run's uniform baseline (gmpq.pipeline)
+MERGED_STAGES = ("search", "finetune", "evaluate")  # merged in this order when a run has no summary of its own
+METRICS_NAME = RunDir(Path()).summary.name
 
 
 @dataclass
@@ -63,12 +62,11 @@ def _read_json(path: Path, what: str) -> Any:
 
 
 def _find_policy(run: Path) -> Path | None:
-    """``run/policy.json``, else the search stage's, else the first ``*/policy.json`` one level down."""
-    for candidate in (run / POLICY_NAME, run / "search" / POLICY_NAME):
+    """The policy of a stage directory, else the run's searched policy, else its fine-tuned one."""
+    for candidate in (StageDir(run).policy, RunDir(run).policy, RunDir(run).finetune.policy):
         if candidate.is_file():
             return candidate
-    found = sorted(run.glob(f"*/{POLICY_NAME}"))
-    return found[0] if found else None
+    return None
 
 
 def _num(metrics: dict[str, Any], key: str, path: Path) -> float | None:
@@ -94,8 +92,8 @@ def summarize_run(run_dir: str | os.PathLike, label: str | None = None) -> RunSu
         raise RunError(f"run directory {str(run)!r} does not exist")
     if not run.is_dir():
         raise RunError(f"{str(run)!r} is not a directory; pass a run's output_dir (it holds {METRICS_NAME})")
-    metrics_path = run / METRICS_NAME
-    stage_paths = [run / stage / METRICS_NAME for stage in STAGES if (run / stage / METRICS_NAME).is_file()]
+    metrics_path = RunDir(run).summary
+    stage_paths = [m for m in (RunDir(run).stage(s).metrics for s in MERGED_STAGES) if m.is_file()]
     if not metrics_path.is_file() and not stage_paths:
         raise RunError(f"{str(run)!r} has no {METRICS_NAME}; pass the output_dir of a finished stage or pipeline run")
     metrics: dict[str, Any] = {}
@@ -145,10 +143,10 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike]) -> list[RunSummary]:
     for d, n in zip(run_dirs, names, strict=True):
         label = str(d) if names.count(n) > 1 else n
         summaries.append(summarize_run(d, label=label))
-        baseline = Path(d) / UNIFORM_DIR
-        if ((Path(d) / METRICS_NAME).is_file() and (baseline / "evaluate" / METRICS_NAME).is_file()
-                and baseline.resolve() not in given):
-            summaries.append(summarize_run(baseline, label=f"{label}/{UNIFORM_DIR}"))
+        baseline = RunDir(Path(d)).uniform
+        if (RunDir(Path(d)).summary.is_file() and baseline.evaluate.finished
+                and baseline.root.resolve() not in given):
+            summaries.append(summarize_run(baseline.root, label=f"{label}/{baseline.root.name}"))
     return summaries
 
 

@@ -23,25 +23,26 @@ from pathlib import Path
 from typing import Any
 
 from gmpq.errors import RunError
+from gmpq.rundir import RunDir, StageDir
 from gmpq.viz._render import A_COLOR, W_COLOR, figure_format, new_figure, save_figure
 
-LOG_NAME = "search_log.jsonl"
+LOG_NAME = RunDir(Path()).search.epoch_log.name
 REQUIRED_KEYS = ("epoch", "expected_bops_g", "budget_g", "bits", "probs")
 LOSS_KEYS = ("loss", "loss_ce", "loss_attr", "loss_complexity")
 DECODE_LOW = 0.97  # the decoded policy lands in [DECODE_LOW * budget, budget]
 
 
 def find_search_log(run: str | os.PathLike) -> Path:
-    """The search log of ``run``: the file itself, ``run/search_log.jsonl`` or ``run/search/search_log.jsonl``."""
+    """The search log of ``run``: the file itself, that of a search stage directory or that of a run's search."""
     path = Path(run)
     if path.is_file():
         return path
     if not path.exists():
         raise RunError(f"search run {str(path)!r} does not exist; pass a search output_dir or its {LOG_NAME}")
-    for candidate in (path / LOG_NAME, path / "search" / LOG_NAME):
+    for candidate in (StageDir(path, "search").epoch_log, RunDir(path).search.epoch_log):
         if candidate.is_file():
             return candidate
-    raise RunError(f"no {LOG_NAME} in {str(path)!r} (nor in its search/ subdirectory); pass the output_dir of a "
+    raise RunError(f"no {LOG_NAME} in {str(path)!r} (nor in its search stage); pass the output_dir of a "
                    "search run")
 
 
@@ -237,7 +238,8 @@ def plot_search(run: str | os.PathLike, out: str | os.PathLike, title: str | Non
     fig = new_figure(13.0, curves_h + heat_h)
     top, bottom = fig.subfigures(2, 1, height_ratios=[curves_h, heat_h])
     last = trace.series
-    run_name = log.parent.name if log.parent.name != "search" else f"{log.parent.parent.name}/search"
+    stage = log.parent
+    run_name = f"{stage.parent.name}/{stage.name}" if stage == RunDir(stage.parent).search.path else stage.name
     summary = [f"search run {run_name}", f"{n_layers} searched layers", f"bits {trace.bits}",
                f"{len(trace.epochs)} epochs"]
     if "budget_g" in last:

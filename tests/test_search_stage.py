@@ -15,9 +15,10 @@ import torch
 
 import gmpq
 from gmpq.cli import main
+from gmpq.hub import write_model_dir
 from gmpq.recipes import load_recipe
-from gmpq.search import bops_range, deployment_macs, search, search_space
-from gmpq.train import save_float_model
+from gmpq.search import bops_range, deployment_macs, search_space
+from gmpq.stages import search
 from gmpq.viz import read_search_log
 
 ARCH, DEPLOY = "mobilenetv2_050_cifar", "mobilenetv2_050"
@@ -30,7 +31,7 @@ LOG_KEYS = {"epoch", "loss", "loss_ce", "loss_attr", "loss_complexity", "expecte
 def float_model(tmp_path_factory) -> str:
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("float") / "model"
-    save_float_model(gmpq.create_model(ARCH, num_classes=10), out)
+    write_model_dir(gmpq.create_model(ARCH, num_classes=10), out)
     return str(out)
 
 
@@ -108,6 +109,23 @@ def test_resume_continues_to_the_same_result(tmp_path, float_model, budget):
     assert search(recipe.override(["resume=true"]))["resumed_from_epoch"] == 1  # a finished run is reused
 
 
+def test_search_clips_the_gradient_and_accumulates_like_every_stage(tmp_path, float_model, budget):
+    """search.max_grad_norm bounds the step (over weights and logits), search.grad_accum batches per step."""
+    runs = {}
+    for name, extra in (("free", []), ("clipped", ["search.max_grad_norm=1e-6", "search.mixed_precision=bf16"])):
+        runs[name] = search(_recipe(tmp_path / name, float_model, budget, "search.max_steps=4", "search.grad_accum=2",
+                                    *extra))
+    moved = {}
+    for name in runs:
+        alphas = json.loads((tmp_path / name / "search" / "alphas.json").read_text())["layers"]
+        moved[name] = max(abs(v) for row in alphas.values() for v in row["alpha_w"] + row["alpha_a"])
+        record = read_search_log(tmp_path / name)[0]
+        assert record["steps"] == 4 and record["lr_alpha"] == 0.01 and record["lr_w"] == 0.1
+    # two optimizer steps of SGD (lr 0.01, momentum 0.9) from zero logits, each gradient of norm <= 1e-6
+    assert moved["clipped"] <= 0.01 * (1 + 1.9) * 1e-6 + 1e-12 < 1e-4 < moved["free"]
+    assert runs["clipped"]["world_size"] == 1 and 0.97 * budget <= runs["clipped"]["bops_searched_g"] <= budget
+
+
 def test_uniform_and_edmips_strategies(tmp_path, float_model, budget):
     uniform = search(_recipe(tmp_path / "u", float_model, budget, "search.strategy=uniform"))
     assert len(set(uniform.policy.layers.values())) == 1 and uniform.policy.bops_searched_g <= budget
@@ -140,7 +158,7 @@ DDP_SCRIPT = """
 import sys
 from gmpq.quant import fused
 from gmpq.recipes import load_recipe
-from gmpq.search import search
+from gmpq.stages import search
 fused.set_backend("eager")
 search(load_recipe(sys.argv[1]), attribution="autograd")
 """

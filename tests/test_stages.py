@@ -16,7 +16,8 @@ import gmpq
 from gmpq.cli import main
 from gmpq.errors import CheckpointError, PolicyError, RecipeError
 from gmpq.recipes import load_recipe
-from gmpq.train import evaluate_stage, finetune, pretrain
+from gmpq.stages import evaluate as evaluate_stage
+from gmpq.stages import finetune, pretrain
 from gmpq.train.checkpoint import CheckpointManager
 
 TINY = ["model.arch=test_resnet", "data.input_size=32", "data.batch_size=16", "data.max_train_samples=64",
@@ -48,7 +49,8 @@ def test_pretrain_writes_its_directory(pretrained):
     assert load_recipe(stage / "recipe.yaml").model.arch == "test_resnet"
     assert json.loads((stage / "env.json").read_text())["world_size"] == 1
     assert [p.name for p in sorted((stage / "checkpoints").iterdir())] == ["epoch_0001", "epoch_0002"]
-    assert json.loads((stage / "model" / "config.json").read_text())["format"] == "gmpq-float"
+    config = json.loads((stage / "model" / "config.json").read_text())
+    assert config["format"] == "gmpq" and list(config["files"]) == ["model.safetensors"]  # a float model
 
 
 def test_finetune_with_distillation_then_evaluate_reloads_the_same_model(pretrained):
