@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from gmpq.errors import GmpqError, ModelError
+from gmpq.errors import GmpqError, ModelError, RunError
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -104,10 +104,15 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    """``gmpq compare RUN_DIR ... [-o FIG] [--json]``: a table of the runs, and a top-1 vs BOPs scatter plot."""
+    """``gmpq compare RUN_DIR ... [-o FIG] [--json]``: a table of the runs, and a top-1 vs BOPs scatter plot; a study
+    directory stands for its finished cells."""
+    from gmpq.study import finished_cell_dirs, is_study_directory
     from gmpq.viz import compare_runs, format_compare_table, plot_compare
 
-    runs = compare_runs(args.runs)
+    dirs = [cell for d in args.runs for cell in (finished_cell_dirs(d) if is_study_directory(d) else [d])]
+    if not dirs:
+        raise RunError(f"the study directories {', '.join(args.runs)} have no finished cells yet")
+    runs = compare_runs(dirs)
     print(json.dumps([r.to_dict() for r in runs], indent=2) if args.json else format_compare_table(runs))
     if args.output:
         path = plot_compare(runs, args.output, bops=args.bops)
@@ -266,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="W and A bars side by side (default) or mirrored (W up, A down)")
     p.add_argument("--title", help="figure title")
     p = verb("compare", cmd_compare, "compare runs: a table of top-1, BOPs and size, and a top-1 vs BOPs plot")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run output directories (each with metrics.json)")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run output directories (each with metrics.json), or study "
+                                                              "directories (their finished cells)")
     p.add_argument("-o", "--output", help="also write a scatter plot of top-1 against BOPs (.png, .svg or .pdf)")
     p.add_argument("--bops", choices=("searched", "total"), default="searched",
                    help="x axis: BOPs of the searched layers (default) or of all layers")

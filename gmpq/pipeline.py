@@ -5,7 +5,7 @@
       -> finetune (QAT of the policy on the target: ``target`` section, else the proxy itself)
       -> evaluate (held-out top-1 / top-5, BOPs, size)
       -> export (packed low-bit safetensors + policy + config + model card)
-    [+ the uniform baseline: the best single (w, a) under the same budget, fine-tuned the same way]
+    [+ the uniform baseline: the best single (w, a) under the budget, fine-tuned the same way]
 
 All in one run directory (:class:`~gmpq.rundir.RunDir`: a directory per stage, the export, the uniform baseline
 as a nested run, the figures and the run's summary), which this process holds for the duration. A finished stage
@@ -156,7 +156,7 @@ def _export(target: Recipe, uniform: dict[str, Any] | None,
     comparison = []
     if uniform is not None:
         u = _uniform_metrics(uniform)
-        comparison.append({"model": f"{_uniform_name(u)} at the same budget", "top1": u["top1"],
+        comparison.append({"model": _uniform_name(u, target.search.budget_g), "top1": u["top1"],
                            "bops_searched_g": u["bops_searched_g"], "mean_w_bits": u["w_bits"],
                            "mean_a_bits": u["a_bits"]})
     report = export_run(target.output_dir, export_dir, format=target.export.format,
@@ -289,9 +289,11 @@ def _uniform_metrics(uniform: dict[str, Any]) -> dict[str, Any]:
             "a_bits": tuned.get("mean_a_bits")}
 
 
-def _uniform_name(u: dict[str, Any]) -> str:
-    """``uniform WbAb`` of a baseline's :func:`_uniform_metrics`."""
-    return f"uniform W{u['w_bits']:.0f}A{u['a_bits']:.0f}"
+def _uniform_name(u: dict[str, Any], budget_g: float) -> str:
+    """``uniform WbAb (B G, P % of the budget)`` of a baseline's :func:`_uniform_metrics`: uniform policies are
+    coarse, so the best one under the budget may use much less of it and is never called "the same budget"."""
+    return (f"uniform W{u['w_bits']:.0f}A{u['a_bits']:.0f} ({u['bops_searched_g']:.3f} G, "
+            f"{100 * u['bops_searched_g'] / budget_g:.0f} % of the budget)")
 
 
 def format_summary(result: RunResult) -> str:
@@ -307,8 +309,8 @@ def format_summary(result: RunResult) -> str:
     ]
     if "uniform" in m:
         u = m["uniform"]
-        lines.append(f"  {_uniform_name(u)} at the same budget: top-1 {u['top1']:.2f} % at "
-                     f"{u['bops_searched_g']:.3f} G  ->  gmpq {m['top1'] - u['top1']:+.2f} points")
+        lines.append(f"  {_uniform_name(u, m['budget_g'])}: top-1 {u['top1']:.2f} %  ->  {m['strategy']} "
+                     f"{m['top1'] - u['top1']:+.2f} points")
     if "float_top1" in m:
         lines.append(f"  float teacher top-1 {m['float_top1']:.2f} %")
     lines.append(f"  exported model: {m['export_dir']} (model card README.md, {m['size_bytes'] / 1e6:.2f} MB, "

@@ -191,7 +191,7 @@ class TargetConfig:
 class RunConfig:
     """What ``gmpq run`` does besides the pretrain -> search -> finetune -> evaluate -> export chain."""
 
-    compare_uniform: bool = _f(True, doc="also fine-tune the best uniform policy under the same budget and report "
+    compare_uniform: bool = _f(True, doc="also fine-tune the best uniform policy under the budget and report "
                                          "both")
 
 

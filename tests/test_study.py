@@ -128,7 +128,7 @@ def test_paired_difference_is_a_t_interval_over_common_seeds() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ a whole study
-def test_smoke_study_runs_resumes_slices_and_travels_as_an_archive(tmp_path) -> None:
+def test_smoke_study_runs_resumes_slices_and_travels_as_an_archive(tmp_path, capsys) -> None:
     path = _write(tmp_path, _study(tmp_path))
     first = run_study(path, cells="0:1")
     assert first.ran == ["gmpq_b0.21_s0"] and first.total_cells == 3 and len(first.rows) == 1
@@ -162,6 +162,13 @@ def test_smoke_study_runs_resumes_slices_and_travels_as_an_archive(tmp_path) -> 
     moved = _write(tmp_path, _study(tmp_path, output_dir=str(tmp_path / "elsewhere")), "moved.yaml")
     merged = run_study(moved, unpack=[tmp_path / "cells.tar.gz"])
     assert merged.ran == [] and len(merged.rows) == 3
+
+    # gmpq compare reads a study directory as its finished cells, wherever it was run from
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "elsewhere"), "--json"]) == 0
+    compared = json.loads(capsys.readouterr().out)
+    assert [r["run"] for r in compared] == ["gmpq_b0.21_s0", "uniform_w2a3_s0", "uniform_w2a4_s0"]
+    assert {r["strategy"] for r in compared} == {"gmpq", "uniform"}
     assert (tmp_path / "elsewhere" / "proxy_float" / "pretrain" / "model" / "model.safetensors").exists()
 
     # another study (other recipe) refuses the archive and the directory

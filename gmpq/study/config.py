@@ -40,6 +40,8 @@ from gmpq.recipes import Recipe, apply_overrides
 #: Strategies a study expands specially (the others are ``search.strategy`` values run as they are).
 UNIFORM = "uniform"
 TARGET = "target"
+#: The resolved study a study directory holds (see :attr:`StudyConfig.study_file`).
+STUDY_FILE = "study.yaml"
 STUDY_KEYS = ("name", "description", "strategies", "budgets", "seeds", "recipe", "target_pretrain", "output_dir")
 
 
@@ -115,7 +117,7 @@ class StudyConfig:
     @property
     def study_file(self) -> Path:
         """``study.yaml``: the resolved study and its fingerprint (a directory holds one study)."""
-        return self.directory / "study.yaml"
+        return self.directory / STUDY_FILE
 
     def float_top1(self) -> float | None:
         """The target float model's top-1 on the target's test split (None until measured)."""
@@ -166,6 +168,29 @@ def load_study(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] =
         loaded[key] = yaml.safe_load(raw)
     loaded.setdefault("name", p.stem)
     return study_from_dict(loaded, base_dir=p.parent, recipe_overrides=recipe_overrides, source=str(p))
+
+
+def is_study_directory(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a study's output directory (it holds the study's ``study.yaml``)."""
+    return (Path(path) / STUDY_FILE).is_file()
+
+
+def load_study_directory(path: str | os.PathLike) -> StudyConfig:
+    """The study a study directory holds (its ``study.yaml``: every cell it ran), located at ``path`` wherever it
+    was run from."""
+    file = Path(path) / STUDY_FILE
+    if not file.is_file():
+        raise RecipeError(f"{str(path)!r} is not a study directory (it has no {STUDY_FILE}); pass the output_dir of "
+                          f"a gmpq study")
+    try:
+        held = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise RecipeError(f"cannot read {str(file)!r}: {e}") from None
+    if not isinstance(held, dict):
+        raise RecipeError(f"{str(file)!r} is not a study (a YAML mapping); was it edited by hand?")
+    held.pop("fingerprint", None)
+    held["output_dir"] = str(path)
+    return study_from_dict(held, base_dir=path, source=str(file))
 
 
 def study_from_dict(data: dict[str, Any], base_dir: str | os.PathLike = ".", recipe_overrides: list[str] | None = None,

@@ -5,16 +5,29 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from gmpq.errors import RunError
 from gmpq.rundir import RunDir
-from gmpq.study.config import Cell, StudyConfig
+from gmpq.study.config import Cell, StudyConfig, load_study_directory
 
 RESULT_COLUMNS = ("strategy", "budget_g", "seed", "bops_searched_g", "budget_fraction", "mean_w_bits", "mean_a_bits",
                   "top1", "top5", "search_s", "finetune_s", "cell_s", "alpha_entropy", "proxy_holdout_top1",
                   "device", "run_id")
+
+
+def finished_cell_dirs(directory: str | os.PathLike) -> list[Path]:
+    """The run directories of a study directory's finished cells, in grid order (what ``gmpq compare`` reads)."""
+    from gmpq.study.grid import expand_grid
+
+    study = load_study_directory(directory)
+    seen: dict[str, Path] = {}
+    for cell in expand_grid(study):
+        if cell.run_id not in seen and study.cell_finished(cell.run_id):
+            seen[cell.run_id] = study.cell_dir(cell.run_id)
+    return list(seen.values())
 
 
 def collect_rows(study: StudyConfig, grid: list[Cell]) -> list[dict[str, Any]]:
