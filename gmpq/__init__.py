@@ -7,7 +7,7 @@ The public API, one import away::
     report = gmpq.count_bops(model, input_size=224)
     result = gmpq.search(recipe)          # metrics of the search stage; result.policy is the decoded Policy
     gmpq.pretrain(recipe); gmpq.finetune(recipe); gmpq.evaluate(recipe); gmpq.run(recipe)   # the other stages
-    gmpq.run_study("recipes/studies/<name>.yaml")   # strategies x budgets x seeds, proxy -> target, statistics
+    gmpq.run_study("gmpq/recipe_files/studies/<name>.yaml")   # strategies x budgets x seeds, proxy -> target, statistics
 """
 
 import types
@@ -23,6 +23,7 @@ from gmpq.errors import (
     PolicyError,
     RecipeError,
     RunError,
+    StorageError,
 )
 from gmpq.hub import from_pretrained, push_to_hub, save_pretrained
 from gmpq.models import (
@@ -45,7 +46,7 @@ __all__ = [
     "Policy", "PolicyError", "RecipeError", "__version__", "base_arch", "calibrate", "count_bops", "create_model",
     "expected_bops", "kept_layer_names", "layer_macs", "list_cifar_variants", "quantizable_layers", "quantize",
     "searchable_layer_names", "uniform_policy",
-    "RunError", "compare_runs", "plot_compare", "plot_policies", "plot_search",
+    "RunError", "StorageError", "compare_runs", "plot_compare", "plot_policies", "plot_search",
     "from_pretrained", "push_to_hub", "save_pretrained",
     "search", "pretrain", "finetune", "evaluate", "run", "run_study",
 ]

@@ -35,21 +35,29 @@ def _model_for_report(arch: str, policy: str | None, num_classes: int):
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
-    """``gmpq layers ARCH``: the quantizable layers with their MACs and which are kept."""
+    """``gmpq layers ARCH``: the quantizable layers with their type, how gmpq converts them, MACs and role."""
     from gmpq.complexity import count_bops
 
     report = count_bops(_model_for_report(args.arch, None, args.num_classes), args.input_size)
+    unsupported = [r for r in report.layers if r.conversion is None]
     if args.json:
         print(json.dumps({"arch": report.arch, "input_size": report.input_size, "macs": report.macs,
-                          "layers": [{"name": r.name, "kind": r.kind, "macs": r.macs, "kept": r.kept}
-                                     for r in report.layers]}, indent=2))
+                          "layers": [{"name": r.name, "type": r.layer_type, "conversion": r.conversion,
+                                      "kind": r.kind, "macs": r.macs, "kept": r.kept} for r in report.layers]},
+                         indent=2))
         return 0
     width = max(len(r.name) for r in report.layers)
+    type_width = max(len(r.layer_type) for r in report.layers)
     print(f"{report.arch} at {report.input_size}x{report.input_size}: {len(report.layers)} quantizable layers, "
           f"{report.macs / 1e6:.1f} M MACs")
-    print(f"{'layer':<{width}}  {'kind':<7} {'MMACs':>9}  role")
+    print(f"{'layer':<{width}}  {'type':<{type_width}}  {'kind':<7} {'MMACs':>9}  {'role':<8}  quantized as")
     for r in report.layers:
-        print(f"{r.name:<{width}}  {r.kind:<7} {r.macs / 1e6:>9.2f}  {'kept' if r.kept else 'searched'}")
+        print(f"{r.name:<{width}}  {r.layer_type:<{type_width}}  {r.kind:<7} {r.macs / 1e6:>9.2f}  "
+              f"{'kept' if r.kept else 'searched':<8}  {r.conversion or 'no conversion: gmpq.quantize refuses it'}")
+    if unsupported:
+        types = ", ".join(sorted({r.layer_type for r in unsupported}))
+        print(f"{len(unsupported)} layer(s) of a type without a conversion ({types}): gmpq cannot quantize this model "
+              "as it is")
     return 0
 
 
@@ -213,6 +221,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recipes(args: argparse.Namespace) -> int:
+    """``gmpq recipes``: the recipes shipped inside gmpq, by name, with their first comment line."""
+    from gmpq.recipes import packaged_recipes, recipe_description
+
+    recipes = {name: recipe_description(path) for name, path in packaged_recipes().items()}
+    if args.json:
+        print(json.dumps([{"name": name, "description": text} for name, text in recipes.items()], indent=2))
+        return 0
+    width = max(map(len, recipes))
+    for name, text in recipes.items():
+        print(f"{name:<{width}}  {text}")
+    print(f"run one by name: gmpq run {next(iter(recipes))} [key=value ...]; a YAML path works as well")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """``gmpq run RECIPE [key=value ...]``: pretrain -> search -> finetune -> evaluate -> export, one directory."""
     from gmpq.pipeline import format_summary, run
@@ -287,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bops-input-size", type=_positive_int, help="resolution for BOPs (default: the model's native)")
     p.add_argument("--repo-id", help="id in the card's loading snippet (default: the --out path)")
     p.add_argument("--json", action="store_true", help="print the export report as JSON")
+    p = verb("recipes", cmd_recipes, "list the recipes shipped inside gmpq (run one by name: gmpq run quickstart)")
+    p.add_argument("--json", action="store_true", help="print one JSON list")
     p = verb("hub", cmd_hub, "the local hub: list its models, or rebuild its index")
     p.add_argument("action", choices=("list", "index"), help="list: print the index; index: rebuild it")
     p.add_argument("--hub", metavar="DIR", help="hub folder (default: ./hub, else the gmpq checkout's hub/)")
@@ -301,13 +326,15 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "evaluate":
             p.add_argument("target", metavar="RECIPE|DIR", help="recipe YAML, run/stage directory or model directory")
         else:
-            p.add_argument("recipe", metavar="RECIPE", help="recipe YAML file")
+            p.add_argument("recipe", metavar="RECIPE", help="recipe YAML file, or a packaged recipe's name "
+                                                            "(gmpq recipes)")
         p.add_argument("overrides", nargs="*", metavar="key=value",
                        help="recipe overrides, e.g. finetune.epochs=1 output_dir=runs/try1")
         p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     p = verb("study", cmd_study, "a study: search on a proxy, fine-tune on a target, strategies x budgets x seeds, "
                                  "with statistics (results.csv, summary.md, study.png)")
-    p.add_argument("study", metavar="STUDY.yaml", help="study file (e.g. recipes/studies/<name>.yaml)")
+    p.add_argument("study", metavar="STUDY.yaml",
+                   help="study file, or a packaged study's name (embedded_to_tinyimagenet_cpu)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="overrides of the base recipe (finetune.epochs=1), or of the study (study.seeds=[0,1])")
     p.add_argument("--cells", metavar="A:B", help="run only these runs of the grid (0-based slice, B excluded)")

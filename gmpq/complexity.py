@@ -19,14 +19,19 @@ from torch import nn
 
 from gmpq.models import default_input_size, kept_layer_names, quantizable_layers
 from gmpq.models.structure import layer_kind
-from gmpq.quant import FLOAT_BITS, QuantMixin, quantization_bypassed
+from gmpq.quant import FLOAT_BITS, QuantMixin, find_conversion, quantization_bypassed
 
 GIGA = 1e9
 
 
 @dataclass(frozen=True)
 class LayerComplexity:
-    """One quantizable layer's cost."""
+    """One quantizable layer's cost, and what it is.
+
+    ``layer_type`` is the float layer type (for a quantized layer, the type it was made from, e.g. ``Conv2dSame``);
+    ``conversion`` what a quantized layer of it computes (:class:`gmpq.quant.Conversion`'s summary), ``None`` for a
+    type without a conversion (which :func:`gmpq.quantize` refuses).
+    """
 
     name: str
     kind: str  # "conv", "dwconv" (depthwise), "gconv" (other grouped) or "linear"
@@ -34,6 +39,8 @@ class LayerComplexity:
     w_bits: int
     a_bits: int
     kept: bool
+    layer_type: str = ""
+    conversion: str | None = None
 
     @property
     def bops(self) -> int:
@@ -120,7 +127,10 @@ def count_bops(model: nn.Module, input_size: int | None = None, in_chans: int = 
     rows = []
     for name, module in quantizable_layers(model).items():
         w, a = (module.w_bits, module.a_bits) if isinstance(module, QuantMixin) else (FLOAT_BITS, FLOAT_BITS)
-        rows.append(LayerComplexity(name, layer_kind(module), macs[name], w, a, name in kept))
+        conversion = getattr(module, "conversion", None) or find_conversion(module)
+        layer_type = conversion.float_type.__name__ if conversion is not None else type(module).__name__
+        rows.append(LayerComplexity(name, layer_kind(module), macs[name], w, a, name in kept, layer_type,
+                                    conversion.summary if conversion is not None else None))
     return BopsReport(getattr(model, "gmpq_arch", type(model).__name__), size, rows)
 
 

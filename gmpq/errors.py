@@ -38,3 +38,7 @@ class RunError(GmpqError, ValueError):
 
 class CheckpointError(GmpqError, ValueError):
     """A checkpoint or exported model that is missing, truncated, tampered with or of an unknown format."""
+
+
+class StorageError(GmpqError, OSError):
+    """A file could not be written because its device is full (or the user's disk quota is exhausted)."""

@@ -137,12 +137,11 @@ class Policy:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Policy:
-        """Read a policy JSON file; a missing, unreadable or invalid file raises :class:`PolicyError`."""
+        """Read a policy JSON file; a missing, unreadable, non-UTF-8 or invalid file raises :class:`PolicyError`."""
+        from gmpq.utils import read_user_text
+
         p = Path(path)
-        try:
-            text = p.read_text()
-        except OSError as e:
-            raise PolicyError(f"cannot read policy file {str(p)!r}: {e.strerror or e}") from None
+        text = read_user_text(p, "policy file", PolicyError)
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:

@@ -9,13 +9,18 @@ raises :class:`~gmpq.errors.RecipeError` naming the dotted key (``finetune.lr``)
 valid one. Any field can be overridden as ``dotted.key=value``; the value is parsed as YAML (``search.bits=[2,4]``,
 ``model.checkpoint=null``, ``finetune.lr=1e-3``).
 
+The quick-start and the paper's recipes ship inside the package (``gmpq/recipe_files``; a checkout's ``recipes/``
+links to it): a recipe argument that is no existing file but a packaged recipe's name (``quickstart``,
+``resnet18_cifar10``, with or without ``.yaml``) loads that one (:func:`resolve_recipe`); ``gmpq recipes`` lists them
+(:func:`packaged_recipes`).
+
 Python use::
 
     from gmpq.recipes import load_recipe
-    recipe = load_recipe("recipes/finetune_quick.yaml", ["finetune.epochs=1", "output_dir=runs/try1"])
+    recipe = load_recipe("finetune_quick", ["finetune.epochs=1", "output_dir=runs/try1"])   # or a YAML path
     recipe.finetune.lr, recipe.to_dict()
 
-This module depends only on :mod:`gmpq.errors`, so every layer can consume a :class:`Recipe`.
+This module depends only on :mod:`gmpq.errors` and :mod:`gmpq.utils`, so every layer can consume a :class:`Recipe`.
 """
 
 from __future__ import annotations
@@ -33,6 +38,11 @@ from typing import Any, Literal, Union
 import yaml
 
 from gmpq.errors import RecipeError
+from gmpq.utils import read_user_text
+
+#: The recipes shipped inside the package.
+PACKAGED_RECIPES_DIR = Path(__file__).resolve().parent / "recipe_files"
+RECIPE_SUFFIXES = (".yaml", ".yml")
 
 #: Marks a field that the recipe must set.
 REQUIRED: Any = "<required>"
@@ -140,6 +150,9 @@ class SearchConfig:
     p: float | str = _f(3.0, doc="capacity-aware exponent p, or 'auto'")
     kappa: float = _f(24.0, gt=0, doc="kappa of the capacity-aware attribution loss")
     teacher: str | None = _f(None, doc="float teacher checkpoint; None = the pretrain output")
+    pretrained_teacher: bool = _f(False, doc="allow timm's pretrained weights (model.pretrained) as the attribution "
+                                             "teacher when no float model was trained on the proxy; their "
+                                             "classifier never saw the proxy's classes")
     max_steps: int | None = _f(None, gt=0, doc="stop each epoch after N batches (smoke tests)")
     grad_accum: int = _f(1, gt=0, doc="gradient accumulation steps (both optimizers step every N batches)")
     mixed_precision: Literal["no", "bf16"] = _f("no", doc="bf16 autocast of the supernet (GPU); 'no' = float32")
@@ -248,19 +261,52 @@ class Recipe:
         return value
 
 
-def load_recipe(path: str | os.PathLike | None = None, overrides: Sequence[str] = (), **defaults: Any) -> Recipe:
-    """Load a YAML recipe (or start from the defaults when ``path`` is None), apply ``overrides``, validate.
+def packaged_recipes(kind: Literal["recipe", "study"] = "recipe") -> dict[str, Path]:
+    """The recipes (or, ``kind="study"``, the studies) shipped inside the package: name -> YAML path, by name."""
+    folder = PACKAGED_RECIPES_DIR / "studies" if kind == "study" else PACKAGED_RECIPES_DIR
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
 
-    ``name`` defaults to the file's stem. Raises :class:`RecipeError` for an unreadable file, invalid YAML or any
-    schema violation, naming the dotted key.
+
+def recipe_description(path: str | os.PathLike) -> str:
+    """The first line of a recipe file's leading comment ('' when it has none)."""
+    for line in read_user_text(path, "recipe", RecipeError).splitlines():
+        if line.startswith("#"):
+            return line.lstrip("#").strip()
+        if line.strip():
+            break
+    return ""
+
+
+def resolve_recipe(path_or_name: str | os.PathLike, kind: Literal["recipe", "study"] = "recipe") -> Path:
+    """The recipe file ``path_or_name`` means: an existing file as it is, else the packaged recipe (or study) of
+    that name (``quickstart`` or ``quickstart.yaml``, no directory part). A bare name that is neither raises
+    :class:`RecipeError` listing the packaged ones; any other path is returned for the reader to report."""
+    p = Path(path_or_name)
+    if p.exists() or p.parent != Path():
+        return p
+    name = p.stem if p.suffix in RECIPE_SUFFIXES else p.name
+    packaged = packaged_recipes(kind)
+    if name in packaged:
+        return packaged[name]
+    if p.suffix:
+        return p
+    close = difflib.get_close_matches(name, packaged, n=3)
+    raise RecipeError(f"no {kind} file {str(p)!r} and no packaged {kind} of that name"
+                      + (f" (did you mean {', '.join(close)}?)" if close else "")
+                      + f"; packaged: {', '.join(packaged)} (`gmpq recipes`), or give a YAML path")
+
+
+def load_recipe(path: str | os.PathLike | None = None, overrides: Sequence[str] = (), **defaults: Any) -> Recipe:
+    """Load a YAML recipe — a path or a packaged recipe's name (:func:`resolve_recipe`) — or start from the defaults
+    when ``path`` is None; apply ``overrides``, validate.
+
+    ``name`` defaults to the file's stem. Raises :class:`RecipeError` for an unknown name, an unreadable or
+    non-UTF-8 file, invalid YAML or any schema violation, naming the dotted key.
     """
     data: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        try:
-            text = p.read_text()
-        except OSError as e:
-            raise RecipeError(f"cannot read recipe {str(p)!r}: {e.strerror or e}") from None
+        p = resolve_recipe(path)
+        text = read_user_text(p, "recipe", RecipeError)
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as e:

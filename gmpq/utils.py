@@ -1,43 +1,83 @@
-"""Small shared helpers: atomic file writes."""
+"""Small shared helpers: atomic file writes, and reading the text files a user hands in."""
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from gmpq.errors import GmpqError, StorageError
+
+#: errno values of a full device or an exhausted quota.
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path`` atomically.
 
-    A crash or a kill during ``write`` leaves any previous file at ``path`` intact.
+    A crash or a kill during ``write`` leaves any previous file at ``path`` intact. A full device (or exhausted quota)
+    raises :class:`~gmpq.errors.StorageError` "no space left on device while writing ``path``", whichever library
+    did the writing, and leaves nothing half-written.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp: Path | None = None
     try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
         write(tmp)
         # mkstemp creates 0600 and some writers (safetensors) re-create the file: give it open()'s permissions
         tmp.chmod(0o666 & ~_umask())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        if _is_out_of_space(e):
+            raise StorageError(f"no space left on device while writing {target}; free some space on its device (or "
+                               "write somewhere else) and run it again") from None
         raise
     return target
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically."""
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
+    """Write ``text`` to ``path`` atomically, as UTF-8."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def read_user_text(path: str | os.PathLike, what: str, error: type[GmpqError]) -> str:
+    """The UTF-8 text of a file the user handed in (a policy, a recipe, a config).
+
+    A missing or unreadable file, or one that is not UTF-8 text (a binary file, another encoding), raises ``error``
+    with one line naming ``what`` and the path.
+    """
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise error(f"cannot read {what} {str(p)!r}: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{what} {str(p)!r} is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); is it the "
+                    "right file?") from None
+
+
+def _is_out_of_space(error: BaseException) -> bool:
+    """Whether ``error`` reports a full device: an ``OSError`` with ENOSPC/EDQUOT, or a library's wrapped I/O error
+    (safetensors raises ``SafetensorError("Error while serializing: I/O error: No space left on device (os error
+    28)")``)."""
+    if isinstance(error, OSError) and error.errno in _NO_SPACE:
+        return True
+    text = str(error)
+    return "No space left on device" in text or "StorageFull" in text or "Disk quota exceeded" in text
 
 
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-

@@ -21,6 +21,24 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_CIFAR10 = REPO.parent / "shared" / "data" / "cifar10"
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--timm-tail", action="store_true",
+                     help="also run the long tail of the timm sweep (tests marked timm_tail; .ci/run does)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "timm_tail: the slower families of the timm sweep (run with --timm-tail)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--timm-tail"):
+        return
+    skip = pytest.mark.skip(reason="long tail of the timm sweep: run with --timm-tail (.ci/run does)")
+    for item in items:
+        if "timm_tail" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

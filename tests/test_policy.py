@@ -100,7 +100,7 @@ def test_load_reports_missing_and_corrupt_files(tmp_path) -> None:
 
 def test_quantizing_twice_is_refused(resnet18) -> None:
     model = gmpq.create_model("resnet18_cifar", num_classes=10, policy=_policy(resnet18))
-    with pytest.raises(PolicyError, match="already quantized"):
+    with pytest.raises(gmpq.ModelError, match="layer 'conv1' is already quantized"):
         gmpq.quantize(model, _policy(resnet18))
 
 

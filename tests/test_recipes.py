@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import yaml
 
+import gmpq
 from gmpq.cli import main
 from gmpq.errors import RecipeError
-from gmpq.recipes import Recipe, apply_overrides, describe, load_recipe
+from gmpq.recipes import PACKAGED_RECIPES_DIR, Recipe, apply_overrides, describe, load_recipe, packaged_recipes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -157,6 +159,30 @@ def test_every_shipped_recipe_loads():
     assert any(p.name == "pretrain_quick.yaml" for p in paths) and any(p.name == "finetune_quick.yaml" for p in paths)
     for path in paths:
         load_recipe(path)
+
+
+def test_recipes_ship_inside_the_package_and_load_by_name(tmp_path, monkeypatch, capsys):
+    packaged = packaged_recipes()
+    assert PACKAGED_RECIPES_DIR.parent == Path(gmpq.__file__).parent  # package data, in the wheel
+    assert (REPO / "recipes").resolve() == PACKAGED_RECIPES_DIR  # the checkout's recipes/ is the same folder
+    assert {"quickstart", "pretrain_quick", "finetune_quick", "resnet18_cifar10", "resnet50_food"} <= set(packaged)
+    monkeypatch.chdir(tmp_path)  # no recipes/ here: names resolve inside the package
+    for name in ("quickstart", "quickstart.yaml"):
+        assert load_recipe(name).to_dict() == load_recipe(REPO / "recipes" / "quickstart.yaml").to_dict()
+    assert load_recipe("resnet18_cifar10", ["target.path=/data/imagenet"]).target.path == "/data/imagenet"
+    write(tmp_path, {"model": {"arch": "resnet18"}, "search": {"epochs": 1}}, "quickstart.yaml")
+    assert load_recipe("quickstart.yaml").search.epochs == 1  # an existing file wins over a packaged name
+    with pytest.raises(RecipeError, match="no packaged recipe of that name.*did you mean quickstart.*gmpq recipes"):
+        load_recipe("quickstrt")
+    with pytest.raises(RecipeError, match="cannot read recipe 'sub/quickstart.yaml'"):
+        load_recipe("sub/quickstart.yaml")  # a path is a path
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in out[:-1]] == list(packaged) and "gmpq run" in out[-1]
+    assert any(line.startswith("quickstart ") and "quick-start" in line for line in out)
+    assert main(["recipes", "--json"]) == 0
+    assert [r["name"] for r in json.loads(capsys.readouterr().out)] == list(packaged)
+    assert main(["run", "quickstrt"]) == 2 and "did you mean quickstart" in capsys.readouterr().err
 
 
 def test_cli_reports_recipe_errors_in_one_line(tmp_path, capsys):

@@ -154,6 +154,27 @@ def test_budget_and_teacher_errors_come_before_training(tmp_path, float_model, b
         search(load_recipe(None, [f"output_dir={tmp_path / 'nb'}", f"model.arch={ARCH}"]))
 
 
+
+def test_a_pretrained_teacher_is_refused_unless_asked(tmp_path, budget, capsys, monkeypatch):
+    """model.pretrained=true and no proxy-trained float model: the attribution teacher's classifier never saw the
+    proxy, so the search refuses before building anything; search.pretrained_teacher=true runs it anyway."""
+    args = [f"output_dir={tmp_path}", f"model.arch={ARCH}", "model.pretrained=true", f"model.deploy_arch={DEPLOY}",
+            "model.deploy_input_size=224", "data.batch_size=8", "data.max_train_samples=16", "data.max_eval_samples=8",
+            f"search.budget_g={budget}", "search.epochs=1", "search.max_steps=1"]
+    with pytest.raises(gmpq.RecipeError, match="never saw 'cifar10_embedded'.*search.pretrained_teacher=true"):
+        search(load_recipe(None, args))
+    (tmp_path / "r.yaml").write_text(f"model:\n  arch: {ARCH}\n")
+    assert main(["search", str(tmp_path / "r.yaml"), *args]) == 2 and "gmpq pretrain" in capsys.readouterr().err
+    assert not (tmp_path / "search" / "checkpoints").exists()
+    import timm.models._builder
+
+    monkeypatch.setattr(timm.models._builder, "load_pretrained", lambda *a, **k: None)  # no Hub on the test machine
+    edmips = search(load_recipe(None, [*args, f"output_dir={tmp_path / 'e'}", "search.strategy=edmips"]))
+    assert edmips["teacher"] is None  # no attribution, no teacher: nothing to refuse
+    allowed = search(load_recipe(None, [*args, "search.pretrained_teacher=true"]))
+    assert 0.97 * budget <= allowed["bops_searched_g"] <= budget
+
+
 DDP_SCRIPT = """
 import sys
 from gmpq.quant import fused

@@ -108,6 +108,16 @@ def test_cli_bad_study_exits_2(tmp_path, capsys) -> None:
     path.write_bytes(b"\xff\xfe\x00binary")
     assert main(["study", str(path)]) == 2
     assert "not UTF-8" in capsys.readouterr().err
+    assert main(["study", "embedded_to_tinyimagenet_cpx", "--report"]) == 2
+    assert "did you mean embedded_to_tinyimagenet_cpu" in capsys.readouterr().err
+
+
+def test_packaged_studies_load_by_name_and_pass_the_protocol() -> None:
+    for name in ("embedded_to_tinyimagenet_cpu", "embedded_to_tinyimagenet"):
+        study = load_study(name)
+        assert study.name == name and len(study.seeds) >= 3 and len(study.budgets) >= 2
+        assert {"gmpq", "edmips", "random", "uniform"} <= set(study.strategies)
+        expand_grid(study)  # every budget feasible
 
 
 # ------------------------------------------------------------------------------------------------ statistics

@@ -175,13 +175,16 @@ class _Written:
 
 
 def _write_tensors(model: nn.Module, out: Path, layout: str, dequantize: bool) -> _Written:
-    """model.safetensors in ``layout`` (quantized weights dequantized in the float layout with ``dequantize``) and,
-    for a quantized model, policy.json."""
+    """model.safetensors in ``layout`` and, for a quantized model, policy.json. With ``dequantize`` (an export) the
+    quantized weights are dequantized in the float layout and weight transforms are folded in
+    (:func:`gmpq.hub.format.deployment_state`); without it (a stage) the state dict is written as it is."""
     policy = getattr(model, "gmpq_policy", None)
     layers = F.coded_layers(model) if policy is not None else {}
-    state = model.state_dict()
+    state = F.deployment_state(model) if dequantize else model.state_dict()
     metadata = {"format": F.FORMAT_NAME, "format_version": str(F.FORMAT_VERSION), "weights": layout,
                 "bits": F.encode_bits(_layer_bits(model))}
+    if dequantize:
+        metadata[F.TRANSFORMS_KEY] = "folded"
     if layout == "packed":
         tensors, entries, packed_bytes = _packed_tensors(state, layers)
         metadata["index"] = F.encode_index(entries)

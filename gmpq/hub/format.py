@@ -33,6 +33,12 @@ The model is quantized exactly when config.json's ``files`` record lists policy.
   and the metadata key ``index`` maps ``{module path: {tensor name: [stream, *shape]}}`` in stream order, with the
   stream tags ``c`` (codes), ``f``, ``b`` and ``i``.
 
+An export (either layout) stores a quantized layer whose float type transforms its weight (timm's
+weight-standardised convolutions) with the transform folded in: ``weight`` is ``T(W)`` and the transform's parameters
+are left out (:func:`deployment_state`), and the metadata key ``weight_transforms`` is ``folded``; a loader folds the
+rebuilt model's layers the same way before loading. A stage's fake-quant model keeps ``W`` and the transform's
+parameters (training goes on from it).
+
 Both carry metadata ``format`` (``gmpq``), ``format_version``, ``weights`` (the layout) and ``bits``
 (``{layer: [w_bits, a_bits]}`` of the quantized layers, which must agree with policy.json). ``index`` and ``bits``
 are stored as base64(zlib(compact JSON)): the JSON would be escaped inside the safetensors header and cost ~20 kB,
@@ -59,7 +65,8 @@ from torch import nn
 
 from gmpq.errors import CheckpointError
 from gmpq.models import quantizable_layers
-from gmpq.quant import QuantMixin
+from gmpq.quant import QuantMixin, fold_weight_transform
+from gmpq.utils import read_user_text
 
 FORMAT_NAME = "gmpq"
 FORMAT_VERSION = 1
@@ -69,6 +76,8 @@ CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"
 FIGURE_FILE = "policy.png"
 LAYOUTS = ("packed", "float")
+#: Metadata key (value ``folded``) of a file whose quantized layers hold ``T(W)`` (see :func:`deployment_state`).
+TRANSFORMS_KEY = "weight_transforms"
 #: The config ``format`` of gmpq 0.1's training directories (read as format version 0) -> quantized or not.
 LEGACY_FORMATS = {"gmpq-float": False, "gmpq-quantized": True}
 
@@ -176,11 +185,10 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def read_json(path: Path) -> Any:
     """Parse a JSON file of an export; an unreadable or invalid file raises :class:`CheckpointError`."""
+    text = read_user_text(path, "model file", CheckpointError)
     try:
-        return json.loads(path.read_text())
-    except OSError as e:
-        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON ({e}); the file is corrupted — write it again") from None
 
 
@@ -188,6 +196,29 @@ def coded_layers(model: nn.Module) -> dict[str, QuantMixin]:
     """The layers whose weights a packed file stores as codes: quantized, ``w_bits`` in 2..8; by module path."""
     return {name: m for name, m in quantizable_layers(model).items()
             if isinstance(m, QuantMixin) and not m.wq.is_float}
+
+
+def deployment_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict an export stores: ``model.state_dict()`` with every quantized layer's weight transform folded
+    in — ``weight`` holds ``T(W)`` and the transform's own parameters (e.g. ``gain``) are gone (see
+    :func:`gmpq.quant.fold_weight_transform`); the packed codes are those of ``Q_w(T(W))`` either way."""
+    state = model.state_dict()
+    for name, layer in quantizable_layers(model).items():
+        conversion = getattr(layer, "conversion", None)
+        if isinstance(layer, QuantMixin) and conversion is not None and conversion.weight is not None:
+            state[f"{name}.weight"] = layer.effective_weight().detach()
+            for param in conversion.parameters:
+                del state[f"{name}.{param}"]
+    return state
+
+
+def fold_weight_transforms(model: nn.Module) -> nn.Module:
+    """Fold every quantized layer's weight transform into its weight, in place: the model a loader fills with a
+    :func:`deployment_state`."""
+    for layer in quantizable_layers(model).values():
+        if isinstance(layer, QuantMixin):
+            fold_weight_transform(layer)
+    return model
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

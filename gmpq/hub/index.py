@@ -74,15 +74,15 @@ def list_hub(hub_dir: str | os.PathLike | None = None) -> list[HubEntry]:
     root = Path(hub_dir) if hub_dir is not None else default_hub_dir()
     path = root / INDEX_FILE
     if not path.is_file():
-        raise CheckpointError(f"no hub index at {path}; run `gmpq hub index {root}` to build it from the exports there")
+        raise CheckpointError(f"no hub index at {path}; run `gmpq hub index --hub {root}` to build it from the exports there")
     data = F.read_json(path)
     if not isinstance(data, dict) or data.get("index_version") != INDEX_VERSION or not isinstance(
             data.get("models"), list):
         raise CheckpointError(f"{path} is not a gmpq hub index (version {INDEX_VERSION}); rebuild it with "
-                              f"`gmpq hub index {root}`")
+                              f"`gmpq hub index --hub {root}`")
     names = {f.name for f in fields(HubEntry)}
     try:
         return [HubEntry(**{k: m.get(k) for k in names}) for m in data["models"]]
     except AttributeError:
         raise CheckpointError(f"{path}: every model entry must be an object; rebuild it with "
-                              f"`gmpq hub index {root}`") from None
+                              f"`gmpq hub index --hub {root}`") from None

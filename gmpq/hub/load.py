@@ -160,6 +160,8 @@ def _read_state(path: Path, config: Mapping[str, Any], model: nn.Module) -> dict
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
+            if metadata.get(F.TRANSFORMS_KEY) == "folded":
+                F.fold_weight_transforms(model)
             if config["format_version"]:
                 _check_format(path, metadata, layout)
                 _check_bits(path, metadata, model)

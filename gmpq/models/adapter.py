@@ -18,9 +18,10 @@ from timm.data import resolve_data_config, resolve_model_data_config
 from torch import nn
 
 from gmpq.errors import ModelError, PolicyError
-from gmpq.models.cifar import list_cifar_variants
+from gmpq.models import timm_layers  # noqa: F401 — registers timm's layer types in the conversion table
+from gmpq.models.cifar import base_arch, list_cifar_variants
 from gmpq.policy import DEFAULT_KEPT_BITS, LayerBits, Policy, as_policy
-from gmpq.quant import QUANTIZABLE_TYPES, check_bits, to_quantized
+from gmpq.quant import QUANTIZABLE_TYPES, check_bits, conversion_for, to_quantized
 
 PolicyLike = Policy | Mapping[str, Any] | str | os.PathLike
 
@@ -100,8 +101,12 @@ def quantize(model: nn.Module, policy: PolicyLike) -> nn.Module:
     """Quantize ``model`` in place with ``policy`` (a :class:`Policy`, dict or JSON path) and return it.
 
     Every Conv2d/Linear becomes a :class:`~gmpq.quant.QConv2d` / :class:`~gmpq.quant.QLinear` with the policy's
-    bits, under the same module path. The policy must name every quantizable layer exactly once; anything else
-    raises :class:`~gmpq.errors.PolicyError`. The policy is attached as ``model.gmpq_policy``.
+    bits, under the same module path and on the same device and dtype, computing what the float layer computed
+    (by the conversion table, :mod:`gmpq.quant.conversion`: timm's 'SAME'-padded and weight-standardised
+    convolutions included). The policy must name every quantizable layer exactly once; anything else raises
+    :class:`~gmpq.errors.PolicyError`; a layer type without a conversion (or an already quantized layer) raises
+    :class:`~gmpq.errors.ModelError` naming the layer and its type, before anything is replaced. The policy is
+    attached as ``model.gmpq_policy``.
     """
     source = os.fspath(policy) if isinstance(policy, (str, os.PathLike)) else None
     policy = as_policy(policy)
@@ -109,16 +114,15 @@ def quantize(model: nn.Module, policy: PolicyLike) -> nn.Module:
     try:
         policy.validate_layers(layers)
     except PolicyError as e:
+        model_arch = getattr(model, "gmpq_arch", None)
+        if model_arch and base_arch(policy.arch) != base_arch(model_arch):
+            e = PolicyError(f"the policy was made for {policy.arch!r}, not for {model_arch!r} ({e}); use a policy "
+                            f"searched for {model_arch!r} (or an architecture with the same layer names)")
         raise PolicyError(f"{source}: {e}" if source else str(e)) from None
+    for name, module in layers.items():  # every layer is convertible before any is replaced
+        conversion_for(module, name)
     bits = policy.all_layers()
-
-    def make(name: str, module: nn.Module) -> nn.Module:
-        b = bits[name]
-        if isinstance(module, QUANTIZABLE_TYPES) and type(module) not in (nn.Conv2d, nn.Linear):
-            raise PolicyError(f"layer {name!r} is already quantized ({type(module).__name__}); quantize a float model")
-        return to_quantized(module, b.w_bits, b.a_bits)
-
-    replace_layers(model, make, list(layers))
+    replace_layers(model, lambda name, m: to_quantized(m, bits[name].w_bits, bits[name].a_bits, name), list(layers))
     model.gmpq_policy = policy
     return model
 
@@ -186,6 +190,8 @@ def create_model(
 
     ``name`` is any timm model name, gmpq's CIFAR variants included (:mod:`gmpq.models.cifar`). Without a policy
     the float model is returned. ``kept_bits`` overrides the bits of the policy's kept layers (32 keeps them float).
+    Other keyword arguments go to timm's ``create_model``: e.g. ``device="cuda"`` and ``dtype`` build the model, and
+    its quantized layers, there directly.
     The model carries ``gmpq_arch`` and ``gmpq_input_size`` attributes (and ``gmpq_policy`` when quantized).
     """
     if num_classes is not None:

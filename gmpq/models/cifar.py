@@ -65,11 +65,13 @@ def _finish(model: nn.Module, name: str) -> nn.Module:
 
 
 def _cifar_stem(model: nn.Module, stem: str) -> None:
-    """Replace the conv at path ``stem`` by a 3x3 stride-1 conv with the same channels (re-initialised)."""
+    """Replace the conv at path ``stem`` by a 3x3 stride-1 conv with the same channels (re-initialised, on the old
+    conv's device and dtype)."""
     parent_name, _, leaf = stem.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     old: nn.Conv2d = getattr(parent, leaf)
-    setattr(parent, leaf, nn.Conv2d(old.in_channels, old.out_channels, 3, stride=1, padding=1, bias=old.bias is not None))
+    setattr(parent, leaf, nn.Conv2d(old.in_channels, old.out_channels, 3, stride=1, padding=1, bias=old.bias is not None,
+                                    device=old.weight.device, dtype=old.weight.dtype))
 
 
 def _resnet_cifar(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:

@@ -15,8 +15,9 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], sync: bool = Tr
     """Calibrate every quantizer of ``model`` on ``batches`` (input tensors); return the number of batches used.
 
     Each :class:`ActQuantizer` observes its float inputs, then fixes its sign mode (signed if any input was
-    negative) and sets its clip to the MSE-optimal value; each :class:`WeightQuantizer` resets its steps to the
-    MSE-optimal ones for the current weights. The model runs in eval mode and is put back in its previous mode.
+    negative) and sets its clip to the MSE-optimal value; each layer's :class:`WeightQuantizer` resets its steps to the
+    MSE-optimal ones for the weight its operation uses (``T(W)``, see :mod:`gmpq.quant.conversion`). The model runs
+    in eval mode and is put back in its previous mode.
     With ``sync`` and an initialised ``torch.distributed`` process group, clips are averaged and sign modes OR-ed
     across processes so that every rank holds the same quantizers.
     """
@@ -39,9 +40,9 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], sync: bool = Tr
     for q in act_quantizers:
         q.finish_calibration()
     for module in model.modules():
-        for child in module.children():
-            if isinstance(child, WeightQuantizer) and hasattr(module, "weight"):
-                child.init_scale(module.weight)
+        wq = getattr(module, "wq", None)
+        if isinstance(wq, WeightQuantizer):
+            wq.init_scale(module.effective_weight())
     if sync:
         _synchronise(act_quantizers)
     model.train(was_training)

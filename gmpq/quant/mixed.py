@@ -5,8 +5,12 @@ K_a activation candidates), one weight step per candidate and output channel, an
 
     p_w = softmax(alpha_w),  p_a = softmax(alpha_a)
     x_mix = sum_i p_a,i * Q_a(x; c_i, b_i)          (PACT/LSQ quantizer of gmpq.quant.functional)
-    W_mix = sum_j p_w,j * Q_w(W; s_j, b_j)          (one shared float weight W)
-    y     = op(x_mix, W_mix) + bias                 (ONE convolution / matrix product, never K of them)
+    W_mix = sum_j p_w,j * Q_w(T(W); s_j, b_j)       (one shared float weight W)
+    y     = op(pad(x_mix), W_mix) + bias            (ONE convolution / matrix product, never K of them)
+
+where ``pad`` and ``T`` are the input padding and weight transform of the float layer type (its
+:class:`~gmpq.quant.conversion.Conversion`, e.g. timm's dynamic 'SAME' padding or weight standardisation; none for
+a plain ``nn.Conv2d`` / ``nn.Linear``). Since ``Q_a(0) = 0``, ``pad(x_mix)`` is the mixture of the padded input.
 
 With a one-hot ``p`` the layer computes exactly the fixed-bit :class:`~gmpq.quant.QConv2d` /
 :class:`~gmpq.quant.QLinear` with that candidate's step and clip (see :meth:`MixedConv2d.to_fixed`).
@@ -29,6 +33,14 @@ from torch import nn
 from gmpq.quant import functional as QF
 from gmpq.quant import fused
 from gmpq.quant import quantizers as _quantizers
+from gmpq.quant.conversion import (
+    PLAIN_CONV2D,
+    PLAIN_LINEAR,
+    Conversion,
+    conversion_for,
+    effective_weight,
+    pad_input,
+)
 from gmpq.quant.layers import QConv2d, QLinear
 from gmpq.quant.quantizers import ActQuantizer, WeightQuantizer, host_bool, optimal_clip
 
@@ -50,10 +62,11 @@ def check_candidates(bits: Sequence[int]) -> tuple[int, ...]:
 class MixedActQuantizer(ActQuantizer):
     """K activation quantizers sharing one sign mode, each with its own learnable clip (``clip`` has shape [K])."""
 
-    def __init__(self, bits: Sequence[int]) -> None:
-        super().__init__(QF.FLOAT_BITS)
+    def __init__(self, bits: Sequence[int], device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__(QF.FLOAT_BITS, device=device, dtype=dtype)
         self.bits = check_candidates(bits)  # type: ignore[assignment]
-        self.clip = nn.Parameter(torch.ones(len(self.bits)))
+        self.clip = nn.Parameter(torch.ones(len(self.bits), device=device, dtype=dtype))
 
     @torch.no_grad()
     def finish_calibration(self) -> None:
@@ -97,9 +110,9 @@ class MixedActQuantizer(ActQuantizer):
     def candidate(self, bits: int) -> ActQuantizer:
         """A fixed-bit :class:`ActQuantizer` equal to candidate ``bits`` (clip and sign mode copied)."""
         i = self.bits.index(bits)
-        q = ActQuantizer(bits).to(self.clip.device)
+        q = ActQuantizer(bits, device=self.clip.device, dtype=self.clip.dtype)
         with torch.no_grad():
-            q.clip.fill_(float(self.clip[i]))
+            q.clip.copy_(self.clip[i])
         q.signed.copy_(self.signed)
         q.calibrated.copy_(self.calibrated)
         return q
@@ -111,10 +124,11 @@ class MixedActQuantizer(ActQuantizer):
 class MixedWeightQuantizer(WeightQuantizer):
     """K symmetric per-channel weight quantizers of one weight, each with its own steps (``scale``: [K, C_out])."""
 
-    def __init__(self, bits: Sequence[int], out_channels: int) -> None:
-        super().__init__(QF.FLOAT_BITS, out_channels)
+    def __init__(self, bits: Sequence[int], out_channels: int, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__(QF.FLOAT_BITS, out_channels, device=device, dtype=dtype)
         self.bits = check_candidates(bits)  # type: ignore[assignment]
-        self.scale = nn.Parameter(torch.ones(len(self.bits), out_channels))
+        self.scale = nn.Parameter(torch.ones(len(self.bits), out_channels, device=device, dtype=dtype))
 
     @torch.no_grad()
     def init_scale(self, weight: torch.Tensor) -> None:
@@ -144,7 +158,7 @@ class MixedWeightQuantizer(WeightQuantizer):
     def candidate(self, bits: int) -> WeightQuantizer:
         """A fixed-bit :class:`WeightQuantizer` equal to candidate ``bits``."""
         j = self.bits.index(bits)
-        q = WeightQuantizer(bits, self.scale.shape[1]).to(self.scale.device)
+        q = WeightQuantizer(bits, self.scale.shape[1], device=self.scale.device, dtype=self.scale.dtype)
         with torch.no_grad():
             q.scale.copy_(self.scale[j])
         q.initialized.copy_(self.initialized)
@@ -163,16 +177,21 @@ class MixedMixin:
     wq: MixedWeightQuantizer
     aq: MixedActQuantizer
     fused: bool
+    conversion: Conversion
 
-    def _init_mixed(self, w_bits: Sequence[int], a_bits: Sequence[int], out_channels: int) -> None:
-        self.wq = MixedWeightQuantizer(w_bits, out_channels)
-        self.aq = MixedActQuantizer(a_bits)
-        p = self.weight
-        self.alpha_w = nn.Parameter(torch.zeros(len(self.wq.bits), device=p.device, dtype=p.dtype))
-        self.alpha_a = nn.Parameter(torch.zeros(len(self.aq.bits), device=p.device, dtype=p.dtype))
-        self.wq.to(p.device)
-        self.aq.to(p.device)
+    def _init_mixed(self, w_bits: Sequence[int], a_bits: Sequence[int], out_channels: int,
+                    conversion: Conversion) -> None:
+        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+        self.wq = MixedWeightQuantizer(w_bits, out_channels, **factory)
+        self.aq = MixedActQuantizer(a_bits, **factory)
+        self.alpha_w = nn.Parameter(torch.zeros(len(self.wq.bits), **factory))
+        self.alpha_a = nn.Parameter(torch.zeros(len(self.aq.bits), **factory))
         self.fused = True
+        self.conversion = conversion
+
+    def effective_weight(self) -> torch.Tensor:
+        """``T(W)``: the float weight the operation uses (``weight`` itself for plain layers)."""
+        return effective_weight(self)
 
     @property
     def w_candidates(self) -> tuple[int, ...]:
@@ -190,19 +209,22 @@ class MixedMixin:
         """The most probable (weight, activation) bits."""
         return self.wq.bits[int(self.alpha_w.argmax())], self.aq.bits[int(self.alpha_a.argmax())]
 
-    def _observed_weight(self) -> torch.Tensor:
-        """The weight used while activations are observed for calibration: the float weight before the steps are
-        initialised (:func:`gmpq.quant.calibrate` sets them right after observing), else the mixed weight."""
+    def _observed_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight used while activations are observed for calibration: the float ``weight`` (``T(W)``) before
+        the steps are initialised (:func:`gmpq.quant.calibrate` sets them right after observing), else the mixed
+        weight."""
         if not host_bool(self.wq.initialized):
-            return self.weight
-        return self.wq(self.weight, self.probs()[0])
+            return weight
+        return self.wq(weight, self.probs()[0])
 
-    def _mixed_operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """Probabilities after preparing the quantizers; ``None`` when the layer must pass ``x`` through unquantized."""
+    def _mixed_operands(self, x: torch.Tensor, weight: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Probabilities after preparing the quantizers on ``x`` and ``weight`` (``T(W)``); ``None`` when the layer
+        must pass ``x`` through unquantized."""
         p_w, p_a = self.probs()
         if not self.aq.prepare(x):
             return None
-        self.wq.prepare(self.weight)
+        self.wq.prepare(weight)
         return p_w, p_a, self.aq.clip, self.wq.scale
 
 
@@ -212,41 +234,39 @@ class MixedConv2d(MixedMixin, nn.Conv2d):
     def __init__(self, *args, w_bits: Sequence[int] = (2, 3, 4, 6), a_bits: Sequence[int] = (2, 3, 4, 6),
                  **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._init_mixed(w_bits, a_bits, self.out_channels)
+        self._init_mixed(w_bits, a_bits, self.out_channels, PLAIN_CONV2D)
 
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, w_bits: Sequence[int], a_bits: Sequence[int]) -> MixedConv2d:
-        """A mixed copy of ``conv`` (weights copied, alphas zero: uniform probabilities)."""
+    def from_float(cls, conv: nn.Conv2d, w_bits: Sequence[int], a_bits: Sequence[int],
+                   conversion: Conversion | None = None) -> MixedConv2d:
+        """A mixed copy of ``conv`` (weights copied, alphas zero: uniform probabilities), computing what
+        ``conversion`` (default: the table's entry for ``type(conv)``) says ``conv`` computes."""
         m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
                 dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode,
                 w_bits=w_bits, a_bits=a_bits, device=conv.weight.device, dtype=conv.weight.dtype)
-        m.load_state_dict(conv.state_dict(), strict=False)
+        (conversion or conversion_for(conv)).adopt(m, conv)
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.effective_weight()
         if _quantizers._BYPASS:
-            return self._conv_forward(x, self.weight, self.bias)
-        ops = self._mixed_operands(x)
+            return self._conv_forward(pad_input(self, x), weight, self.bias)
+        ops = self._mixed_operands(x, weight)
         if ops is None:  # observing for calibration: float activations, mixed weights once their steps are set
-            return self._conv_forward(x, self._observed_weight(), self.bias)
+            return self._conv_forward(pad_input(self, x), self._observed_weight(weight), self.bias)
         p_w, p_a, clip, scale = ops
         if not self.fused:
-            return self._conv_forward(self.aq.reference(x, p_a), self.wq.reference(self.weight, p_w), self.bias)
+            return self._conv_forward(pad_input(self, self.aq.reference(x, p_a)), self.wq.reference(weight, p_w),
+                                      self.bias)
         if self.padding_mode != "zeros" or isinstance(self.padding, str):
-            return self._conv_forward(self.aq(x, p_a), self.wq(self.weight, p_w), self.bias)
-        return fused.mixed_conv2d(x, self.weight, self.bias, p_a, clip, p_w, scale, self.aq.bits, self.wq.bits,
-                                  host_bool(self.aq.signed), self.stride, self.padding, self.dilation, self.groups)
+            return self._conv_forward(pad_input(self, self.aq(x, p_a)), self.wq(weight, p_w), self.bias)
+        return fused.mixed_conv2d(pad_input(self, x), weight, self.bias, p_a, clip, p_w, scale, self.aq.bits,
+                                  self.wq.bits, host_bool(self.aq.signed), self.stride, self.padding, self.dilation,
+                                  self.groups)
 
     def to_fixed(self, w_bits: int, a_bits: int) -> QConv2d:
         """The fixed-bit :class:`QConv2d` this layer computes when its probabilities are one-hot on (w_bits, a_bits)."""
-        q = QConv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride, padding=self.padding,
-                    dilation=self.dilation, groups=self.groups, bias=self.bias is not None,
-                    padding_mode=self.padding_mode, w_bits=w_bits, a_bits=a_bits, device=self.weight.device,
-                    dtype=self.weight.dtype)
-        with torch.no_grad():
-            q.weight.copy_(self.weight)
-            if self.bias is not None:
-                q.bias.copy_(self.bias)
+        q = QConv2d.from_float(self, w_bits, a_bits, self.conversion)
         q.wq = self.wq.candidate(w_bits)
         q.aq = self.aq.candidate(a_bits)
         return q
@@ -261,36 +281,33 @@ class MixedLinear(MixedMixin, nn.Linear):
     def __init__(self, *args, w_bits: Sequence[int] = (2, 3, 4, 6), a_bits: Sequence[int] = (2, 3, 4, 6),
                  **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._init_mixed(w_bits, a_bits, self.out_features)
+        self._init_mixed(w_bits, a_bits, self.out_features, PLAIN_LINEAR)
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, w_bits: Sequence[int], a_bits: Sequence[int]) -> MixedLinear:
-        """A mixed copy of ``linear`` (weights copied, alphas zero)."""
+    def from_float(cls, linear: nn.Linear, w_bits: Sequence[int], a_bits: Sequence[int],
+                   conversion: Conversion | None = None) -> MixedLinear:
+        """A mixed copy of ``linear`` (weights copied, alphas zero); see :meth:`MixedConv2d.from_float`."""
         m = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, w_bits=w_bits, a_bits=a_bits,
                 device=linear.weight.device, dtype=linear.weight.dtype)
-        m.load_state_dict(linear.state_dict(), strict=False)
+        (conversion or conversion_for(linear)).adopt(m, linear)
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.effective_weight()
         if _quantizers._BYPASS:
-            return F.linear(x, self.weight, self.bias)
-        ops = self._mixed_operands(x)
+            return F.linear(x, weight, self.bias)
+        ops = self._mixed_operands(x, weight)
         if ops is None:
-            return F.linear(x, self._observed_weight(), self.bias)
+            return F.linear(x, self._observed_weight(weight), self.bias)
         p_w, p_a, clip, scale = ops
         if not self.fused:
-            return F.linear(self.aq.reference(x, p_a), self.wq.reference(self.weight, p_w), self.bias)
-        return fused.mixed_linear(x, self.weight, self.bias, p_a, clip, p_w, scale, self.aq.bits, self.wq.bits,
+            return F.linear(self.aq.reference(x, p_a), self.wq.reference(weight, p_w), self.bias)
+        return fused.mixed_linear(x, weight, self.bias, p_a, clip, p_w, scale, self.aq.bits, self.wq.bits,
                                   host_bool(self.aq.signed))
 
     def to_fixed(self, w_bits: int, a_bits: int) -> QLinear:
         """The fixed-bit :class:`QLinear` this layer computes when its probabilities are one-hot on (w_bits, a_bits)."""
-        q = QLinear(self.in_features, self.out_features, bias=self.bias is not None, w_bits=w_bits, a_bits=a_bits,
-                    device=self.weight.device, dtype=self.weight.dtype)
-        with torch.no_grad():
-            q.weight.copy_(self.weight)
-            if self.bias is not None:
-                q.bias.copy_(self.bias)
+        q = QLinear.from_float(self, w_bits, a_bits, self.conversion)
         q.wq = self.wq.candidate(w_bits)
         q.aq = self.aq.candidate(a_bits)
         return q
@@ -302,13 +319,13 @@ class MixedLinear(MixedMixin, nn.Linear):
 MIXED_TYPES: tuple[type[nn.Module], ...] = (MixedConv2d, MixedLinear)
 
 
-def to_mixed(module: nn.Module, w_bits: Sequence[int], a_bits: Sequence[int]) -> MixedConv2d | MixedLinear:
-    """The mixed counterpart of a float ``nn.Conv2d`` or ``nn.Linear``."""
-    if isinstance(module, nn.Conv2d):
-        return MixedConv2d.from_float(module, w_bits, a_bits)
-    if isinstance(module, nn.Linear):
-        return MixedLinear.from_float(module, w_bits, a_bits)
-    raise TypeError(f"cannot make a mixed layer from a {type(module).__name__}; only nn.Conv2d and nn.Linear")
+def to_mixed(module: nn.Module, w_bits: Sequence[int], a_bits: Sequence[int],
+             name: str = "") -> MixedConv2d | MixedLinear:
+    """The mixed counterpart of float ``module`` (at module path ``name``), by the conversion table; a type without an
+    entry raises :class:`~gmpq.errors.ModelError` naming ``name`` and the type."""
+    conversion = conversion_for(module, name)
+    make = MixedConv2d if conversion.op == "conv2d" else MixedLinear
+    return make.from_float(module, w_bits, a_bits, conversion)
 
 
 def mixed_layers(model: nn.Module) -> dict[str, MixedConv2d | MixedLinear]:

@@ -6,7 +6,8 @@
   calibration and stored as a buffer, so that a layer whose input can be negative (e.g. after MobileNetV2's linear
   bottleneck) is never silently rectified.
 
-Both are identities at 32 bits. Before their first calibration they calibrate themselves on the first batch they
+Both are created on a given device and dtype (their layer's), like torch's own modules, and are identities at 32
+bits. Before their first calibration they calibrate themselves on the first batch they
 see; :func:`gmpq.quant.calibrate` calibrates a whole model on several batches.
 """
 
@@ -60,11 +61,12 @@ def quantization_bypassed() -> Iterator[None]:
 class WeightQuantizer(nn.Module):
     """Fake-quantizes a weight tensor to ``bits`` bits with one learnable step per output channel."""
 
-    def __init__(self, bits: int, out_channels: int) -> None:
+    def __init__(self, bits: int, out_channels: int, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.bits = QF.check_bits(bits)
-        self.scale = nn.Parameter(torch.ones(out_channels))
-        self.register_buffer("initialized", torch.tensor(False))
+        self.scale = nn.Parameter(torch.ones(out_channels, device=device, dtype=dtype))
+        self.register_buffer("initialized", torch.tensor(False, device=device))
         self._kept: tuple[tuple, torch.Tensor] | None = None
 
     @property
@@ -110,12 +112,12 @@ class ActQuantizer(nn.Module):
     :meth:`finish_calibration` to set the sign mode and the MSE-optimal clip from them.
     """
 
-    def __init__(self, bits: int) -> None:
+    def __init__(self, bits: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.bits = QF.check_bits(bits)
-        self.clip = nn.Parameter(torch.tensor(1.0))
-        self.register_buffer("signed", torch.tensor(False))
-        self.register_buffer("calibrated", torch.tensor(False))
+        self.clip = nn.Parameter(torch.tensor(1.0, device=device, dtype=dtype))
+        self.register_buffer("signed", torch.tensor(False, device=device))
+        self.register_buffer("calibrated", torch.tensor(False, device=device))
         self.observing = False
         self._samples: list[torch.Tensor] = []
         self._seen_negative = False

@@ -18,7 +18,8 @@ differentiates the head (only the head: the gradient is taken w.r.t. F) twice. I
 it also works under DDP: the head's parameters receive both gradient paths summed before DDP's reduction hook fires.
 
 A final feature map smaller than 4x4 has (almost) no spatial attribution to preserve; :class:`AttributionModel`
-warns about it once.
+warns about it once. Models whose ``forward_features`` returns channels last (timm's ``output_fmt = 'NHWC'``, e.g.
+MambaOut) are handled by the same formulas with the spatial axes (1, 2).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gmpq.errors import ModelError
 from gmpq.models import classifier, gap_linear_classifier
 from gmpq.quant import QuantMixin, fused, quantization_bypassed
 from gmpq.quant.fused import activation_ste_mask
@@ -40,6 +42,15 @@ from gmpq.quant.quantizers import host_bool
 
 Method = Literal["auto", "closed", "autograd"]
 MIN_ATTRIBUTION_SIZE = 4
+
+
+def channels_last(model: nn.Module) -> bool:
+    """Whether ``model.forward_features`` returns [B, H, W, C] (timm's ``output_fmt = 'NHWC'``), not [B, C, H, W]."""
+    return str(getattr(model, "output_fmt", "NCHW")) == "NHWC"
+
+
+def _spatial_dims(model: nn.Module) -> tuple[int, int]:
+    return (1, 2) if channels_last(model) else (2, 3)
 
 
 def linear_head(model: nn.Module) -> nn.Linear | None:
@@ -55,10 +66,12 @@ def linear_head(model: nn.Module) -> nn.Linear | None:
     was_training = model.training
     model.eval()
     try:
-        probe = torch.randn(2, head.in_features, 3, 3, generator=torch.Generator().manual_seed(0)).to(head.weight)
+        features = head.in_features
+        shape = (2, 3, 3, features) if channels_last(model) else (2, features, 3, 3)
+        probe = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(head.weight)
         with torch.no_grad(), quantization_bypassed():
             expected = model.forward_head(probe)
-            closed = head(probe.mean((2, 3)))
+            closed = head(probe.mean(_spatial_dims(model)))
     except Exception:  # noqa: BLE001 — any head we cannot probe is not a plain GAP + linear head
         return None
     finally:
@@ -116,10 +129,15 @@ class AttributionModel(nn.Module):
         self._autocast_dtype: torch.dtype | None = None
 
     def _check_size(self, features: torch.Tensor) -> None:
+        if not isinstance(features, torch.Tensor) or features.dim() != 4:
+            shape = list(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+            raise ModelError(f"Grad-CAM attribution needs a feature map ([B, C, H, W], or [B, H, W, C] with timm's "
+                             f"output_fmt='NHWC'), but {type(self.model).__name__}.forward_features returns {shape} "
+                             "(a transformer's tokens?); search it without attribution (search.strategy=edmips)")
         if self._warned:
             return
         self._warned = True
-        h, w = features.shape[-2:]
+        h, w = (features.shape[d] for d in _spatial_dims(self.model))
         if h < MIN_ATTRIBUTION_SIZE or w < MIN_ATTRIBUTION_SIZE:
             warnings.warn(f"the final feature map is {h}x{w}, smaller than {MIN_ATTRIBUTION_SIZE}x"
                           f"{MIN_ATTRIBUTION_SIZE}: the attribution maps have almost no spatial extent to preserve, "
@@ -167,18 +185,23 @@ class AttributionModel(nn.Module):
 
     def attribute(self, features: torch.Tensor,
                   method: Literal["closed", "autograd"] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(logits, cam)`` from the last feature map, with this model's method or the given one."""
+        """``(logits, cam)`` from the last feature map (as ``forward_features`` returns it), with this model's method
+        or the given one."""
+        spatial = _spatial_dims(self.model)
         if (method or self.method) == "closed":
             if method == "closed" and self.method != "closed":
                 raise ValueError("this model's head has no closed-form Grad-CAM")
             head = classifier(self.model)
-            pooled = features.mean((2, 3))
+            pooled = features.mean(spatial)
             logits = head(pooled)
             classes = logits.detach().argmax(1)
-            return logits, cam_from_weights(features, class_weights(head, pooled, classes))
-        return self._autograd(features)
+            return logits, cam_from_weights(self._channels_first(features), class_weights(head, pooled, classes))
+        return self._autograd(features, spatial)
 
-    def _autograd(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _channels_first(self, features: torch.Tensor) -> torch.Tensor:
+        return features.permute(0, 3, 1, 2) if channels_last(self.model) else features
+
+    def _autograd(self, features: torch.Tensor, spatial: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         differentiable = torch.is_grad_enabled() and features.requires_grad
         with torch.enable_grad():
             source = features if differentiable else features.detach().requires_grad_()
@@ -186,7 +209,8 @@ class AttributionModel(nn.Module):
             classes = logits.detach().argmax(1)
             score = logits.gather(1, classes[:, None]).sum()
             (grad,) = torch.autograd.grad(score, source, create_graph=differentiable)
-        cam = cam_from_weights(features if differentiable else features.detach(), grad.sum((2, 3)))
+        cam = cam_from_weights(self._channels_first(features if differentiable else features.detach()),
+                               grad.sum(spatial))
         if not differentiable:
             return logits.detach(), cam.detach()
         return logits, cam

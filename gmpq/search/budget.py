@@ -18,6 +18,7 @@ before any training (:func:`check_budget`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,21 +58,21 @@ def check_budget(space: SearchSpace, budget_g: float, lower_fraction: float = LO
         raise BudgetError(
             f"BOPs budget {budget_g:g} G is infeasible: with candidate bits {list(space.bits)} the smallest policy "
             f"(every searched layer at {min(space.bits)}/{min(space.bits)} bits) costs {lo:.4f} GBOPs on {where}; "
-            f"the smallest feasible budget is search.budget_g={_ceil(lo)}")
+            f"the smallest feasible budget is search.budget_g={_round_up(lo)}")
     if hi < lower_fraction * budget_g:
         raise BudgetError(
             f"BOPs budget {budget_g:g} G is above what the candidate bits {list(space.bits)} can use: the largest "
             f"policy (every searched layer at {max(space.bits)}/{max(space.bits)} bits) costs {hi:.4f} GBOPs on "
-            f"{where}, so there is nothing to search; use search.budget_g <= {_floor(hi)} or add larger candidate "
-            f"bits (search.bits)")
+            f"{where}, so there is nothing to search; use search.budget_g={_round_up(hi)} (that policy) or add "
+            f"larger candidate bits (search.bits)")
     zeros = np.zeros((len(space.layers), len(space.bits)))
     if _solve(space, zeros, zeros, budget_g, lower_fraction) is None:
         below = _solve(space, zeros, zeros, budget_g, 0.0, maximise_bops=True)
         near = space.searched_bops_g(below) if below else lo
         raise BudgetError(
             f"no policy over candidate bits {list(space.bits)} has searched BOPs within [{lower_fraction:.0%}, 100%] "
-            f"of the budget {budget_g:g} G on {where}; the nearest policy below it costs {near:.4f} GBOPs: use "
-            f"search.budget_g={_floor(near)}")
+            f"of the budget {budget_g:g} G on {where}; the nearest policy below it costs {near:.6g} GBOPs: use "
+            f"search.budget_g={_round_up(near)}")
 
 
 def decode(space: SearchSpace, log_w: torch.Tensor | np.ndarray, log_a: torch.Tensor | np.ndarray, budget_g: float,
@@ -175,11 +176,13 @@ def _solve(space: SearchSpace, lw: np.ndarray, la: np.ndarray, budget_g: float, 
     return None
 
 
-def _ceil(value: float) -> str:
-    """``value`` rounded up to 4 significant decimals, as text (a budget at least ``value``)."""
-    return f"{np.ceil(value * 1e4) / 1e4:.4f}"
-
-
-def _floor(value: float) -> str:
-    """``value`` rounded down to 4 decimals, as text."""
-    return f"{np.floor(value * 1e4) / 1e4:.4f}"
+def _round_up(value: float, digits: int = 5) -> str:
+    """``value`` rounded *up* to ``digits`` significant digits, as text: a budget that a policy costing ``value``
+    fits (``value <= B``, and within 0.1 % of ``B``, so inside [97 %, 100 %] of it)."""
+    exponent = math.floor(math.log10(value)) - digits + 1
+    rounded = math.ceil(value / 10.0**exponent) * 10.0**exponent
+    text = f"{rounded:.{max(0, -exponent)}f}"
+    while float(text) < value:  # the decimal text of a binary float may print a hair below it
+        rounded += 10.0**exponent
+        text = f"{rounded:.{max(0, -exponent)}f}"
+    return text

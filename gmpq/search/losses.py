@@ -48,7 +48,10 @@ def attribution_loss(cam_fp: torch.Tensor, cam_q: torch.Tensor, p: float) -> tor
     if cam_fp.shape != cam_q.shape:
         raise ValueError(f"attribution maps differ in shape: teacher {tuple(cam_fp.shape)}, "
                          f"student {tuple(cam_q.shape)}")
-    target = F.normalize(cam_fp.detach().float().flatten(1).pow(float(p)), dim=1, eps=NORM_EPS)
+    teacher = cam_fp.detach().float().flatten(1)
+    # n(A^p) = n((A / max A)^p): dividing by the map's maximum first keeps A^p finite for large maps
+    teacher = teacher / teacher.amax(1, keepdim=True).clamp_min(torch.finfo(teacher.dtype).tiny)
+    target = F.normalize(teacher.pow(float(p)), dim=1, eps=NORM_EPS)
     student = F.normalize(cam_q.float().flatten(1), dim=1, eps=NORM_EPS)
     return (target - student).pow(2).mean()
 

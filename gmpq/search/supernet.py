@@ -34,6 +34,7 @@ from gmpq.quant import (
     MixedMixin,
     QuantMixin,
     check_bits,
+    conversion_for,
     mixed_layers,
     to_mixed,
     to_quantized,
@@ -128,19 +129,18 @@ def search_space(model: nn.Module, bits: Sequence[int], kept_bits: int, deploy_m
 
 
 def build_supernet(model: nn.Module, space: SearchSpace) -> nn.Module:
-    """Make ``model`` (float) the supernet of ``space``, in place: searched layers mixed, kept ones fixed-bit."""
+    """Make ``model`` (float) the supernet of ``space``, in place: searched layers mixed, kept ones fixed-bit, each
+    on its float layer's device and dtype and computing what that layer computed (:mod:`gmpq.quant.conversion`)."""
     layers = quantizable_layers(model)
     for name in (*space.layers, *space.kept):
         module = layers.get(name)
         if module is None or isinstance(module, (QuantMixin, MixedMixin)):
             raise ModelError(f"layer {name!r} is not a float Conv2d/Linear of the model; build the supernet from a "
                              f"float model")
-        if isinstance(module, nn.Conv2d) and type(module).forward is not nn.Conv2d.forward:
-            raise ModelError(f"layer {name!r} is a {type(module).__name__}, a Conv2d with its own forward (e.g. "
-                             f"dynamic 'same' padding) that a quantized layer would not reproduce")
-    replace_layers(model, lambda _n, m: to_mixed(m, space.bits, space.bits), list(space.layers))
+        conversion_for(module, name)  # a layer type without a conversion is refused before anything is replaced
+    replace_layers(model, lambda n, m: to_mixed(m, space.bits, space.bits, n), list(space.layers))
     if space.kept_bits != FLOAT_BITS:
-        replace_layers(model, lambda _n, m: to_quantized(m, space.kept_bits, space.kept_bits), list(space.kept))
+        replace_layers(model, lambda n, m: to_quantized(m, space.kept_bits, space.kept_bits, n), list(space.kept))
     model.gmpq_search_space = space
     return model
 

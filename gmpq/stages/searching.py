@@ -4,7 +4,9 @@ Steps (single process, or every process under ``torchrun`` / ``accelerate launch
 
 1. Float weights: the student starts from ``model.checkpoint`` (else ``search.teacher``, else this run's float
    model, else timm's weights with ``model.pretrained``); the frozen float teacher (eval mode, no gradients) comes
-   from ``search.teacher`` (else the same float weights).
+   from ``search.teacher`` (else the same float weights). An attribution teacher straight from timm's pretrained
+   weights is refused unless ``search.pretrained_teacher=true``: its classifier was never trained on the proxy (a
+   fresh one where the class count differs), so the class it explains and its Grad-CAM maps mean nothing there.
 2. The search space: searched layers (all but stem and classifier) and their MACs on ``model.deploy_arch`` at
    ``model.deploy_input_size``. The budget is checked *before any training* (:func:`~gmpq.search.budget.check_budget`).
    Strategy ``uniform`` stops here with the best uniform pair.
@@ -50,6 +52,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.optim.swa_utils import update_bn
 
+from gmpq.errors import RecipeError
 from gmpq.models import base_arch, create_model
 from gmpq.policy import Policy
 from gmpq.quant import calibrate
@@ -210,6 +213,7 @@ def search(recipe: Recipe, attribution: Method = "auto") -> SearchResult:
         if prepare_output_dir(stage, recipe.resume, recipe.force, accelerator):
             return SearchResult(read_metrics(stage), Policy.load(stage.policy))
         t0 = time.perf_counter()
+        _check_teacher(recipe, strategy)
         num_classes = _num_classes(run_recipe, accelerator)
         deploy_arch = recipe.model.deploy_arch or base_arch(recipe.model.arch)
         model = create_model(recipe.model.arch, num_classes=num_classes,
@@ -227,6 +231,21 @@ def search(recipe: Recipe, attribution: Method = "auto") -> SearchResult:
             return SearchResult(metrics, policy)
         return _search_supernet(recipe, run_recipe, strategy, model, space, budget, stage, accelerator, attribution,
                                 t0)
+
+
+def _check_teacher(recipe: Recipe, strategy: Strategy) -> None:
+    """Refuse an attribution teacher straight from timm's pretrained weights (see the module docstring, step 1)."""
+    cfg = recipe.search
+    if not (strategy.trains_supernet and strategy.uses_attribution and recipe.model.pretrained):
+        return
+    if cfg.teacher or recipe.model.checkpoint or run_float_model(recipe) or cfg.pretrained_teacher:
+        return
+    raise RecipeError(
+        f"the {strategy.name} search needs a float teacher trained on the proxy: timm's pretrained weights "
+        f"(model.pretrained=true) have a classifier that never saw {recipe.data.dataset!r}, so its attribution maps "
+        f"are meaningless; run `gmpq pretrain` first (it writes {RunDir.of(recipe).float_model}), set "
+        "model.checkpoint or search.teacher to a proxy-trained float model, or set search.pretrained_teacher=true to "
+        "use the pretrained weights anyway")
 
 
 def _search_supernet(recipe: Recipe, run_recipe: Recipe, strategy: Strategy, model: nn.Module, space: SearchSpace,

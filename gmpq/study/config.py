@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 
 from gmpq.errors import RecipeError
-from gmpq.recipes import Recipe, apply_overrides
+from gmpq.recipes import Recipe, apply_overrides, resolve_recipe
 
 #: Strategies a study expands specially (the others are ``search.strategy`` values run as they are).
 UNIFORM = "uniform"
@@ -145,9 +145,10 @@ class StudyConfig:
 def load_study(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> StudyConfig:
     """Read and validate ``STUDY.yaml``; ``overrides`` (``dotted.key=value``) apply to the base recipe.
 
-    Study-level keys can be overridden too, as ``study.seeds=[0,1]`` or ``study.output_dir=...``.
+    ``path`` may name a packaged study (``embedded_to_tinyimagenet_cpu``). Study-level keys can be overridden too,
+    as ``study.seeds=[0,1]`` or ``study.output_dir=...``.
     """
-    p = Path(path)
+    p = resolve_recipe(path, "study")
     try:
         loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
     except OSError as e:

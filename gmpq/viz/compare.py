@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from gmpq.errors import PolicyError, RunError
+from gmpq.utils import read_user_text
 from gmpq.rundir import RunDir, StageDir
 from gmpq.viz._render import figure_format, new_figure, save_figure
 
@@ -54,9 +55,7 @@ class RunSummary:
 
 def _read_json(path: Path, what: str) -> Any:
     try:
-        return json.loads(path.read_text())
-    except OSError as e:
-        raise RunError(f"cannot read {what} {str(path)!r}: {e.strerror or e}") from None
+        return json.loads(read_user_text(path, what, RunError))
     except json.JSONDecodeError as e:
         raise RunError(f"{what} {str(path)!r} is not valid JSON ({e.msg} at line {e.lineno})") from None
 

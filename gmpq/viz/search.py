@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from gmpq.errors import RunError
+from gmpq.utils import read_user_text
 from gmpq.rundir import RunDir, StageDir
 from gmpq.viz._render import A_COLOR, W_COLOR, figure_format, new_figure, save_figure
 
@@ -53,10 +54,7 @@ def read_search_log(run: str | os.PathLike) -> list[dict[str, Any]]:
     is skipped with a warning; any other malformed line raises :class:`~gmpq.errors.RunError` naming it.
     """
     path = find_search_log(run)
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as e:
-        raise RunError(f"cannot read search log {str(path)!r}: {e.strerror or e}") from None
+    lines = read_user_text(path, "search log", RunError).splitlines()
     numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
     by_epoch: dict[int, dict[str, Any]] = {}
     for k, (lineno, line) in enumerate(numbered):
