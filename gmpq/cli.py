@@ -80,7 +80,8 @@ def cmd_bops(args: argparse.Namespace) -> int:
         print(f"{r.name:<{width}}  {r.w_bits:>2} {r.a_bits:>2} {r.macs / 1e6:>9.2f} {r.bops / 1e9:>9.3f}  "
               f"{'kept' if r.kept else 'searched'}")
     print(f"MACs {report.macs / 1e9:.3f} G | BOPs searched {report.bops_searched_g:.2f} G | "
-          f"kept {report.bops_kept_g:.2f} G | total {report.bops_total_g:.2f} G")
+          f"kept {report.bops_kept_g:.2f} G | total {report.bops_total_g:.2f} G | searched + kept at 8 bits (preset "
+          f"kept8) {report.bops_g('kept8'):.2f} G")
     return 0
 
 
@@ -204,11 +205,14 @@ def cmd_search(args: argparse.Namespace) -> int:
         _say(json.dumps(dict(metrics), indent=2, sort_keys=True))
         return 0
     _say(f"{metrics['strategy']} policy: {metrics['policy']}")
-    _say(f"searched BOPs {metrics['bops_searched_g']:.4g} G of budget {metrics['budget_g']:.4g} G "
+    preset = metrics.get("bops_preset", "searched")
+    counted = "" if preset == "searched" else f", {preset} BOPs {metrics['bops_budgeted_g']:.4g} G"
+    _say(f"searched BOPs {metrics['bops_searched_g']:.4g} G{counted} of budget {metrics['budget_g']:.4g} G "
           f"({100 * metrics['budget_fraction']:.1f} %), total {metrics['bops_total_g']:.4g} G on "
           f"{metrics['deploy_arch']} at {metrics['deploy_input_size']} | mean bits W{metrics['mean_w_bits']:.2f} "
           f"A{metrics['mean_a_bits']:.2f}" + (f" | decoded top1 {metrics['decoded_top1']:.2f}"
                                               if metrics.get("decoded_top1") is not None else "")
+          + (f" | scored in {metrics['score_s']:.1f} s" if "score_s" in metrics else "")
           + f" | {metrics['wall_s']:.0f} s")
     return 0
 
@@ -319,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, handler, text in (
             ("run", cmd_run, "the whole pipeline of a recipe: pretrain, search, finetune, evaluate, export"),
             ("pretrain", cmd_pretrain, "train the full-precision model of a recipe (the search's teacher)"),
-            ("search", cmd_search, "search a mixed-precision policy under a BOPs budget (gmpq | edmips | uniform)"),
+            ("search", cmd_search, "search a mixed-precision policy under a BOPs budget "
+                                  "(gmpq | edmips | hawq | ompq | uniform | random)"),
             ("finetune", cmd_finetune, "apply a policy, calibrate, and quantization-aware fine-tune (optional KD)"),
             ("evaluate", cmd_evaluate, "top-1/top-5, BOPs and size of a run's model, or of a model directory")):
         p = verb(name, handler, text)

@@ -8,11 +8,23 @@ measured by a real forward pass at the deployment resolution with hooks on every
 
 Searched-layer BOPs exclude the kept layers (stem, classifier); total BOPs include them.
 The search uses :func:`expected_bops`, the differentiable expectation over per-layer bit probabilities (EdMIPS).
+
+Papers count BOPs differently, so a budget only means something with its convention. :data:`BOPS_PRESETS` names
+them; a budget is stated in one (``search.bops_preset``) and a searched policy records it
+(``provenance.bops_preset``):
+
+* ``searched`` — the searched layers only (kept stem and classifier excluded): gmpq's default and the budgets of
+  its paper recipes.
+* ``kept8`` — the searched layers plus the kept layers counted at 8/8 bits, whatever bits they run at: the BOPs of
+  HAWQ-V3 (its ResNet-18 INT8 row, 116 G, is all 1.814 G MACs x 64) and of OMPQ's code (first and last layers x 64).
+* ``all`` — every quantizable layer at the bits it runs at (kept layers at ``model.kept_bits``; 32 = float
+  counts 32 x 32, as the float figures of the README's complexity table).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -22,6 +34,24 @@ from gmpq.models.structure import layer_kind
 from gmpq.quant import FLOAT_BITS, QuantMixin, find_conversion, quantization_bypassed
 
 GIGA = 1e9
+
+BopsPreset = Literal["searched", "kept8", "all"]
+
+#: What each BOPs convention counts (see the module docstring).
+BOPS_PRESETS: dict[str, str] = {
+    "searched": "searched layers only (kept stem and classifier excluded)",
+    "kept8": "searched layers + kept layers counted at 8/8 bits (HAWQ-V3, OMPQ)",
+    "all": "every quantizable layer at the bits it runs at (kept layers at their own bits, float = 32)",
+}
+#: Bits at which the ``kept8`` preset counts kept layers.
+KEPT8_BITS = 8
+
+
+def check_bops_preset(preset: str) -> BopsPreset:
+    """``preset`` if it names a BOPs convention of :data:`BOPS_PRESETS`, else ``ValueError``."""
+    if preset not in BOPS_PRESETS:
+        raise ValueError(f"unknown BOPs preset {preset!r}; choose one of {', '.join(BOPS_PRESETS)}")
+    return preset  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -71,11 +101,21 @@ class BopsReport:
     def bops_kept_g(self) -> float:
         return self.bops_total_g - self.bops_searched_g
 
+    def bops_g(self, preset: BopsPreset) -> float:
+        """BOPs (G) under the convention ``preset`` (:data:`BOPS_PRESETS`)."""
+        if check_bops_preset(preset) == "searched":
+            return self.bops_searched_g
+        if preset == "all":
+            return self.bops_total_g
+        kept_macs = sum(layer.macs for layer in self.layers if layer.kept)
+        return self.bops_searched_g + kept_macs * KEPT8_BITS * KEPT8_BITS / GIGA
+
     def to_dict(self) -> dict:
         return {
             "arch": self.arch, "input_size": self.input_size, "macs": self.macs,
             "bops_total_g": self.bops_total_g, "bops_searched_g": self.bops_searched_g,
-            "bops_kept_g": self.bops_kept_g, "layers": [asdict(layer) for layer in self.layers],
+            "bops_kept_g": self.bops_kept_g, "bops_presets": {p: self.bops_g(p) for p in BOPS_PRESETS},
+            "layers": [asdict(layer) for layer in self.layers],
         }
 
 

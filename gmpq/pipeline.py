@@ -127,7 +127,7 @@ def check_recipe_budget(recipe: Recipe) -> None:
     deploy_arch = recipe.model.deploy_arch or base_arch(recipe.model.arch)
     macs = deployment_macs(deploy_arch, recipe.model.deploy_input_size, num_classes=10)
     space = search_space(create_model(recipe.model.arch, num_classes=10), recipe.search.bits, recipe.model.kept_bits,
-                         macs, deploy_arch, recipe.model.deploy_input_size)
+                         macs, deploy_arch, recipe.model.deploy_input_size, bops_preset=recipe.search.bops_preset)
     check_budget(space, budget)
 
 
@@ -264,7 +264,9 @@ def _summary(recipe: Recipe, target: Recipe, stages: dict[str, dict[str, Any]], 
     summary: dict[str, Any] = {
         "recipe": recipe.name, "strategy": recipe.search.strategy, "arch": recipe.model.arch,
         "target_arch": target.model.arch, "proxy_dataset": recipe.data.dataset, "target_dataset": target.data.dataset,
-        "budget_g": recipe.search.budget_g, "top1": evaluated["top1"], "top5": evaluated["top5"],
+        "budget_g": recipe.search.budget_g, "bops_preset": stages["search"].get("bops_preset", "searched"),
+        "bops_budgeted_g": stages["search"].get("bops_budgeted_g", stages["search"]["bops_searched_g"]),
+        "budget_fraction": stages["search"]["budget_fraction"], "top1": evaluated["top1"], "top5": evaluated["top5"],
         "bops_searched_g": tuned["bops_searched_g"], "bops_total_g": tuned["bops_total_g"],
         "deploy_arch": tuned.get("deploy_arch"), "deploy_input_size": tuned.get("deploy_input_size"),
         "size_bytes": stages["export"]["size_bytes"], "fp32_bytes": stages["export"]["fp32_bytes"],
@@ -303,8 +305,9 @@ def format_summary(result: RunResult) -> str:
         f"gmpq run {m['recipe']}: {m['strategy']} policy searched on {m['proxy_dataset']}, fine-tuned on "
         f"{m['target_dataset']} ({m['target_arch']})",
         f"  top-1 {m['top1']:.2f} %  top-5 {m['top5']:.2f} %  (held-out evaluation split)",
-        f"  BOPs searched {m['bops_searched_g']:.3f} G of budget {m['budget_g']:.3f} G "
-        f"({100 * m['bops_searched_g'] / m['budget_g']:.1f} %), total {m['bops_total_g']:.3f} G at "
+        f"  BOPs searched {m['bops_searched_g']:.3f} G"
+        + ("" if m["bops_preset"] == "searched" else f", {m['bops_preset']} {m['bops_budgeted_g']:.3f} G")
+        + f" of budget {m['budget_g']:.3f} G ({100 * m['budget_fraction']:.1f} %), total {m['bops_total_g']:.3f} G at "
         f"{m['deploy_input_size']}x{m['deploy_input_size']} ({m['deploy_arch']})",
     ]
     if "uniform" in m:

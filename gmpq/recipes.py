@@ -129,13 +129,17 @@ class FinetuneConfig(TrainConfig):
 
 @dataclass
 class SearchConfig:
-    """The mixed-precision search (EdMIPS supernet with GMPQ's attribution loss)."""
+    """The mixed-precision search: a strategy (a trained supernet, or score + decode) under a BOPs budget."""
 
-    strategy: Literal["gmpq", "edmips", "uniform"] = _f("gmpq", doc="gmpq | edmips | uniform")
+    strategy: Literal["gmpq", "edmips", "hawq", "ompq", "uniform", "random"] = _f(
+        "gmpq", doc="gmpq | edmips (trained supernet) | hawq | ompq (scores of the float model) | uniform | random")
+    budget_g: float | None = _f(None, gt=0, doc="BOPs budget in G at the deployment size, counted as bops_preset "
+                                               "says (required when searching)")
     uniform_side: Literal["below", "above"] = _f("below", doc="strategy uniform: the nearest uniform policy at or below "
                                                            "the budget, or the nearest one above it")
-    budget_g: float | None = _f(None, gt=0, doc="searched-layer BOPs budget in G at the deployment size "
-                                               "(required when searching)")
+    bops_preset: Literal["searched", "kept8", "all"] = _f(
+        "searched", doc="what the budget counts: searched layers only | + kept layers at 8/8 bits (HAWQ-V3, OMPQ) | "
+                        "all layers at their bits")
     bits: list[int] = _f(factory=lambda: [2, 3, 4, 6], doc="candidate bit widths")
     epochs: int = _f(25, ge=0, doc="search epochs")
     batch_size: int | None = _f(None, gt=0, doc="search batch; None = data.batch_size")
@@ -158,6 +162,12 @@ class SearchConfig:
     mixed_precision: Literal["no", "bf16"] = _f("no", doc="bf16 autocast of the supernet (GPU); 'no' = float32")
     max_grad_norm: float | None = _f(None, gt=0, doc="clip the global gradient norm (weights and architecture "
                                                      "logits together) to this value; None = no clipping")
+    score_batches: int = _f(2, gt=0, doc="hawq / ompq: labelled proxy batches they score on")
+    score_batch_size: int | None = _f(None, gt=0, doc="hawq / ompq: images per scoring batch; None = "
+                                                      "search.batch_size or data.batch_size")
+    hutchinson_samples: int = _f(2, gt=0, doc="hawq: Rademacher probes per layer block and batch (the Hessian traces' "
+                                             "standard errors are in scores.json)")
+    ompq_beta: float = _f(1.0, gt=0, doc="ompq: beta of the layer importance exp(-beta * summed orthogonality)")
 
 
 @dataclass

@@ -17,6 +17,7 @@ A stage directory::
     checkpoints/epoch_NNNN                    the training state of the last epochs (resume)
     model/                                    the stage's model (pretrain, finetune): a gmpq model directory
     policy.json alphas.json                   the policy (search, finetune) and the final architecture logits (search)
+    scores.json                               a score + decode search's cost table, in place of alphas.json
     metrics.json                              the stage's final numbers, written last: the stage is finished
 
 **Ownership.** A process that works in a run directory holds an exclusive ``flock`` on its ``.gmpq.lock``
@@ -115,6 +116,10 @@ class StageDir:
     @property
     def alphas(self) -> Path:
         return self.path / "alphas.json"
+
+    @property
+    def scores(self) -> Path:
+        return self.path / "scores.json"
 
     @property
     def recipe(self) -> Path:

@@ -149,6 +149,22 @@ def test_a_finished_run_is_reused_and_a_killed_run_resumes(quickstart_run, monke
     assert resumed.metrics["top1"] == pytest.approx(first.metrics["top1"], abs=1e-6)
 
 
+def test_a_score_strategy_runs_the_whole_pipeline_from_the_cli(quickstart_run, tmp_path, capsys) -> None:
+    """``gmpq run RECIPE search.strategy=ompq``: the same stages, outputs and summary as a GMPQ run."""
+    overrides, first = quickstart_run
+    assert main(["run", str(RECIPES / "quickstart.yaml"), *overrides, f"output_dir={tmp_path}",
+                 "search.strategy=ompq", f"model.checkpoint={first.output_dir / 'pretrain' / 'model'}",
+                 "search.score_batches=1", "run.compare_uniform=false"]) == 0
+    printed = capsys.readouterr().out
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["strategy"] == "ompq" and m["bops_preset"] == "searched" and 0.97 <= m["budget_fraction"] <= 1.0
+    assert "ompq policy searched on cifar10_embedded" in printed and f"({100 * m['budget_fraction']:.1f} %)" in printed
+    policy = gmpq.Policy.load(tmp_path / "search" / "policy.json")
+    assert policy.provenance["strategy"] == "ompq" and (tmp_path / "search" / "scores.json").exists()
+    assert (tmp_path / "policy.png").exists() and not (tmp_path / "search.png").exists()
+    assert "- strategy: ompq" in (tmp_path / "export" / "README.md").read_text()
+
+
 QUICKSTART = str(RECIPES / "quickstart.yaml")
 
 

@@ -20,6 +20,7 @@ from gmpq.quant.mixed import MixedWeightQuantizer
 from gmpq.search import (
     AttributionModel,
     BudgetPenalty,
+    ScoreSettings,
     SearchObjective,
     SearchSpace,
     alpha_parameters,
@@ -283,7 +284,7 @@ def test_decode_is_the_exact_optimum():
                 lp = sum(lw[i, BITS.index(w)] + la[i, BITS.index(a)] for i, (w, a) in enumerate(combo))
                 best_lp = max(best_lp, lp)
         decoded = decode(space, lw, la, budget)
-        assert decoded.log_prob == pytest.approx(best_lp, abs=1e-9), trial
+        assert -decoded.cost == pytest.approx(best_lp, abs=1e-9), trial
         assert 0.97 * budget <= decoded.bops_g <= budget
 
 
@@ -343,10 +344,13 @@ def test_strategies_share_one_interface():
     model, space = _supernet("resnet18_cifar", "resnet18")
     lo, hi = bops_range(space)
     budget = 15.3
-    uniform = get_strategy("uniform").decode(space, budget)
-    assert set(uniform.choices.values()) == {(3, 3)}  # 9 bits^2 = 15.26 G fits 15.3 G, 3x4 = 12 does not
-    assert uniform.bops_g <= budget
-    tie = get_strategy("uniform").decode(space, sum(space.macs) * 8.5 / 1e9)
+    uniform, settings = get_strategy("uniform"), ScoreSettings(seed=0, hutchinson_samples=1, ompq_beta=1.0)
+    scores = uniform.score(None, [], space, settings)
+    assert scores.costs.shape == (len(space.layers), 4, 4) and not scores.costs.any()  # no preference
+    decoded = uniform.decode(space, scores, budget, settings)
+    assert set(decoded.choices.values()) == {(3, 3)}  # 9 bits^2 = 15.26 G fits 15.3 G, 3x4 = 12 does not
+    assert decoded.bops_g <= budget
+    tie = uniform.decode(space, scores, sum(space.macs) * 8.5 / 1e9, settings)
     assert set(tie.choices.values()) == {(2, 4)}  # 2x4 = 4x2 = 8: the tie goes to more activation bits
     build_supernet(model, space)
     for name in ("gmpq", "edmips"):
@@ -356,8 +360,8 @@ def test_strategies_share_one_interface():
         assert 0.97 * budget <= decoded.bops_g <= budget
     w_probs, _ = layer_probabilities(model, space)
     assert torch.allclose(w_probs, torch.full_like(w_probs, 0.25))
-    with pytest.raises(gmpq.RecipeError, match="unknown search.strategy"):
-        get_strategy("random")
+    with pytest.raises(gmpq.RecipeError, match="unknown search.strategy.*hawq, ompq, uniform, random"):
+        get_strategy("limpq")
     assert isinstance(mixed_layers(model)[space.layers[0]], MixedConv2d)
 
 

@@ -204,3 +204,30 @@ def test_search_under_torchrun_with_autograd_attribution(tmp_path, float_model, 
     assert 0.97 * budget <= metrics["bops_searched_g"] <= budget
     record = read_search_log(tmp_path)[0]
     assert record["steps"] == 2 and record["loss_attr"] > 0
+
+
+@pytest.mark.parametrize("strategy", ["hawq", "ompq", "random"])
+def test_score_strategies_write_the_same_outputs(tmp_path, float_model, budget, strategy):
+    result = search(_recipe(tmp_path, float_model, budget, f"search.strategy={strategy}", "search.score_batch_size=4",
+                            "search.score_batches=1", "search.hutchinson_samples=1", "data.input_size=16"))
+    out = tmp_path / "search"
+    policy = gmpq.Policy.load(out / "policy.json")
+    assert policy.to_dict() == result.policy.to_dict() and 0.97 * budget <= policy.bops_searched_g <= budget
+    gmpq.create_model(DEPLOY, policy=policy, num_classes=10)  # the policy names the deployment arch's layers
+    prov = policy.provenance
+    assert prov["strategy"] == strategy and prov["bops_preset"] == "searched" and prov["seed"] == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["strategy"] == strategy and metrics["epochs"] == 0 and metrics["score_s"] >= 0
+    assert metrics["budget_fraction"] == pytest.approx(policy.bops_searched_g / budget)
+    assert metrics["float_checkpoint"] == (None if strategy == "random" else float_model)
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["strategy"] == strategy and list(scores["layers"]) == list(policy.layers)
+    first = scores["layers"][next(iter(policy.layers))]
+    assert len(first["costs"]) == 4 and len(first["costs"][0]) == 4
+    if strategy == "hawq":
+        assert prov["hutchinson_samples"] == 1 and metrics["score_images"] == 4
+        assert {"trace_w", "trace_x", "mse_w", "mse_x"} <= set(first) and first["trace_w_stderr"] is None
+    if strategy == "ompq":
+        assert all(b.w_bits == b.a_bits for b in policy.layers.values()) and prov["ompq_beta"] == 1.0
+        assert first["costs"][0][1] is None  # w != a is forbidden
+    assert not (out / "search_log.jsonl").exists() and not (out / "alphas.json").exists()

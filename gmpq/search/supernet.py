@@ -5,7 +5,8 @@
 with the float weights, and every kept layer for a fixed-bit layer at ``kept_bits``. The :class:`SearchSpace`
 records what a decoded policy needs: the searched and kept layers, the candidate bits and each layer's MACs *at the
 deployment resolution of the deployment architecture* (e.g. ``mobilenetv2_050`` at 224 for a search of
-``mobilenetv2_050_cifar`` at 32), which is where the BOPs budget is stated.
+``mobilenetv2_050_cifar`` at 32), which is where the BOPs budget is stated, and the BOPs convention the budget is
+stated in (:data:`gmpq.complexity.BOPS_PRESETS`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gmpq.complexity import GIGA, layer_macs
+from gmpq.complexity import GIGA, KEPT8_BITS, BopsPreset, check_bops_preset, layer_macs
 from gmpq.errors import ModelError
 from gmpq.models import (
     base_arch,
@@ -52,6 +53,9 @@ class SearchSpace:
         layers: searched layer paths, in model order; ``macs[i]`` is layer ``layers[i]``'s MACs at deployment.
         kept: kept layer paths and ``kept_macs`` their MACs at deployment; they run at ``kept_bits``.
         bits: candidate bit widths (shared by weights and activations).
+        kept_bits: bits of the kept layers.
+        bops_preset: the BOPs convention of budgets in this space: the budgeted BOPs of a policy are its searched
+            BOPs plus :attr:`fixed_bops` (nothing, the kept layers at 8/8 bits, or at ``kept_bits``).
     """
 
     arch: str
@@ -63,12 +67,23 @@ class SearchSpace:
     kept_macs: tuple[int, ...]
     bits: tuple[int, ...]
     kept_bits: int
+    bops_preset: BopsPreset = "searched"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def kept_bops_g(self) -> float:
         """BOPs (G) of the kept layers at ``kept_bits``."""
         return sum(self.kept_macs) * self.kept_bits * self.kept_bits / GIGA
+
+    @property
+    def fixed_bops(self) -> int:
+        """BOPs that ``bops_preset`` adds to the searched layers' (the same for every policy of the space)."""
+        bits = {"searched": 0, "kept8": KEPT8_BITS, "all": self.kept_bits}[self.bops_preset]
+        return sum(self.kept_macs) * bits * bits
+
+    def budgeted_bops_g(self, choices: Mapping[str, tuple[int, int]]) -> float:
+        """BOPs (G) of ``choices`` under the space's ``bops_preset``: what a budget is compared with."""
+        return self.searched_bops_g(choices) + self.fixed_bops / GIGA
 
     def macs_tensor(self, device: torch.device | str | None = None) -> torch.Tensor:
         return torch.tensor(self.macs, dtype=torch.float64, device=device)
@@ -91,7 +106,7 @@ class SearchSpace:
             layers={n: LayerBits(*choices[n]) for n in self.layers},
             kept={n: LayerBits(self.kept_bits, self.kept_bits) for n in self.kept},
             bops_searched_g=searched, bops_total_g=searched + self.kept_bops_g,
-            provenance=dict(provenance or {}),
+            provenance={"bops_preset": self.bops_preset, **(provenance or {})},
         )
 
 
@@ -101,8 +116,10 @@ def deployment_macs(deploy_arch: str, input_size: int, num_classes: int) -> dict
 
 
 def search_space(model: nn.Module, bits: Sequence[int], kept_bits: int, deploy_macs: Mapping[str, int],
-                 deploy_arch: str, deploy_input_size: int, layers: Iterable[str] | None = None) -> SearchSpace:
-    """The :class:`SearchSpace` of float ``model``: searched ``layers`` (default: all but stem and classifier).
+                 deploy_arch: str, deploy_input_size: int, layers: Iterable[str] | None = None,
+                 bops_preset: BopsPreset = "searched") -> SearchSpace:
+    """The :class:`SearchSpace` of float ``model``: searched ``layers`` (default: all but stem and classifier),
+    budgets counted under ``bops_preset``.
 
     ``deploy_macs`` (from :func:`deployment_macs`) must name exactly the model's quantizable layers.
     """
@@ -124,7 +141,7 @@ def search_space(model: nn.Module, bits: Sequence[int], kept_bits: int, deploy_m
         arch=getattr(model, "gmpq_arch", type(model).__name__), deploy_arch=deploy_arch,
         deploy_input_size=deploy_input_size, layers=tuple(searched), macs=tuple(int(deploy_macs[n]) for n in searched),
         kept=tuple(kept), kept_macs=tuple(int(deploy_macs[n]) for n in kept), bits=check_candidates(bits),
-        kept_bits=kept_bits,
+        kept_bits=kept_bits, bops_preset=check_bops_preset(bops_preset),
     )
 
 

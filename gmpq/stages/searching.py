@@ -8,8 +8,12 @@ Steps (single process, or every process under ``torchrun`` / ``accelerate launch
    weights is refused unless ``search.pretrained_teacher=true``: its classifier was never trained on the proxy (a
    fresh one where the class count differs), so the class it explains and its Grad-CAM maps mean nothing there.
 2. The search space: searched layers (all but stem and classifier) and their MACs on ``model.deploy_arch`` at
-   ``model.deploy_input_size``. The budget is checked *before any training* (:func:`~gmpq.search.budget.check_budget`).
-   Strategy ``uniform`` stops here with the best uniform pair.
+   ``model.deploy_input_size``, the budget counted as ``search.bops_preset`` says. The budget is checked *before any
+   training* (:func:`~gmpq.search.budget.check_budget`). Score + decode strategies (``hawq``, ``ompq``, ``uniform``,
+   ``random``) stop after :func:`_search_scored`: their score of the float model on ``search.score_batches``
+   labelled proxy batches of ``search.score_batch_size`` images, decoded under the budget; they write
+   ``scores.json`` (the cost table and what it was computed from) instead of ``alphas.json`` and the search log, and
+   time the scoring (``score_s``).
 3. The supernet (:func:`~gmpq.search.supernet.build_supernet`), calibrated on real batches (per-candidate clips and
    steps), wrapped in :class:`~gmpq.search.attribution.AttributionModel` (closed-form Grad-CAM for GAP + linear
    heads, no extra backward pass). The autograd fallback differentiates only the head twice (``autograd.grad`` of
@@ -37,7 +41,9 @@ Output in ``<output_dir>/search``: ``policy.json`` (with provenance), ``alphas.j
 probabilities of every searched layer), ``search_log.jsonl`` (one JSON object per epoch: ``epoch, loss, loss_ce,
 loss_attr, loss_complexity, train_top1, lr_w, lr_alpha, steps, expected_bops_g, budget_g, decoded_bops_g,
 alpha_entropy, p, mu, policy {layer: [w_bits, a_bits]}, probs {layer: {"w": [...], "a": [...]}}, bits, epoch_s``),
-``metrics.json``, ``recipe.yaml`` and ``env.json``.
+``metrics.json``, ``recipe.yaml`` and ``env.json``. A score + decode strategy writes ``scores.json`` (``strategy,
+bits, facts`` and per layer ``costs`` — ``[i][j]`` for ``bits[i]`` weight and ``bits[j]`` activation bits, ``null``
+where forbidden — with what they were computed from) in place of ``alphas.json`` and the log.
 """
 
 from __future__ import annotations
@@ -61,6 +67,8 @@ from gmpq.search import (
     AttributionModel,
     BudgetPenalty,
     Decoded,
+    ScoreSettings,
+    ScoreStrategy,
     SearchObjective,
     SearchSpace,
     Strategy,
@@ -89,6 +97,7 @@ from gmpq.train import (
     calibration_batches,
     fit,
     init_from_checkpoint,
+    labelled_batches,
     lr_factor,
     make_accelerator,
     prepare_output_dir,
@@ -100,6 +109,8 @@ from gmpq.utils import atomic_write_text
 from gmpq.version import __version__
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from accelerate import Accelerator
 
     from gmpq.recipes import Recipe, SearchConfig
@@ -217,18 +228,14 @@ def search(recipe: Recipe, attribution: Method = "auto") -> SearchResult:
         num_classes = _num_classes(run_recipe, accelerator)
         deploy_arch = recipe.model.deploy_arch or base_arch(recipe.model.arch)
         model = create_model(recipe.model.arch, num_classes=num_classes,
-                             pretrained=recipe.model.pretrained and strategy.trains_supernet)
+                             pretrained=recipe.model.pretrained and strategy.needs_float_model)
         space = search_space(model, cfg.bits, recipe.model.kept_bits,
                              deployment_macs(deploy_arch, recipe.model.deploy_input_size, num_classes), deploy_arch,
-                             recipe.model.deploy_input_size)
+                             recipe.model.deploy_input_size, bops_preset=cfg.bops_preset)
         check_budget(space, budget)
         write_run_info(stage, recipe, accelerator)
-        if not strategy.trains_supernet:
-            decoded = strategy.decode(space, budget, uniform_side=cfg.uniform_side)
-            policy = space.policy(decoded.choices, _provenance(recipe, strategy, space, budget, decoded, p=None))
-            metrics = _metrics(recipe, strategy, space, budget, decoded, accelerator, t0, epochs=0, resumed_from=None)
-            _write_outputs(stage, policy, {}, space, metrics, accelerator)
-            return SearchResult(metrics, policy)
+        if isinstance(strategy, ScoreStrategy):
+            return _search_scored(recipe, run_recipe, strategy, model, space, budget, stage, accelerator, t0)
         return _search_supernet(recipe, run_recipe, strategy, model, space, budget, stage, accelerator, attribution,
                                 t0)
 
@@ -246,6 +253,40 @@ def _check_teacher(recipe: Recipe, strategy: Strategy) -> None:
         f"are meaningless; run `gmpq pretrain` first (it writes {RunDir.of(recipe).float_model}), set "
         "model.checkpoint or search.teacher to a proxy-trained float model, or set search.pretrained_teacher=true to "
         "use the pretrained weights anyway")
+
+
+def _search_scored(recipe: Recipe, run_recipe: Recipe, strategy: ScoreStrategy, model: nn.Module, space: SearchSpace,
+                   budget: float, stage: StageDir, accelerator: Accelerator, t0: float) -> SearchResult:
+    """A score + decode strategy: ``strategy.score`` of the float model (when it needs one) on labelled proxy
+    batches (when it reads them), ``strategy.decode`` under the budget; no training."""
+    cfg = recipe.search
+    source = None
+    if strategy.needs_float_model:
+        source = recipe.model.checkpoint or cfg.teacher or run_float_model(recipe)
+        require_float_weights(recipe, source, f"the {strategy.name} search")
+        if source is not None:
+            init_from_checkpoint(model, source)
+        model.to(accelerator.device)
+    batches = []
+    if strategy.reads_batches:
+        score_recipe = run_recipe.override([f"data.batch_size={cfg.score_batch_size}"] if cfg.score_batch_size else [])
+        batches = [(x.to(accelerator.device), y.to(accelerator.device))
+                   for x, y in labelled_batches(score_recipe, cfg.score_batches, accelerator)]
+    settings = ScoreSettings(seed=recipe.seed, hutchinson_samples=cfg.hutchinson_samples, ompq_beta=cfg.ompq_beta,
+                             uniform_side=cfg.uniform_side)
+    t_score = time.perf_counter()
+    scores = strategy.score(model if strategy.needs_float_model else None, batches, space, settings)
+    t_decode = time.perf_counter()
+    decoded = strategy.decode(space, scores, budget, settings)
+    score_s, decode_s = t_decode - t_score, time.perf_counter() - t_decode
+    accelerator.print(f"search {strategy.name}: scored {len(space.layers)} layers in {score_s:.1f} s, decoded in "
+                      f"{decode_s:.2f} s")
+    policy = space.policy(decoded.choices, {**_provenance(recipe, strategy, space, budget, decoded, p=None),
+                                            **scores.facts})
+    metrics = _metrics(recipe, strategy, space, budget, decoded, accelerator, t0, epochs=0, resumed_from=None)
+    metrics.update({"score_s": score_s, "decode_s": decode_s, "float_checkpoint": source, **scores.facts})
+    _write_outputs(stage, policy, {stage.scores: scores.to_json(strategy.name, space)}, metrics, accelerator)
+    return SearchResult(metrics, policy)
 
 
 def _search_supernet(recipe: Recipe, run_recipe: Recipe, strategy: Strategy, model: nn.Module, space: SearchSpace,
@@ -294,7 +335,8 @@ def _search_supernet(recipe: Recipe, run_recipe: Recipe, strategy: Strategy, mod
         "attribution": student.method if strategy.uses_attribution else None,
         "float_checkpoint": student_source, "teacher": teacher_source if strategy.uses_attribution else None,
     })
-    _write_outputs(stage, policy, alpha_table(model, space), space, metrics, accelerator)
+    _write_outputs(stage, policy, {stage.alphas: {"bits": list(space.bits), "layers": alpha_table(model, space)}},
+                   metrics, accelerator)
     return SearchResult(metrics, policy)
 
 
@@ -317,7 +359,8 @@ def _provenance(recipe: Recipe, strategy: Strategy, space: SearchSpace, budget: 
         "strategy": strategy.name, "lambda_attr": strategy.lambda_attr(cfg.lambda_attr),
         "p": cfg.p if strategy.uses_attribution else None, "p_final": p,
         "kappa": cfg.kappa if strategy.uses_attribution and cfg.p == "auto" else None,
-        "budget_g": budget, "budget_fraction": decoded.bops_g / budget, "log_prob": decoded.log_prob,
+        "budget_g": budget, "budget_fraction": space.budgeted_bops_g(decoded.choices) / budget,
+        "decoded_cost": decoded.cost,
         "proxy_dataset": recipe.data.dataset, "proxy_input_size": recipe.data.input_size,
         "search_arch": space.arch, "epochs": cfg.epochs if strategy.trains_supernet else 0, "seed": recipe.seed,
         "recipe": recipe.name, "gmpq_version": __version__,
@@ -328,12 +371,14 @@ def _provenance(recipe: Recipe, strategy: Strategy, space: SearchSpace, budget: 
 def _metrics(recipe: Recipe, strategy: Strategy, space: SearchSpace, budget: float, decoded: Decoded,
              accelerator: Accelerator, t0: float, epochs: int, resumed_from: int | None) -> dict[str, Any]:
     searched = decoded.bops_g
+    budgeted = space.budgeted_bops_g(decoded.choices)
     w_mean = sum(w for w, _ in decoded.choices.values()) / len(decoded.choices)
     a_mean = sum(a for _, a in decoded.choices.values()) / len(decoded.choices)
     return {
         "stage": "search", "strategy": strategy.name, "arch": recipe.model.arch, "deploy_arch": space.deploy_arch,
         "deploy_input_size": space.deploy_input_size, "budget_g": budget, "bops_searched_g": searched,
-        "bops_total_g": searched + space.kept_bops_g, "budget_fraction": searched / budget,
+        "bops_total_g": searched + space.kept_bops_g, "bops_preset": space.bops_preset,
+        "bops_budgeted_g": budgeted, "budget_fraction": budgeted / budget,
         "mean_w_bits": w_mean, "mean_a_bits": a_mean, "num_searched_layers": len(space.layers),
         "candidate_bits": list(space.bits), "epochs": epochs, "resumed_from_epoch": resumed_from,
         "world_size": accelerator.num_processes, "policy": str(RunDir.of(recipe).policy),
@@ -341,11 +386,13 @@ def _metrics(recipe: Recipe, strategy: Strategy, space: SearchSpace, budget: flo
     }
 
 
-def _write_outputs(stage: StageDir, policy: Policy, alphas: dict[str, Any], space: SearchSpace,
-                   metrics: dict[str, Any], accelerator: Accelerator) -> None:
-    """policy.json, alphas.json and (last, as the stage's completion mark) metrics.json — main process only."""
+def _write_outputs(stage: StageDir, policy: Policy, tables: dict[Path, Any], metrics: dict[str, Any],
+                   accelerator: Accelerator) -> None:
+    """policy.json, the strategy's ``tables`` (``{path: JSON content}``: ``stage.alphas`` or ``stage.scores``) and
+    (last, as the stage's completion mark) metrics.json — main process only."""
     if accelerator.is_main_process:
         policy.save(stage.policy)
-        atomic_write_text(stage.alphas, json.dumps({"bits": list(space.bits), "layers": alphas}, indent=1))
+        for path, content in tables.items():
+            atomic_write_text(path, json.dumps(content, indent=1))
     write_metrics_json(stage, metrics, accelerator)
     accelerator.wait_for_everyone()

@@ -7,7 +7,8 @@ Modules (one concept each):
   checkpoints, resume, logs), ``TrainingStep`` / ``SupervisedStep`` (what one optimisation step does),
   ``make_accelerator``, ``build_optimizer``, ``lr_factor`` / ``build_scheduler``, ``evaluate`` (top-1/top-5 with
   ``gather_for_metrics``).
-* :mod:`gmpq.train.loaders` — ``build_dataloaders`` (global batches, split across processes), ``calibration_batches``.
+* :mod:`gmpq.train.loaders` — ``build_dataloaders`` (global batches, split across processes), ``calibration_batches``,
+  ``labelled_batches``.
 * :mod:`gmpq.train.checkpoint` — ``CheckpointManager`` (atomic ``save_state`` per epoch), ``init_from_checkpoint``,
   ``find_model_dir``.
 * :mod:`gmpq.train.runlog` — ``MetricsLogger`` (JSONL + CSV per epoch), ``write_metrics_json``, ``write_run_info``
@@ -40,7 +41,7 @@ from gmpq.train.engine import (
     optimizer_steps_per_epoch,
     process_state,
 )
-from gmpq.train.loaders import Loaders, build_dataloaders, calibration_batches
+from gmpq.train.loaders import Loaders, build_dataloaders, calibration_batches, labelled_batches
 from gmpq.train.losses import distillation_loss
 from gmpq.train.runlog import MetricsLogger, environment, prepare_output_dir, write_metrics_json, write_run_info
 
@@ -48,6 +49,6 @@ __all__ = [
     "CheckpointManager", "FitResult", "Loaders", "LoopConfig", "MetricsLogger", "Progress", "ScheduledOptimizer",
     "StepOutput", "SupervisedStep", "TrainingStep", "build_dataloaders", "build_optimizer", "build_scheduler",
     "calibration_batches", "cross_entropy_loss", "distillation_loss", "environment", "evaluate", "find_model_dir",
-    "fit", "init_from_checkpoint", "lr_factor", "make_accelerator", "optimizer_steps_per_epoch",
+    "fit", "init_from_checkpoint", "labelled_batches", "lr_factor", "make_accelerator", "optimizer_steps_per_epoch",
     "prepare_output_dir", "process_state", "write_metrics_json", "write_run_info",
 ]

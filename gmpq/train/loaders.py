@@ -96,7 +96,15 @@ def build_dataloaders(recipe: Recipe, accelerator: Accelerator | None = None, *,
 
 
 def calibration_batches(recipe: Recipe, num_batches: int, accelerator: Accelerator | None = None) -> list[torch.Tensor]:
-    """``num_batches`` global batches of training images with the *evaluation* transform, for calibration.
+    """The images of :func:`labelled_batches`: ``num_batches`` global batches of training images with the
+    *evaluation* transform, for calibration."""
+    return [images for images, _ in labelled_batches(recipe, num_batches, accelerator)]
+
+
+def labelled_batches(recipe: Recipe, num_batches: int,
+                     accelerator: Accelerator | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``num_batches`` global batches of ``(images, labels)`` from the training split, with the *evaluation*
+    transform (calibration, sensitivity scores).
 
     The images are the first ``num_batches * data.batch_size`` of a permutation seeded with ``recipe.seed``; every
     process gets the same batches, so calibration gives the same quantizers on every rank and for any number of
@@ -115,5 +123,8 @@ def calibration_batches(recipe: Recipe, num_batches: int, accelerator: Accelerat
                                             train=False))
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(recipe.seed)).tolist()
     order = order[: num_batches * data.batch_size]
-    return [torch.stack([ds[i][0] for i in order[k: k + data.batch_size]])
-            for k in range(0, len(order), data.batch_size)]
+    batches = []
+    for k in range(0, len(order), data.batch_size):
+        items = [ds[i] for i in order[k: k + data.batch_size]]
+        batches.append((torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])))
+    return batches

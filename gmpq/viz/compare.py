@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from gmpq.errors import PolicyError, RunError
-from gmpq.utils import read_user_text
 from gmpq.rundir import RunDir, StageDir
+from gmpq.utils import read_user_text
 from gmpq.viz._render import figure_format, new_figure, save_figure
 
 BOPS_AXES = ("searched", "total")

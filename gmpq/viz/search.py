@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from gmpq.errors import RunError
-from gmpq.utils import read_user_text
 from gmpq.rundir import RunDir, StageDir
+from gmpq.utils import read_user_text
 from gmpq.viz._render import A_COLOR, W_COLOR, figure_format, new_figure, save_figure
 
 LOG_NAME = RunDir(Path()).search.epoch_log.name
