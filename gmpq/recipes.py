@@ -87,6 +87,8 @@ class DataConfig:
     max_eval_samples: int | None = _f(None, gt=0, doc="use only N evaluation samples (the same N for every seed)")
     holdout: int | None = _f(None, gt=0, doc="hold N training samples out of training as split 'holdout' (the same "
                                              "fixed slice for every seed); evaluate on it with eval_split=holdout")
+    classes: int | None = _f(None, gt=0, doc="use only the samples of the first N classes (labels 0..N-1) of every "
+                                             "split: a smaller task on the same images")
 
 
 @dataclass
@@ -205,6 +207,7 @@ class TargetConfig:
     max_train_samples: int | None = _f(None, gt=0, doc="use only the first N target training samples")
     max_eval_samples: int | None = _f(None, gt=0, doc="use only the first N target evaluation samples")
     holdout: int | None = _f(None, gt=0, doc="hold N target training samples out as split 'holdout' (see data.holdout)")
+    classes: int | None = _f(None, gt=0, doc="use only the first N classes of the target (see data.classes)")
     pretrained: bool = _f(False, doc="initialise the target model from timm's pretrained weights")
     checkpoint: str | None = _f(None, doc="float checkpoint of the target model; None = pretrained or the pretrain "
                                            "output when the target is the proxy")

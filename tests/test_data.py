@@ -223,6 +223,17 @@ def test_holdout_is_a_fixed_disjoint_slice_of_the_training_split():
         load_split(spec, "holdout", holdout=1500)
 
 
+def test_classes_keeps_the_first_n_classes_before_the_holdout():
+    spec = get_dataset_spec("cifar10_embedded")
+    part = load_split(spec, "train", classes=3)
+    assert part.num_classes == 3 and set(part.dataset["label"]) == {0, 1, 2} and "first 3 classes" in part.source
+    assert part.class_names is None or len(part.class_names) == 3
+    held = load_split(spec, "holdout", holdout=20, classes=3)
+    assert len(held) == 20 and set(held.dataset["label"]) <= {0, 1, 2}
+    with pytest.raises(DatasetError, match="classes=11 must be between 1 and the 10 classes"):
+        load_split(spec, "train", classes=11)
+
+
 def test_tinyimagenet_is_registered_as_a_target():
     spec = get_dataset_spec("tinyimagenet")
     assert (spec.hub_id, spec.num_classes, spec.train_split, spec.eval_split) == ("zh-plus/tiny-imagenet", 200,

@@ -64,13 +64,15 @@ class ClassificationSplit:
 
 
 def load_split(spec: DatasetSpec, split: str, path: str | None = None, max_samples: int | None = None,
-               seed: int = 0, holdout: int | None = None, train_split: str | None = None) -> ClassificationSplit:
+               seed: int = 0, holdout: int | None = None, train_split: str | None = None,
+               classes: int | None = None) -> ClassificationSplit:
     """Load ``split`` of ``spec`` (from ``path`` when given), normalised to ``image``/``label`` columns.
 
     ``max_samples`` keeps the first N samples after a shuffle seeded with ``seed`` (the same N for every seed-equal
     call, so every process of a distributed run sees the same subset). With ``holdout=N`` the training split
     (``train_split``, default the spec's) loses a fixed slice of N samples, which is the split ``"holdout"`` (module
-    docstring); ``max_samples`` then applies to what remains.
+    docstring); ``max_samples`` then applies to what remains. ``classes=N`` keeps only the samples of the first N
+    classes (labels 0..N-1; before the holdout and ``max_samples``): a smaller task with the same images.
     """
     train_name = train_split or spec.train_split
     if split == HOLDOUT_SPLIT and not holdout:
@@ -83,6 +85,8 @@ def load_split(spec: DatasetSpec, split: str, path: str | None = None, max_sampl
     else:
         ds, source = _load_hub(spec, source_split), f"hub:{spec.hub_id}"
     ds = _normalise_columns(ds, spec, source)
+    if classes is not None:
+        ds, source = _first_classes(ds, classes, spec.name), f"{source} (first {classes} classes)"
     if holdout and source_split == train_name:
         ds, source = _holdout_part(ds, holdout, held=split == HOLDOUT_SPLIT, name=spec.name), f"{source} ({split})"
     if max_samples is not None and max_samples < len(ds):
@@ -94,7 +98,18 @@ def load_split(spec: DatasetSpec, split: str, path: str | None = None, max_sampl
         num_classes, names = label_feature.num_classes, list(label_feature.names)
     else:
         num_classes, names = spec.num_classes or int(max(ds["label"])) + 1, None
+    if classes is not None:
+        num_classes, names = classes, names[:classes] if names else None
     return ClassificationSplit(ds, num_classes, names, source)
+
+
+def _first_classes(ds: datasets.Dataset, classes: int, name: str) -> datasets.Dataset:
+    """The samples of labels 0..classes-1."""
+    labels = np.asarray(ds["label"])
+    if not 0 < classes <= int(labels.max()) + 1:
+        raise DatasetError(f"classes={classes} must be between 1 and the {int(labels.max()) + 1} classes of dataset "
+                           f"{name!r}")
+    return ds.select(np.flatnonzero(labels < classes).tolist())
 
 
 def _holdout_part(ds: datasets.Dataset, holdout: int, held: bool, name: str) -> datasets.Dataset:

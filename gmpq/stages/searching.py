@@ -341,11 +341,12 @@ def _search_supernet(recipe: Recipe, run_recipe: Recipe, strategy: Strategy, mod
 
 
 def _num_classes(recipe: Recipe, accelerator: Accelerator) -> int:
-    """``model.num_classes``, else the dataset's class count (from its registry entry, else from the data)."""
+    """``model.num_classes``, else ``data.classes``, else the dataset's class count (from its registry entry, else
+    from the data)."""
     from gmpq.data import get_dataset_spec
 
-    if recipe.model.num_classes:
-        return recipe.model.num_classes
+    if recipe.model.num_classes or recipe.data.classes:
+        return recipe.model.num_classes or recipe.data.classes
     spec = get_dataset_spec(recipe.data.dataset, recipe.data.path)
     if spec.num_classes:
         return spec.num_classes

@@ -55,7 +55,8 @@ def target_search_overrides(study: StudyConfig) -> tuple[str, ...]:
     """Overrides that make the search read the target's data with the target's architecture (strategy ``target``)."""
     t, r = study.recipe.target, study.recipe
     values = {"data.dataset": t.dataset, "data.path": t.path, "data.input_size": t.input_size,
-              "data.train_split": t.train_split, "data.holdout": t.holdout, "data.eval_split": "holdout",
+              "data.train_split": t.train_split, "data.holdout": t.holdout, "data.classes": t.classes,
+              "data.eval_split": "holdout",
               "data.max_train_samples": t.max_train_samples,
               "model.arch": t.arch or r.model.deploy_arch or base_arch(r.model.arch)}
     return tuple(f"{k}={json.dumps(v)}" for k, v in values.items())

@@ -65,9 +65,9 @@ def build_dataloaders(recipe: Recipe, accelerator: Accelerator | None = None, *,
 
     def load(split: str, max_samples: int | None, seed: int):
         if accelerator is None:
-            return load_split(spec, split, data.path, max_samples, seed, data.holdout, train_split)
+            return load_split(spec, split, data.path, max_samples, seed, data.holdout, train_split, data.classes)
         with accelerator.main_process_first():
-            return load_split(spec, split, data.path, max_samples, seed, data.holdout, train_split)
+            return load_split(spec, split, data.path, max_samples, seed, data.holdout, train_split, data.classes)
 
     eval_bs = eval_batch_size or data.eval_batch_size or 2 * data.batch_size
     for key, bs in (("data.batch_size", data.batch_size), ("evaluation batch size", eval_bs)):
@@ -115,10 +115,12 @@ def labelled_batches(recipe: Recipe, num_batches: int,
     cfg = model_data_config(recipe.model.arch)
     split = data.train_split or spec.train_split
     if accelerator is None:
-        part = load_split(spec, split, data.path, data.max_train_samples, recipe.seed, data.holdout, split)
+        part = load_split(spec, split, data.path, data.max_train_samples, recipe.seed, data.holdout, split,
+                              data.classes)
     else:
         with accelerator.main_process_first():
-            part = load_split(spec, split, data.path, data.max_train_samples, recipe.seed, data.holdout, split)
+            part = load_split(spec, split, data.path, data.max_train_samples, recipe.seed, data.holdout, split,
+                              data.classes)
     ds = ImageDataset(part, build_transform(spec.family, data.input_size or cfg.input_size, cfg.mean, cfg.std,
                                             train=False))
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(recipe.seed)).tolist()
