@@ -7,6 +7,7 @@ The public API, one import away::
     report = gmpq.count_bops(model, input_size=224)
     result = gmpq.search(recipe)          # metrics of the search stage; result.policy is the decoded Policy
     gmpq.pretrain(recipe); gmpq.finetune(recipe); gmpq.evaluate(recipe); gmpq.run(recipe)   # the other stages
+    gmpq.run_study("gmpq/recipe_files/studies/<name>.yaml")   # strategies x budgets x seeds, proxy -> target, statistics
 """
 
 import types
@@ -47,11 +48,12 @@ __all__ = [
     "searchable_layer_names", "uniform_policy",
     "RunError", "StorageError", "compare_runs", "plot_compare", "plot_policies", "plot_search",
     "export_onnx", "from_pretrained", "push_to_hub", "save_pretrained",
-    "search", "pretrain", "finetune", "evaluate", "run",
+    "search", "pretrain", "finetune", "evaluate", "run", "run_study",
 ]
 
 #: Stages and the pipeline, imported on first use (they pull in accelerate and datasets).
-_LAZY = {"pretrain": "gmpq.stages", "finetune": "gmpq.stages", "evaluate": "gmpq.stages", "run": "gmpq.pipeline"}
+_LAZY = {"pretrain": "gmpq.stages", "finetune": "gmpq.stages", "evaluate": "gmpq.stages", "run": "gmpq.pipeline",
+         "run_study": "gmpq.study.runner"}
 
 
 class _SearchPackage(types.ModuleType):

@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from gmpq.errors import GmpqError, ModelError
+from gmpq.errors import GmpqError, ModelError, RunError
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -113,10 +113,15 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    """``gmpq compare RUN_DIR ... [-o FIG] [--json]``: a table of the runs, and a top-1 vs BOPs scatter plot."""
+    """``gmpq compare RUN_DIR ... [-o FIG] [--json]``: a table of the runs, and a top-1 vs BOPs scatter plot; a study
+    directory stands for its finished cells."""
+    from gmpq.study import finished_cell_dirs, is_study_directory
     from gmpq.viz import compare_runs, format_compare_table, plot_compare
 
-    runs = compare_runs(args.runs)
+    dirs = [cell for d in args.runs for cell in (finished_cell_dirs(d) if is_study_directory(d) else [d])]
+    if not dirs:
+        raise RunError(f"the study directories {', '.join(args.runs)} have no finished cells yet")
+    runs = compare_runs(dirs)
     print(json.dumps([r.to_dict() for r in runs], indent=2) if args.json else format_compare_table(runs))
     if args.output:
         path = plot_compare(runs, args.output, bops=args.bops)
@@ -260,6 +265,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    """``gmpq study STUDY.yaml [key=value ...]``: strategies x budgets x seeds, proxy search, target fine-tuning."""
+    from gmpq.study import run_study
+
+    result = run_study(args.study, args.overrides, cells=args.cells, shard=args.shard, report_only=args.report,
+                       unpack=args.unpack or (), pack=args.pack, pack_models=args.pack_models)
+    _say(f"study {result.directory}: {len(result.rows)} of {result.total_cells} cells finished"
+         + (f" ({len(result.ran)} run now)" if result.ran else "")
+         + (f"; float target top-1 {result.float_top1:.2f} %" if result.float_top1 is not None else ""))
+    if result.summary is not None:
+        _say(f"  {result.summary}  {result.directory / 'results.csv'}"
+             + (f"  {result.figure}" if result.figure is not None else ""))
+    if args.pack:
+        _say(f"  packed finished cells into {args.pack}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from gmpq.version import __version__
 
@@ -291,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="W and A bars side by side (default) or mirrored (W up, A down)")
     p.add_argument("--title", help="figure title")
     p = verb("compare", cmd_compare, "compare runs: a table of top-1, BOPs and size, and a top-1 vs BOPs plot")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run output directories (each with metrics.json)")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run output directories (each with metrics.json), or study "
+                                                              "directories (their finished cells)")
     p.add_argument("-o", "--output", help="also write a scatter plot of top-1 against BOPs (.png, .svg or .pdf)")
     p.add_argument("--bops", choices=("searched", "total"), default="searched",
                    help="x axis: BOPs of the searched layers (default) or of all layers")
@@ -335,6 +358,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", metavar="key=value",
                        help="recipe overrides, e.g. finetune.epochs=1 output_dir=runs/try1")
         p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    p = verb("study", cmd_study, "a study: search on a proxy, fine-tune on a target, strategies x budgets x seeds, "
+                                 "with statistics (results.csv, summary.md, study.png)")
+    p.add_argument("study", metavar="STUDY.yaml",
+                   help="study file, or a packaged study's name (embedded_to_tinyimagenet_cpu)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="overrides of the base recipe (finetune.epochs=1), or of the study (study.seeds=[0,1])")
+    p.add_argument("--cells", metavar="A:B", help="run only these runs of the grid (0-based slice, B excluded)")
+    p.add_argument("--shard", metavar="K/N", help="run every N-th run of the grid from the K-th (0-based)")
+    p.add_argument("--report", action="store_true", help="run nothing: rewrite the results from finished cells")
+    p.add_argument("--unpack", nargs="+", metavar="ARCHIVE", help="first merge these archives of finished cells")
+    p.add_argument("--pack", metavar="ARCHIVE", help="finally pack the finished cells into this .tar.gz")
+    p.add_argument("--pack-models", action="store_true", help="with --pack: include the cells' fine-tuned weights")
     return parser
 
 

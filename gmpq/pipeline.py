@@ -5,7 +5,7 @@
       -> finetune (QAT of the policy on the target: ``target`` section, else the proxy itself)
       -> evaluate (held-out top-1 / top-5, BOPs, size)
       -> export (packed low-bit safetensors + policy + config + model card)
-    [+ the uniform baseline: the best single (w, a) under the same budget, fine-tuned the same way]
+    [+ the uniform baseline: the best single (w, a) under the budget, fine-tuned the same way]
 
 All in one run directory (:class:`~gmpq.rundir.RunDir`: a directory per stage, the export, the uniform baseline
 as a nested run, the figures and the run's summary), which this process holds for the duration. A finished stage
@@ -45,10 +45,12 @@ class RunResult:
     figures: list[Path] = field(default_factory=list)
 
 
-def target_recipe(recipe: Recipe) -> Recipe:
+def target_recipe(recipe: Recipe, require_weights: bool = True) -> Recipe:
     """The recipe of the target stages (finetune, evaluate, export): ``recipe`` with its ``target`` section applied.
 
-    Without ``target.dataset`` the target is the proxy itself and the recipe is returned unchanged.
+    Without ``target.dataset`` the target is the proxy itself and the recipe is returned unchanged. With
+    ``require_weights`` (the default) a target model without float weights (no ``target.checkpoint``, not
+    ``target.pretrained``) is refused; a study turns it off to train the target's float model.
     """
     t = recipe.target
     if t.dataset is None:
@@ -58,8 +60,9 @@ def target_recipe(recipe: Recipe) -> Recipe:
                          checkpoint=t.checkpoint, pretrained=t.pretrained, num_classes=None)
     data["data"].update(dataset=t.dataset, path=t.path, input_size=t.input_size, train_split=t.train_split,
                         eval_split=t.eval_split, batch_size=t.batch_size or recipe.data.batch_size,
-                        max_train_samples=t.max_train_samples, max_eval_samples=t.max_eval_samples)
-    if t.checkpoint is None and not t.pretrained:
+                        max_train_samples=t.max_train_samples, max_eval_samples=t.max_eval_samples,
+                        holdout=t.holdout, classes=t.classes)
+    if require_weights and t.checkpoint is None and not t.pretrained:
         raise RecipeError("target.dataset is set but the target model has no float weights: set target.pretrained=true "
                           "or target.checkpoint")
     return Recipe.from_dict(data)
@@ -154,7 +157,7 @@ def _export(target: Recipe, uniform: dict[str, Any] | None,
     comparison = []
     if uniform is not None:
         u = _uniform_metrics(uniform)
-        comparison.append({"model": f"{_uniform_name(u)} at the same budget", "top1": u["top1"],
+        comparison.append({"model": _uniform_name(u, target.search.budget_g), "top1": u["top1"],
                            "bops_searched_g": u["bops_searched_g"], "mean_w_bits": u["w_bits"],
                            "mean_a_bits": u["a_bits"]})
     report = export_run(target.output_dir, export_dir, format=target.export.format,
@@ -310,9 +313,11 @@ def _uniform_metrics(uniform: dict[str, Any]) -> dict[str, Any]:
             "a_bits": tuned.get("mean_a_bits")}
 
 
-def _uniform_name(u: dict[str, Any]) -> str:
-    """``uniform WbAb`` of a baseline's :func:`_uniform_metrics`."""
-    return f"uniform W{u['w_bits']:.0f}A{u['a_bits']:.0f}"
+def _uniform_name(u: dict[str, Any], budget_g: float) -> str:
+    """``uniform WbAb (B G, P % of the budget)`` of a baseline's :func:`_uniform_metrics`: uniform policies are
+    coarse, so the best one under the budget may use much less of it and is never called "the same budget"."""
+    return (f"uniform W{u['w_bits']:.0f}A{u['a_bits']:.0f} ({u['bops_searched_g']:.3f} G, "
+            f"{100 * u['bops_searched_g'] / budget_g:.0f} % of the budget)")
 
 
 def format_summary(result: RunResult) -> str:
@@ -329,8 +334,8 @@ def format_summary(result: RunResult) -> str:
     ]
     if "uniform" in m:
         u = m["uniform"]
-        lines.append(f"  {_uniform_name(u)} at the same budget: top-1 {u['top1']:.2f} % at "
-                     f"{u['bops_searched_g']:.3f} G  ->  {m['strategy']} {m['top1'] - u['top1']:+.2f} points")
+        lines.append(f"  {_uniform_name(u, m['budget_g'])}: top-1 {u['top1']:.2f} %  ->  {m['strategy']} "
+                     f"{m['top1'] - u['top1']:+.2f} points")
     if "float_top1" in m:
         lines.append(f"  float teacher top-1 {m['float_top1']:.2f} %")
     lines.append(f"  exported model: {m['export_dir']} (model card README.md, {m['size_bytes'] / 1e6:.2f} MB, "

@@ -84,7 +84,11 @@ class DataConfig:
     num_workers: int = _f(0, ge=0, doc="dataloader worker processes per training process")
     max_train_samples: int | None = _f(None, gt=0, doc="use only the first N training samples (after shuffling "
                                                        "with the recipe seed)")
-    max_eval_samples: int | None = _f(None, gt=0, doc="use only the first N evaluation samples")
+    max_eval_samples: int | None = _f(None, gt=0, doc="use only N evaluation samples (the same N for every seed)")
+    holdout: int | None = _f(None, gt=0, doc="hold N training samples out of training as split 'holdout' (the same "
+                                             "fixed slice for every seed); evaluate on it with eval_split=holdout")
+    classes: int | None = _f(None, gt=0, doc="use only the samples of the first N classes (labels 0..N-1) of every "
+                                             "split: a smaller task on the same images")
 
 
 @dataclass
@@ -133,6 +137,8 @@ class SearchConfig:
         "gmpq", doc="gmpq | edmips (trained supernet) | hawq | ompq (scores of the float model) | uniform | random")
     budget_g: float | None = _f(None, gt=0, doc="BOPs budget in G at the deployment size, counted as bops_preset "
                                                "says (required when searching)")
+    uniform_side: Literal["below", "above"] = _f("below", doc="strategy uniform: the nearest uniform policy at or below "
+                                                           "the budget, or the nearest one above it")
     bops_preset: Literal["searched", "kept8", "all"] = _f(
         "searched", doc="what the budget counts: searched layers only | + kept layers at 8/8 bits (HAWQ-V3, OMPQ) | "
                         "all layers at their bits")
@@ -200,6 +206,8 @@ class TargetConfig:
     batch_size: int | None = _f(None, gt=0, doc="global fine-tuning batch on the target; None = data.batch_size")
     max_train_samples: int | None = _f(None, gt=0, doc="use only the first N target training samples")
     max_eval_samples: int | None = _f(None, gt=0, doc="use only the first N target evaluation samples")
+    holdout: int | None = _f(None, gt=0, doc="hold N target training samples out as split 'holdout' (see data.holdout)")
+    classes: int | None = _f(None, gt=0, doc="use only the first N classes of the target (see data.classes)")
     pretrained: bool = _f(False, doc="initialise the target model from timm's pretrained weights")
     checkpoint: str | None = _f(None, doc="float checkpoint of the target model; None = pretrained or the pretrain "
                                            "output when the target is the proxy")
@@ -209,7 +217,7 @@ class TargetConfig:
 class RunConfig:
     """What ``gmpq run`` does besides the pretrain -> search -> finetune -> evaluate -> export chain."""
 
-    compare_uniform: bool = _f(True, doc="also fine-tune the best uniform policy under the same budget and report "
+    compare_uniform: bool = _f(True, doc="also fine-tune the best uniform policy under the budget and report "
                                          "both")
 
 
@@ -266,9 +274,10 @@ class Recipe:
         return value
 
 
-def packaged_recipes() -> dict[str, Path]:
-    """The recipes shipped inside the package: name -> YAML path, by name."""
-    return {p.stem: p for p in sorted(PACKAGED_RECIPES_DIR.glob("*.yaml"))}
+def packaged_recipes(kind: Literal["recipe", "study"] = "recipe") -> dict[str, Path]:
+    """The recipes (or, ``kind="study"``, the studies) shipped inside the package: name -> YAML path, by name."""
+    folder = PACKAGED_RECIPES_DIR / "studies" if kind == "study" else PACKAGED_RECIPES_DIR
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
 
 
 def recipe_description(path: str | os.PathLike) -> str:
@@ -281,21 +290,21 @@ def recipe_description(path: str | os.PathLike) -> str:
     return ""
 
 
-def resolve_recipe(path_or_name: str | os.PathLike) -> Path:
-    """The recipe file ``path_or_name`` means: an existing file as it is, else the packaged recipe of that name
-    (``quickstart`` or ``quickstart.yaml``, no directory part). A bare name that is neither raises
-    :class:`RecipeError` listing the packaged recipes; any other path is returned for the reader to report."""
+def resolve_recipe(path_or_name: str | os.PathLike, kind: Literal["recipe", "study"] = "recipe") -> Path:
+    """The recipe file ``path_or_name`` means: an existing file as it is, else the packaged recipe (or study) of
+    that name (``quickstart`` or ``quickstart.yaml``, no directory part). A bare name that is neither raises
+    :class:`RecipeError` listing the packaged ones; any other path is returned for the reader to report."""
     p = Path(path_or_name)
     if p.exists() or p.parent != Path():
         return p
     name = p.stem if p.suffix in RECIPE_SUFFIXES else p.name
-    packaged = packaged_recipes()
+    packaged = packaged_recipes(kind)
     if name in packaged:
         return packaged[name]
     if p.suffix:
         return p
     close = difflib.get_close_matches(name, packaged, n=3)
-    raise RecipeError(f"no recipe file {str(p)!r} and no packaged recipe of that name"
+    raise RecipeError(f"no {kind} file {str(p)!r} and no packaged {kind} of that name"
                       + (f" (did you mean {', '.join(close)}?)" if close else "")
                       + f"; packaged: {', '.join(packaged)} (`gmpq recipes`), or give a YAML path")
 

@@ -5,7 +5,7 @@ A run directory (a recipe's ``output_dir``)::
     <output_dir>/
       pretrain/ search/ finetune/ evaluate/   one StageDir per stage (below)
       export/                                 the exported model (gmpq run)
-      uniform/                                a nested run: the uniform policy under the same budget (gmpq run)
+      uniform/                                a nested run: the best uniform policy under the budget (gmpq run)
       policy.png search.png                   figures (gmpq run)
       metrics.json                            the run's summary (gmpq run)
       .gmpq.lock                              ownership (see RunDir.claim)
@@ -197,7 +197,7 @@ class RunDir:
 
     @property
     def uniform(self) -> RunDir:
-        """The nested run of the uniform policy under the same budget."""
+        """The nested run of the best uniform policy under the budget."""
         return RunDir(self.root / "uniform")
 
     @property

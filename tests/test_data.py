@@ -118,8 +118,10 @@ def test_local_copy_errors(tmp_path):
     with pytest.raises(DatasetError, match="does not exist; fix data.path"):
         load_split(spec, "train", path=str(tmp_path / "absent"))
     shutil.copy(EMBEDDED / "test-00000-of-00001.parquet", tmp_path / "test-00000-of-00001.parquet")
-    with pytest.raises(DatasetError, match="none for split 'validation'.*data.train_split / data.eval_split"):
-        load_split(spec, "validation", path=str(tmp_path))
+    with pytest.raises(DatasetError, match="none for split 'train'.*data.train_split / data.eval_split"):
+        load_split(spec, "train", path=str(tmp_path))
+    part = load_split(spec, "validation", path=str(tmp_path))  # evaluation-split names stand for one another
+    assert len(part) == 500 and "split 'test' read as 'validation'" in part.source
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(DatasetError, match="no data for split 'train'.*imagefolder"):
@@ -203,3 +205,47 @@ def test_webdataset_shards(tmp_path):
     part = load_split(get_dataset_spec("imagenet"), "validation", path=str(tmp_path))
     assert len(part) == 4 and part.num_classes == 1000 and part.source.startswith("webdataset:")
     assert part.dataset["label"] == [0, 1, 2, 0] and part.dataset[1]["image"].size == (12, 10)
+
+
+def test_holdout_is_a_fixed_disjoint_slice_of_the_training_split():
+    spec = get_dataset_spec("cifar10_embedded")
+    held = load_split(spec, "holdout", holdout=100, seed=3)
+    rest = load_split(spec, "train", holdout=100, seed=7)
+    assert (len(held), len(rest)) == (100, 1400) and "(holdout)" in held.source
+    key = [np.asarray(im).tobytes() for im in held.dataset["image"]]
+    assert not set(key) & {np.asarray(im).tobytes() for im in rest.dataset["image"]}
+    again = load_split(spec, "holdout", holdout=100, seed=0)  # the run seed does not move the slice
+    assert [np.asarray(im).tobytes() for im in again.dataset["image"]] == key
+    assert len(load_split(spec, "train", holdout=100, max_samples=50)) == 50
+    with pytest.raises(DatasetError, match="data.holdout=N"):
+        load_split(spec, "holdout")
+    with pytest.raises(DatasetError, match="between 1 and 1499"):
+        load_split(spec, "holdout", holdout=1500)
+
+
+def test_classes_keeps_the_first_n_classes_before_the_holdout():
+    spec = get_dataset_spec("cifar10_embedded")
+    part = load_split(spec, "train", classes=3)
+    assert part.num_classes == 3 and set(part.dataset["label"]) == {0, 1, 2} and "first 3 classes" in part.source
+    assert part.class_names is None or len(part.class_names) == 3
+    held = load_split(spec, "holdout", holdout=20, classes=3)
+    assert len(held) == 20 and set(held.dataset["label"]) <= {0, 1, 2}
+    with pytest.raises(DatasetError, match="classes=11 must be between 1 and the 10 classes"):
+        load_split(spec, "train", classes=11)
+
+
+def test_tinyimagenet_is_registered_as_a_target():
+    spec = get_dataset_spec("tinyimagenet")
+    assert (spec.hub_id, spec.num_classes, spec.train_split, spec.eval_split) == ("zh-plus/tiny-imagenet", 200,
+                                                                                   "train", "valid")
+
+
+def test_shared_tinyimagenet_loads_with_its_test_split_as_valid():
+    root = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyimagenet"
+    if not (root / "test-00000-of-00001.parquet").exists():
+        pytest.skip(f"Tiny-ImageNet subset not found at {root} (only present on the developers' machines)")
+    spec = get_dataset_spec("tinyimagenet")
+    valid = load_split(spec, "valid", path=str(root))
+    assert len(valid) == 5000 and valid.num_classes == 200
+    image = valid.dataset[0]["image"]
+    assert image.size == (64, 64)

@@ -111,7 +111,9 @@ def test_quickstart_export_loads_and_matches_the_fine_tuned_model(quickstart_run
     # the card shows the run's search figure and the uniform policy it was compared with
     assert "](search.png)" in card and (result.export_dir / "search.png").is_file()
     uniform = result.metrics["uniform"]
-    assert f"| uniform W{uniform['w_bits']:.0f}A{uniform['a_bits']:.0f} at the same budget | {uniform['top1']:.2f} %" in card
+    share = 100 * uniform["bops_searched_g"] / result.metrics["budget_g"]
+    assert (f"| uniform W{uniform['w_bits']:.0f}A{uniform['a_bits']:.0f} ({uniform['bops_searched_g']:.3f} G, "
+            f"{share:.0f} % of the budget) | {uniform['top1']:.2f} %") in card and "same budget" not in card
     # `gmpq evaluate` takes the export like any model directory gmpq writes: its data section names the dataset
     again = gmpq.evaluate(result.export_dir, ["data.max_eval_samples=32", f"output_dir={result.output_dir / 'ev'}"])
     assert again["dataset"] == "cifar10_embedded" and again["num_eval_samples"] == 32

@@ -19,6 +19,14 @@ Sources, in order:
 When none works, :class:`~gmpq.errors.DatasetError` names the dataset and how to point the recipe at a local copy.
 Whatever the source, the returned :class:`ClassificationSplit` exposes a ``datasets.Dataset`` with an ``image``
 (decoded to PIL on access) and an integer ``label`` column.
+
+**Evaluation-split names.** Copies of one dataset name their held-out split differently (Tiny-ImageNet: ``valid`` on
+the Hub, ``test`` in the shared local copy); a local copy without files for one of ``valid``, ``validation``,
+``val``, ``test`` is read under another of these names (the source then says which).
+
+**Held-out slice of the training split** (``holdout=N``): the split named ``holdout`` is the first N samples of a
+fixed permutation (seed 0, whatever the run's seed) of the training split, and the training split itself is the rest.
+Hyperparameters can then be chosen on data the model never trained on, without reading the test split.
 """
 
 from __future__ import annotations
@@ -28,11 +36,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import numpy as np
 
 from gmpq.data.registry import DatasetSpec
 from gmpq.errors import DatasetError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+#: Names under which copies of one dataset store their held-out evaluation split (interchangeable in local copies).
+EVAL_SPLIT_NAMES = ("valid", "validation", "val", "test")
+#: The split name of a held-out slice of the training split (``holdout=N``).
+HOLDOUT_SPLIT = "holdout"
+#: Seed of the permutation that picks the held-out slice: fixed, so that every run seed holds out the same samples.
+HOLDOUT_SEED = 0
 
 
 @dataclass
@@ -49,18 +64,31 @@ class ClassificationSplit:
 
 
 def load_split(spec: DatasetSpec, split: str, path: str | None = None, max_samples: int | None = None,
-               seed: int = 0) -> ClassificationSplit:
+               seed: int = 0, holdout: int | None = None, train_split: str | None = None,
+               classes: int | None = None) -> ClassificationSplit:
     """Load ``split`` of ``spec`` (from ``path`` when given), normalised to ``image``/``label`` columns.
 
     ``max_samples`` keeps the first N samples after a shuffle seeded with ``seed`` (the same N for every seed-equal
-    call, so every process of a distributed run sees the same subset).
+    call, so every process of a distributed run sees the same subset). With ``holdout=N`` the training split
+    (``train_split``, default the spec's) loses a fixed slice of N samples, which is the split ``"holdout"`` (module
+    docstring); ``max_samples`` then applies to what remains. ``classes=N`` keeps only the samples of the first N
+    classes (labels 0..N-1; before the holdout and ``max_samples``): a smaller task with the same images.
     """
+    train_name = train_split or spec.train_split
+    if split == HOLDOUT_SPLIT and not holdout:
+        raise DatasetError(f"split {HOLDOUT_SPLIT!r} of dataset {spec.name!r} is a held-out slice of the training "
+                           f"split; set its size with data.holdout=N (or target.holdout=N for a target)")
+    source_split = train_name if split == HOLDOUT_SPLIT else split
     local = Path(path).expanduser() if path is not None else spec.local_dir
     if local is not None:
-        ds, source = _load_local(spec, split, local)
+        ds, source = _load_local(spec, source_split, local)
     else:
-        ds, source = _load_hub(spec, split), f"hub:{spec.hub_id}"
+        ds, source = _load_hub(spec, source_split), f"hub:{spec.hub_id}"
     ds = _normalise_columns(ds, spec, source)
+    if classes is not None:
+        ds, source = _first_classes(ds, classes, spec.name), f"{source} (first {classes} classes)"
+    if holdout and source_split == train_name:
+        ds, source = _holdout_part(ds, holdout, held=split == HOLDOUT_SPLIT, name=spec.name), f"{source} ({split})"
     if max_samples is not None and max_samples < len(ds):
         ds = ds.shuffle(seed=seed).select(range(max_samples))
     if len(ds) == 0:
@@ -70,7 +98,27 @@ def load_split(spec: DatasetSpec, split: str, path: str | None = None, max_sampl
         num_classes, names = label_feature.num_classes, list(label_feature.names)
     else:
         num_classes, names = spec.num_classes or int(max(ds["label"])) + 1, None
+    if classes is not None:
+        num_classes, names = classes, names[:classes] if names else None
     return ClassificationSplit(ds, num_classes, names, source)
+
+
+def _first_classes(ds: datasets.Dataset, classes: int, name: str) -> datasets.Dataset:
+    """The samples of labels 0..classes-1."""
+    labels = np.asarray(ds["label"])
+    if not 0 < classes <= int(labels.max()) + 1:
+        raise DatasetError(f"classes={classes} must be between 1 and the {int(labels.max()) + 1} classes of dataset "
+                           f"{name!r}")
+    return ds.select(np.flatnonzero(labels < classes).tolist())
+
+
+def _holdout_part(ds: datasets.Dataset, holdout: int, held: bool, name: str) -> datasets.Dataset:
+    """The held-out slice (``held``) or the rest of a training split (see the module docstring)."""
+    if not 0 < holdout < len(ds):
+        raise DatasetError(f"holdout={holdout} must be between 1 and {len(ds) - 1}: the training split of dataset "
+                           f"{name!r} has {len(ds)} samples")
+    order = np.random.default_rng(HOLDOUT_SEED).permutation(len(ds))
+    return ds.select(sorted(order[:holdout].tolist()) if held else sorted(order[holdout:].tolist()))
 
 
 # ------------------------------------------------------------------------------------------------ local copies
@@ -89,10 +137,13 @@ def _load_local(spec: DatasetSpec, split: str, root: Path) -> tuple[datasets.Dat
     cached = _hub_cache_snapshot(spec, root)
     if cached is not None:
         root = cached
+    names = [split] + [n for n in EVAL_SPLIT_NAMES if n != split] if split in EVAL_SPLIT_NAMES else [split]
     for suffix, builder in ((".parquet", "parquet"), (".tar", "webdataset")):
-        files = sorted(p for p in root.rglob(f"*{suffix}") if _split_matches(p.relative_to(root), split))
-        if files:
-            return _load_files(spec, builder, split, files, root), f"{builder}:{root}"
+        for name in names:
+            files = sorted(p for p in root.rglob(f"*{suffix}") if _split_matches(p.relative_to(root), name))
+            if files:
+                where = f"{builder}:{root}" + ("" if name == split else f" (split {name!r} read as {split!r})")
+                return _load_files(spec, builder, name, files, root), where
         if any(root.rglob(f"*{suffix}")):
             raise DatasetError(
                 f"dataset {spec.name!r} at {str(root)!r} has {suffix} files but none for split {split!r} (a file "

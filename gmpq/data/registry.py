@@ -14,12 +14,18 @@ aircraft            HuggingFaceM4/FGVC-Aircraft         image / variant 100     
 pets                timm/oxford-iiit-pet                image / label   37           train, test          fine
 food                ethz/food101                        image / label   101          train, validation    fine
 imagenet            timm/imagenet-1k-wds                jpg / cls       1000         train, validation    imagenet
+tinyimagenet        zh-plus/tiny-imagenet               image / label   200          train, valid         cifar
 ==================  ==================================  ==============  ===========  ===================  =======
 
 Label mappings: all entries keep the official label order (``timm/oxford-iiit-pet`` and the Flowers-102 copy above
 use the original class indices; some other Flowers-102 copies on the Hub sort class *names* as strings, which
 permutes labels — do not swap them in without checking). Flowers-102 also has a ``validation`` split and Aircraft a
 ``validation`` split; ``data.train_split`` / ``data.eval_split`` select any split by name.
+
+Tiny-ImageNet-200 (64x64, 100k train / 10k valid on the Hub) is the stand-in for ImageNet as a transfer *target*; it
+uses the ``cifar`` transform family (random crop with 1/8 padding + flip at its native size, the image itself for
+evaluation). A local copy may name its evaluation split ``test`` instead of ``valid`` (:mod:`gmpq.data.loading`
+accepts the evaluation-split names ``valid``, ``validation``, ``val`` and ``test`` for one another in local copies).
 """
 
 from __future__ import annotations
@@ -119,5 +125,7 @@ for _spec in (
                 description="Food-101, 75750/25250 images"),
     DatasetSpec("imagenet", "timm/imagenet-1k-wds", "jpg", "cls", 1000, "train", "validation", "imagenet",
                 description="ImageNet-1k (ILSVRC 2012), webdataset shards; gated: accept the terms on the Hub"),
+    DatasetSpec("tinyimagenet", "zh-plus/tiny-imagenet", "image", "label", 200, "train", "valid", "cifar",
+                description="Tiny-ImageNet-200, 64x64, 100k/10k images (train/valid): the ImageNet stand-in target"),
 ):
     register_dataset(_spec)

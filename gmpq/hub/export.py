@@ -292,8 +292,8 @@ def save_pretrained(
         figures: more PNG figures for the card, caption -> file (copied into ``save_dir``), e.g. the search's
             trajectory.
         comparison: rows of a table on the card comparing this model with others measured the same way, each
-            ``{"model", "top1", "bops_searched_g", "mean_w_bits", "mean_a_bits"}`` (e.g. the uniform policy at the
-            same budget).
+            ``{"model", "top1", "bops_searched_g", "mean_w_bits", "mean_a_bits"}`` (e.g. the best uniform policy under
+            the budget, with its share of it).
         data: the training data section (dataset, path, splits, input size), recorded so that ``gmpq evaluate``
             finds the data the model was made for.
     """

@@ -132,15 +132,34 @@ def decode(space: SearchSpace, log_w: torch.Tensor | np.ndarray, log_a: torch.Te
     return decode_costs(space, -(lw[:, :, None] + la[:, None, :]), budget_g, lower_fraction)
 
 
-def decode_uniform(space: SearchSpace, budget_g: float) -> Decoded:
-    """The best single (w, a) pair for every searched layer under the budget: the pair with the most BOPs that fits
-    (ties: the more balanced pair, then more activation bits). Uniform policies are coarse, so this one need not
-    reach 97% of the budget."""
+def decode_uniform(space: SearchSpace, budget_g: float, side: str = "below") -> Decoded:
+    """The single (w, a) pair for every searched layer nearest the budget from ``side``.
+
+    ``below``: the pair with the most BOPs that fits the budget; ``above``: the pair with the fewest BOPs that
+    exceeds it. Ties: the more balanced pair, then more activation bits. Uniform policies are coarse, so the policy
+    below need not reach 97 % of the budget: a comparison with mixed policies must report both uniform neighbours
+    with their BOPs. Raises :class:`BudgetError` when no uniform policy lies on that side.
+    """
+    if side not in ("below", "above"):
+        raise ValueError(f"side must be 'below' or 'above', got {side!r}")
     total = sum(space.macs)
-    fits = [(w, a) for w in space.bits for a in space.bits if total * w * a + space.fixed_bops <= budget_g * GIGA]
-    if not fits:
-        check_budget(space, budget_g)
-    w, a = max(fits, key=lambda pair: (pair[0] * pair[1], min(pair), pair[1]))
+
+    def balance(pair: tuple[int, int]) -> tuple[int, int]:
+        return min(pair), pair[1]
+
+    pairs = [(w, a) for w in space.bits for a in space.bits]
+    if side == "below":
+        fits = [p for p in pairs if total * p[0] * p[1] + space.fixed_bops <= budget_g * GIGA]
+        if not fits:
+            check_budget(space, budget_g)
+        w, a = max(fits, key=lambda p: (p[0] * p[1], *balance(p)))
+    else:
+        over = [p for p in pairs if total * p[0] * p[1] + space.fixed_bops > budget_g * GIGA]
+        if not over:
+            raise BudgetError(f"no uniform policy over candidate bits {list(space.bits)} costs more than the budget "
+                              f"{budget_g:g} G on {space.deploy_arch}: the largest costs "
+                              f"{bops_range(space)[1]:.4f} GBOPs; use search.uniform_side=below")
+        w, a = min(over, key=lambda p: (p[0] * p[1], -min(p), -p[1]))
     choices = {n: (w, a) for n in space.layers}
     return Decoded(choices, space.searched_bops_g(choices), 0.0)
 

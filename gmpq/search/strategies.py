@@ -17,8 +17,9 @@ Two families, both ending in :mod:`gmpq.search.budget`'s decoders under the same
     (:mod:`gmpq.search.sensitivity`), weights and activations.
   - ``ompq`` — OMPQ: network orthogonality of the float model's features (:mod:`gmpq.search.orthogonality`),
     one bit width per layer.
-  - ``uniform`` — no preference (a zero table), decoded as the best single (w, a) pair for every layer
-    (:func:`~gmpq.search.budget.decode_uniform`; need not reach 97 % of the budget).
+  - ``uniform`` — no preference (a zero table), decoded as the single (w, a) pair for every layer nearest the budget,
+    at or below it (``search.uniform_side=below``, the default; need not reach 97 % of the budget) or above it
+    (:func:`~gmpq.search.budget.decode_uniform`).
   - ``random`` — no preference either; decoded as a policy drawn uniformly at random from *every* policy inside the
     window (:func:`~gmpq.search.budget.sample_in_window`), seeded by the recipe's seed: the control of a study.
 """
@@ -29,7 +30,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -44,11 +45,13 @@ from gmpq.search.supernet import SearchSpace, layer_log_probabilities
 
 @dataclass(frozen=True)
 class ScoreSettings:
-    """What the score strategies read from a recipe (``seed``, ``search.hutchinson_samples``, ``search.ompq_beta``)."""
+    """What the score strategies read from a recipe (``seed``, ``search.hutchinson_samples``, ``search.ompq_beta``,
+    ``search.uniform_side``)."""
 
     seed: int
     hutchinson_samples: int
     ompq_beta: float
+    uniform_side: Literal["below", "above"] = "below"
 
 
 @dataclass(frozen=True)
@@ -135,7 +138,8 @@ def _zero_table(space: SearchSpace) -> np.ndarray:
 
 
 class Uniform(ScoreStrategy):
-    """No preference; the one (w, a) pair for every layer with the most BOPs that fit."""
+    """No preference; the one (w, a) pair for every layer nearest the budget from ``settings.uniform_side``: the
+    most BOPs that fit (``below``), or the fewest above it (``above``, a study's second uniform neighbour)."""
 
     name = "uniform"
 
@@ -144,7 +148,7 @@ class Uniform(ScoreStrategy):
         return Scores(_zero_table(space))
 
     def decode(self, space: SearchSpace, scores: Scores, budget_g: float, settings: ScoreSettings) -> Decoded:
-        return decode_uniform(space, budget_g)
+        return decode_uniform(space, budget_g, settings.uniform_side)
 
 
 class Random(ScoreStrategy):

@@ -272,7 +272,8 @@ def _search_scored(recipe: Recipe, run_recipe: Recipe, strategy: ScoreStrategy, 
         score_recipe = run_recipe.override([f"data.batch_size={cfg.score_batch_size}"] if cfg.score_batch_size else [])
         batches = [(x.to(accelerator.device), y.to(accelerator.device))
                    for x, y in labelled_batches(score_recipe, cfg.score_batches, accelerator)]
-    settings = ScoreSettings(seed=recipe.seed, hutchinson_samples=cfg.hutchinson_samples, ompq_beta=cfg.ompq_beta)
+    settings = ScoreSettings(seed=recipe.seed, hutchinson_samples=cfg.hutchinson_samples, ompq_beta=cfg.ompq_beta,
+                             uniform_side=cfg.uniform_side)
     t_score = time.perf_counter()
     scores = strategy.score(model if strategy.needs_float_model else None, batches, space, settings)
     t_decode = time.perf_counter()
@@ -328,6 +329,7 @@ def _search_supernet(recipe: Recipe, run_recipe: Recipe, strategy: Strategy, mod
     metrics.update({
         "expected_bops_g": expected_bops_g(model, space).item(), "mu": penalty.mu,
         "train_top1": result.history[-1]["train_top1"] if result.history else None,
+        "alpha_entropy": result.history[-1]["alpha_entropy"] if result.history else None,
         "decoded_top1": decoded_eval["top1"], "decoded_top5": decoded_eval["top5"],
         "num_train_samples": len(loaders.train.dataset), "num_eval_samples": decoded_eval["num_samples"],
         "attribution": student.method if strategy.uses_attribution else None,
@@ -339,11 +341,12 @@ def _search_supernet(recipe: Recipe, run_recipe: Recipe, strategy: Strategy, mod
 
 
 def _num_classes(recipe: Recipe, accelerator: Accelerator) -> int:
-    """``model.num_classes``, else the dataset's class count (from its registry entry, else from the data)."""
+    """``model.num_classes``, else ``data.classes``, else the dataset's class count (from its registry entry, else
+    from the data)."""
     from gmpq.data import get_dataset_spec
 
-    if recipe.model.num_classes:
-        return recipe.model.num_classes
+    if recipe.model.num_classes or recipe.data.classes:
+        return recipe.model.num_classes or recipe.data.classes
     spec = get_dataset_spec(recipe.data.dataset, recipe.data.path)
     if spec.num_classes:
         return spec.num_classes
@@ -362,6 +365,7 @@ def _provenance(recipe: Recipe, strategy: Strategy, space: SearchSpace, budget: 
         "proxy_dataset": recipe.data.dataset, "proxy_input_size": recipe.data.input_size,
         "search_arch": space.arch, "epochs": cfg.epochs if strategy.trains_supernet else 0, "seed": recipe.seed,
         "recipe": recipe.name, "gmpq_version": __version__,
+        **({"uniform_side": cfg.uniform_side} if strategy.name == "uniform" else {}),
     }
 
 

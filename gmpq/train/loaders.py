@@ -25,6 +25,11 @@ if TYPE_CHECKING:
     from gmpq.recipes import Recipe
 
 
+#: Seed of the subset ``data.max_eval_samples`` keeps: fixed, so that runs with different seeds are evaluated on the
+#: same images (their accuracies are then paired).
+EVAL_SUBSET_SEED = 0
+
+
 @dataclass
 class Loaders:
     """The dataloaders of one stage and what the model needs to know about the data."""
@@ -58,25 +63,25 @@ def build_dataloaders(recipe: Recipe, accelerator: Accelerator | None = None, *,
     eval_split = eval_split or data.eval_split or spec.eval_split
     num_processes = accelerator.num_processes if accelerator is not None else 1
 
-    def load(split: str, max_samples: int | None):
+    def load(split: str, max_samples: int | None, seed: int):
         if accelerator is None:
-            return load_split(spec, split, data.path, max_samples, recipe.seed)
+            return load_split(spec, split, data.path, max_samples, seed, data.holdout, train_split, data.classes)
         with accelerator.main_process_first():
-            return load_split(spec, split, data.path, max_samples, recipe.seed)
+            return load_split(spec, split, data.path, max_samples, seed, data.holdout, train_split, data.classes)
 
     eval_bs = eval_batch_size or data.eval_batch_size or 2 * data.batch_size
     for key, bs in (("data.batch_size", data.batch_size), ("evaluation batch size", eval_bs)):
         if bs % num_processes:
             raise RecipeError(f"{key}={bs} is a global batch and must be divisible by the number of processes "
                               f"({num_processes})")
-    eval_part = load(eval_split, data.max_eval_samples)
+    eval_part = load(eval_split, data.max_eval_samples, EVAL_SUBSET_SEED)
     eval_ds = ImageDataset(eval_part, build_transform(spec.family, size, cfg.mean, cfg.std, train=False))
     common: dict[str, Any] = {"num_workers": data.num_workers, "persistent_workers": data.num_workers > 0}
     eval_loader = DataLoader(eval_ds, batch_size=eval_bs, shuffle=False, drop_last=False, **common)
     train_loader, train_source = None, None
     num_classes = eval_part.num_classes
     if train:
-        train_part = load(train_split, data.max_train_samples)
+        train_part = load(train_split, data.max_train_samples, recipe.seed)
         if len(train_part) < data.batch_size:
             raise RecipeError(f"data.batch_size={data.batch_size} exceeds the {len(train_part)} training samples of "
                               f"{spec.name!r}; lower data.batch_size")
@@ -110,10 +115,12 @@ def labelled_batches(recipe: Recipe, num_batches: int,
     cfg = model_data_config(recipe.model.arch)
     split = data.train_split or spec.train_split
     if accelerator is None:
-        part = load_split(spec, split, data.path, data.max_train_samples, recipe.seed)
+        part = load_split(spec, split, data.path, data.max_train_samples, recipe.seed, data.holdout, split,
+                              data.classes)
     else:
         with accelerator.main_process_first():
-            part = load_split(spec, split, data.path, data.max_train_samples, recipe.seed)
+            part = load_split(spec, split, data.path, data.max_train_samples, recipe.seed, data.holdout, split,
+                              data.classes)
     ds = ImageDataset(part, build_transform(spec.family, data.input_size or cfg.input_size, cfg.mean, cfg.std,
                                             train=False))
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(recipe.seed)).tolist()

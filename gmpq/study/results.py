@@ -1,0 +1,72 @@
+"""A study's results table: one row per finished cell, read from the cells' run directories."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from gmpq.errors import RunError
+from gmpq.rundir import RunDir
+from gmpq.study.config import Cell, StudyConfig, load_study_directory
+
+RESULT_COLUMNS = ("strategy", "budget_g", "seed", "bops_searched_g", "budget_fraction", "mean_w_bits", "mean_a_bits",
+                  "top1", "top5", "search_s", "finetune_s", "cell_s", "alpha_entropy", "proxy_holdout_top1",
+                  "device", "run_id")
+
+
+def finished_cell_dirs(directory: str | os.PathLike) -> list[Path]:
+    """The run directories of a study directory's finished cells, in grid order (what ``gmpq compare`` reads)."""
+    from gmpq.study.grid import expand_grid
+
+    study = load_study_directory(directory)
+    seen: dict[str, Path] = {}
+    for cell in expand_grid(study):
+        if cell.run_id not in seen and study.cell_finished(cell.run_id):
+            seen[cell.run_id] = study.cell_dir(cell.run_id)
+    return list(seen.values())
+
+
+def collect_rows(study: StudyConfig, grid: list[Cell]) -> list[dict[str, Any]]:
+    """One row per finished grid cell (columns :data:`RESULT_COLUMNS`)."""
+    rows = []
+    for cell in grid:
+        if not study.cell_finished(cell.run_id):
+            continue
+        run_dir = study.cell_dir(cell.run_id)
+        summary = _json(RunDir(run_dir).summary)
+        search = _json(RunDir(run_dir).search.metrics)
+        info = _json(study.cell_info(cell.run_id))
+        wall = summary.get("wall_s") or {}
+        bops = summary["bops_searched_g"]
+        rows.append({
+            "strategy": cell.strategy, "budget_g": cell.budget_g, "seed": cell.seed, "bops_searched_g": bops,
+            "budget_fraction": bops / cell.budget_g, "mean_w_bits": summary.get("mean_w_bits"),
+            "mean_a_bits": summary.get("mean_a_bits"), "top1": summary["top1"], "top5": summary["top5"],
+            "search_s": wall.get("search"), "finetune_s": wall.get("finetune"), "cell_s": info.get("cell_s"),
+            "alpha_entropy": search.get("alpha_entropy"), "proxy_holdout_top1": search.get("decoded_top1"),
+            "device": info.get("device"), "run_id": cell.run_id,
+        })
+    return rows
+
+
+def results_csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else ("" if v is None else v)) for k, v in row.items()})
+    return buf.getvalue()
+
+
+
+def _json(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise RunError(f"cannot read {str(path)!r}: {e}") from None
