@@ -102,6 +102,14 @@ def _pm(values: list[float], digits: int = 2) -> str:
     return f"{s.mean:.{digits}f}" + ("" if s.sd is None else f" ± {s.sd:.{digits}f}")
 
 
+def _finetune_length(r: Any) -> str:
+    """``N epochs`` or, where ``finetune.max_steps`` cuts each epoch short, ``S steps of B images``."""
+    batch = r.target.batch_size or r.data.batch_size
+    if r.finetune.max_steps:
+        return f"{r.finetune.epochs * r.finetune.max_steps} steps of {batch} images"
+    return f"{r.finetune.epochs} epoch{'s' if r.finetune.epochs != 1 else ''}"
+
+
 def summary_markdown(study: StudyConfig, rows: list[dict[str, Any]], total_cells: int,
                      float_line: float | None) -> str:
     """The text of ``summary.md`` (module docstring)."""
@@ -117,8 +125,9 @@ def summary_markdown(study: StudyConfig, rows: list[dict[str, Any]], total_cells
         f"{r.data.holdout} training images held out for the decoded-policy evaluation), candidate bits "
         f"{list(r.search.bits)}, {r.search.epochs} search epochs; budgets in GBOPs of the searched layers of "
         f"`{r.model.deploy_arch or r.model.arch}` at {r.model.deploy_input_size}x{r.model.deploy_input_size}",
-        f"- target: `{t.dataset}` (input {t.input_size or 'native'}, {t.holdout} training images held out for "
-        f"monitoring), {r.finetune.epochs} fine-tuning epochs from the target float model; top-1 on the test split "
+        f"- target: `{t.dataset}`{f' (first {t.classes} classes)' if t.classes else ''} (input "
+        f"{t.input_size or 'native'}, {t.holdout} training images held out for monitoring), "
+        f"{_finetune_length(r)} of fine-tuning from the target float model; top-1 on the test split "
         f"`{r.evaluate.split or 'default'}`, read once per cell",
         f"- float target model: top-1 {float_line:.2f} %" if float_line is not None else "- float target model: "
         "not evaluated yet",
