@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 
 from gmpq.errors import RecipeError
-from gmpq.recipes import Recipe, apply_overrides, resolve_recipe
+from gmpq.recipes import Recipe, apply_overrides, packaged_recipes, resolve_recipe
 
 #: Strategies a study expands specially (the others are ``search.strategy`` values run as they are).
 UNIFORM = "uniform"
@@ -168,7 +168,9 @@ def load_study(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] =
                               f"{', '.join(k for k in STUDY_KEYS if k != 'recipe')}")
         loaded[key] = yaml.safe_load(raw)
     loaded.setdefault("name", p.stem)
-    return study_from_dict(loaded, base_dir=p.parent, recipe_overrides=recipe_overrides, source=str(p))
+    packaged = packaged_recipes("study").get(p.stem) == p.resolve()
+    return study_from_dict(loaded, base_dir=p.parent, recipe_overrides=recipe_overrides,
+                           source=p.stem if packaged else str(p))
 
 
 def is_study_directory(path: str | os.PathLike) -> bool:
