@@ -221,8 +221,8 @@ def plot_study(study: StudyConfig, rows: list[dict[str, Any]], path: Path, float
     ax.set_xlabel(f"searched GBOPs ({r.model.deploy_arch or r.model.arch} at {r.model.deploy_input_size}px; "
                   f"dotted: budgets)", fontsize=9)
     ax.set_ylabel(f"top-1 on {r.target.dataset} (%)", fontsize=9)
-    ax.set_title(f"{study.name}: search on {r.data.dataset}, fine-tune on {r.target.dataset} "
-                 f"(mean ± sd over seeds {study.seeds})", fontsize=9, loc="left")
+    ax.set_title(f"{study.name}\nsearch on {r.data.dataset}, fine-tune on {r.target.dataset} "
+                 f"(mean ± sd over {len(study.seeds)} seeds)", fontsize=9, loc="left")
     ax.grid(color="#e0e0e0", lw=0.5)
     ax.tick_params(labelsize=8)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
