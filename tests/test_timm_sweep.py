@@ -72,6 +72,7 @@ class Family:
     arch: str
     size: int = 32
     tail: bool = False
+    known_bug: str | None = None  # an open bug: the test must fail with it (strict xfail) until it is fixed
 
     @property
     def id(self) -> str:
@@ -82,7 +83,8 @@ class Family:
 #: StdConv2d, ScaledStdConv2dSame).
 FAMILIES: tuple[Family, ...] = (
     Family("byobnet", "test_byobnet"),
-    Family("convmixer", "convmixer_768_32", tail=True),
+    Family("convmixer", "convmixer_768_32", tail=True,
+           known_bug="supernet step: NaN alpha gradients from BatchNorm's backward (2 random images, 32 px); open"),
     Family("convnext", "test_convnext"),
     Family("cspnet", "cs3darknet_focus_s"),
     Family("cspnext", "cspnext_tiny"),
@@ -233,7 +235,9 @@ def check_family(arch: str, size: int) -> dict[str, object]:
 
 
 @pytest.mark.parametrize(
-    "family", [pytest.param(f, id=f.id, marks=[pytest.mark.timm_tail] if f.tail else []) for f in FAMILIES])
+    "family", [pytest.param(f, id=f.id, marks=([pytest.mark.timm_tail] if f.tail else [])
+                            + ([pytest.mark.xfail(strict=True, reason=f.known_bug)] if f.known_bug else []))
+               for f in FAMILIES])
 def test_family_quantizes_exactly_and_searches(family: Family):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="the final feature map is")  # tiny inputs, tiny maps
