@@ -149,16 +149,7 @@ def load_study(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] =
     as ``study.seeds=[0,1]`` or ``study.output_dir=...``.
     """
     p = resolve_recipe(path, "study")
-    try:
-        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise RecipeError(f"cannot read study {str(p)!r}: {e.strerror or e}") from None
-    except UnicodeDecodeError:
-        raise RecipeError(f"study {str(p)!r} is not UTF-8 text; give a study YAML file") from None
-    except yaml.YAMLError as e:
-        raise RecipeError(f"study {str(p)!r} is not valid YAML: {e}") from None
-    if not isinstance(loaded, dict):
-        raise RecipeError(f"study {str(p)!r} must be a YAML mapping with keys {', '.join(STUDY_KEYS)}")
+    loaded = _read_study_mapping(p)
     study_overrides = [o[len("study."):] for o in overrides if o.startswith("study.")]
     recipe_overrides = [o for o in overrides if not o.startswith("study.")]
     for item in study_overrides:
@@ -173,6 +164,21 @@ def load_study(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] =
                            source=p.stem if packaged else str(p))
 
 
+def _read_study_mapping(p: Path) -> dict[str, Any]:
+    """The YAML mapping of a study file, or one :class:`RecipeError` line saying why not."""
+    try:
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise RecipeError(f"cannot read study {str(p)!r}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"study {str(p)!r} is not UTF-8 text; give a study YAML file") from None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"study {str(p)!r} is not valid YAML: {e}") from None
+    if not isinstance(loaded, dict):
+        raise RecipeError(f"study {str(p)!r} must be a YAML mapping with keys {', '.join(STUDY_KEYS)}")
+    return loaded
+
+
 def is_study_directory(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a study's output directory (it holds the study's ``study.yaml``)."""
     return (Path(path) / STUDY_FILE).is_file()
@@ -185,13 +191,8 @@ def load_study_directory(path: str | os.PathLike) -> StudyConfig:
     if not file.is_file():
         raise RecipeError(f"{str(path)!r} is not a study directory (it has no {STUDY_FILE}); pass the output_dir of "
                           f"a gmpq study")
-    try:
-        held = yaml.safe_load(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise RecipeError(f"cannot read {str(file)!r}: {e}") from None
-    if not isinstance(held, dict):
-        raise RecipeError(f"{str(file)!r} is not a study (a YAML mapping); was it edited by hand?")
-    held.pop("fingerprint", None)
+    held = _read_study_mapping(file)
+    held.pop("fingerprint", None)  # written beside the study by gmpq study (runner._claim_directory)
     held["output_dir"] = str(path)
     return study_from_dict(held, base_dir=path, source=str(file))
 
