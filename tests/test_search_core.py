@@ -344,7 +344,8 @@ def test_strategies_share_one_interface():
     model, space = _supernet("resnet18_cifar", "resnet18")
     lo, hi = bops_range(space)
     budget = 15.3
-    uniform, settings = get_strategy("uniform"), ScoreSettings(seed=0, hutchinson_samples=1, ompq_beta=1.0)
+    uniform, settings = get_strategy("uniform"), ScoreSettings(seed=0, hutchinson_samples=1, ompq_beta=1.0,
+                                                                     uniform_side="below")
     scores = uniform.score(None, [], space, settings)
     assert scores.costs.shape == (len(space.layers), 4, 4) and not scores.costs.any()  # no preference
     decoded = uniform.decode(space, scores, budget, settings)

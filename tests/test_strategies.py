@@ -28,7 +28,7 @@ from gmpq.search.strategies import STRATEGIES, ScoreSettings, ScoreStrategy, get
 
 BITS = (2, 3, 4, 6)
 PAIRS = list(itertools.product(BITS, BITS))
-SETTINGS = ScoreSettings(seed=0, hutchinson_samples=1, ompq_beta=1.0)
+SETTINGS = ScoreSettings(seed=0, hutchinson_samples=1, ompq_beta=1.0, uniform_side="below")
 
 
 def _tiny_space(macs=(3_000_000, 1_000_000, 7_000_000), preset="searched") -> SearchSpace:
@@ -186,7 +186,7 @@ def test_random_policies_are_uniform_over_the_window_and_seeded():
     scores = random.score(None, [], space, SETTINGS)
     first = random.decode(space, scores, budget, SETTINGS)
     assert first == random.decode(space, scores, budget, SETTINGS)
-    others = {tuple(random.decode(space, scores, budget, ScoreSettings(s, 1, 1.0)).choices.values()) for s in range(5)}
+    others = {tuple(random.decode(space, scores, budget, ScoreSettings(s, 1, 1.0, "below")).choices.values()) for s in range(5)}
     assert len(others) > 1
 
 

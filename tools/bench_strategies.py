@@ -82,7 +82,7 @@ def main() -> None:
     batches = [(torch.randn(args.batch_size, 3, args.input_size, args.input_size, generator=gen).to(device),
                 torch.randint(0, 10, (args.batch_size,), generator=gen).to(device)) for _ in range(args.batches)]
     step_before = float_step_s(model, *batches[0], args.repeats)
-    settings = ScoreSettings(seed=0, hutchinson_samples=args.samples, ompq_beta=1.0)
+    settings = ScoreSettings(seed=0, hutchinson_samples=args.samples, ompq_beta=1.0, uniform_side="below")
     rows = {}
     for name, strategy in STRATEGIES.items():
         if not isinstance(strategy, ScoreStrategy):

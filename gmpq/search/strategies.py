@@ -51,7 +51,7 @@ class ScoreSettings:
     seed: int
     hutchinson_samples: int
     ompq_beta: float
-    uniform_side: Literal["below", "above"] = "below"
+    uniform_side: Literal["below", "above"]
 
 
 @dataclass(frozen=True)
