@@ -96,9 +96,10 @@ class TrainConfig:
     """One training stage: optimiser, schedule and loop settings."""
 
     epochs: int = _f(10, ge=0, doc="epochs")
-    optimizer: Literal["sgd", "adamw"] = _f("sgd", doc="sgd (Nesterov off) or adamw")
+    optimizer: Literal["sgd", "adamw"] = _f("sgd", doc="sgd or adamw")
     lr: float = _f(0.05, gt=0, doc="peak learning rate (for the global batch)")
     momentum: float = _f(0.9, ge=0, le=1, doc="SGD momentum (AdamW: beta1)")
+    nesterov: bool = _f(False, doc="SGD: Nesterov momentum")
     weight_decay: float = _f(5e-4, ge=0, doc="weight decay (not applied to biases, norms and quantizer steps)")
     schedule: Literal["cosine", "step"] = _f("cosine", doc="cosine to 0, or step decay")
     step_size: int = _f(30, gt=0, doc="step schedule: epochs between decays")

@@ -15,6 +15,7 @@ from typing import Any
 
 import timm
 from timm.data import resolve_data_config, resolve_model_data_config
+from timm.models import split_model_name_tag
 from torch import nn
 
 from gmpq.errors import ModelError, PolicyError
@@ -204,7 +205,7 @@ def create_model(
             f"unknown architecture {name!r}; use a timm model name (gmpq adds the CIFAR variants "
             f"{', '.join(list_cifar_variants())})" + (f" — did you mean {', '.join(close)}?" if close else ""))
     model = timm.create_model(name, pretrained=pretrained, **timm_kwargs)
-    model.gmpq_arch = name
+    model.gmpq_arch = name if ":" in name else split_model_name_tag(name)[0]  # the weights' tag is not the network
     model.gmpq_input_size = model_data_config(model).input_size
     if policy is not None:
         if kept_bits is not None:

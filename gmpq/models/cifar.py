@@ -1,6 +1,11 @@
-"""CIFAR variants of ImageNet architectures, registered in timm's model registry.
+"""gmpq's CIFAR models in timm's model registry: the CIFAR ResNets, and CIFAR variants of ImageNet architectures.
 
-Each variant is a timm model (``timm.create_model("resnet18_cifar")``, ``timm.list_models(module="cifar")``) whose
+The CIFAR ResNets (``resnet20_cifar`` ... ``resnet110_cifar``, :mod:`gmpq.models.resnet_cifar`) are native 32x32
+networks with their own pretrained configurations: ``resnet20_cifar`` (default tag ``jpeg_ft``) loads the
+JPEG-adapted weights shipped in ``gmpq/models/weights``; the ``orig`` tags take the original CIFAR-10 weights from a
+local file, ``pretrained_cfg_overlay=dict(file=...)`` (timm's way; nothing is downloaded).
+
+Each variant of an ImageNet architecture is a timm model (``timm.create_model("resnet18_cifar")``, ``timm.list_models(module="cifar")``) whose
 default configuration says 32x32 inputs and CIFAR-10 normalisation. Built from its base architecture with a 3x3
 stride-1 stem (and no max-pool for ResNets, a stride-1 second stage for MobileNetV2), it keeps every module path of
 the base, so a policy searched on the variant at 32x32 applies to the base at 224x224 and vice versa:
@@ -12,15 +17,28 @@ With ``pretrained=True`` the base's ImageNet weights are loaded (the replaced Re
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import timm
-from timm.models import generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 from torch import nn
+
+from gmpq.errors import ModelError
+from gmpq.models.resnet_cifar import CifarResNet
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 CIFAR_SIZE = 32
+
+#: Normalisation of the CIFAR ResNets' published weights (ImageNet's constants, as they were trained).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: The weights shipped inside the package (each with its license notice and a README saying how it was made).
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+#: CIFAR ResNet depth -> one-line description.
+RESNET_DEPTHS = {20: "0.27 M params, 40.6 M MACs", 32: "0.46 M params, 69.1 M MACs", 44: "0.66 M params, 97.8 M MACs",
+                 56: "0.85 M params, 125.5 M MACs", 110: "1.7 M params, 253 M MACs"}
 
 #: variant -> (base timm architecture, one-line description).
 VARIANTS: dict[str, tuple[str, str]] = {
@@ -31,6 +49,9 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "mobilenetv2_050_cifar": ("mobilenetv2_050", "MobileNetV2 0.5 for 32x32 inputs (28 M MACs, final map 4x4): the "
                                                  "quick-start backbone for CPUs"),
 }
+RESNET_NAMES = {f"resnet{d}_cifar" for d in RESNET_DEPTHS}
+VARIANTS.update({f"resnet{d}_cifar": (f"resnet{d}_cifar", f"ResNet-{d} of He et al. for CIFAR (option-A shortcuts, "
+                                                          f"{text})") for d, text in RESNET_DEPTHS.items()})
 
 
 def _variant_cfg(base: str, description: str) -> timm.models.PretrainedCfg:
@@ -44,8 +65,32 @@ def _variant_cfg(base: str, description: str) -> timm.models.PretrainedCfg:
         notes=(f"base architecture: {base}",))
 
 
+_ORIG_NOTE = ("trained on the original CIFAR-10 pixels by Yerlan Idelbayev (akamaster/pytorch_resnet_cifar10, "
+              "BSD-2-Clause); pass the file: pretrained_cfg_overlay=dict(file=...)")
+
+
+def _resnet_cfg(depth: int, **kwargs: Any) -> dict[str, Any]:
+    """A CIFAR ResNet's pretrained configuration: 32x32, ImageNet normalisation, stem ``conv1``, head ``linear``."""
+    return dict(num_classes=10, input_size=(3, CIFAR_SIZE, CIFAR_SIZE), pool_size=(8, 8), crop_pct=1.0,
+                interpolation="bilinear", mean=IMAGENET_MEAN, std=IMAGENET_STD, first_conv="conv1",
+                classifier="linear", description=f"ResNet-{depth} for CIFAR (He et al. 2016, option-A shortcuts)",
+                paper_ids="arXiv:1512.03385", **kwargs)
+
+
+_RESNET_CFGS = {f"resnet{d}_cifar": _resnet_cfg(d) for d in RESNET_DEPTHS if d not in (20, 56)}
+_RESNET_CFGS.update({
+    "resnet20_cifar.jpeg_ft": _resnet_cfg(
+        20, file=str(WEIGHTS_DIR / "resnet20_cifar_jpeg.safetensors"), license="bsd-2-clause",
+        notes=("the original CIFAR-10 weights fine-tuned on CIFAR-10 stored as JPEG q75 (gmpq's data); "
+               "see gmpq/models/weights/README.md",)),
+    "resnet20_cifar.orig": _resnet_cfg(20, license="bsd-2-clause", notes=(_ORIG_NOTE,)),
+    "resnet56_cifar.orig": _resnet_cfg(56, license="bsd-2-clause", notes=(_ORIG_NOTE,)),
+})
+
 #: Read by timm's ``register_model`` (the module's ``default_cfgs``, keyed by model name).
-default_cfgs = generate_default_cfgs({name: _variant_cfg(base, text) for name, (base, text) in VARIANTS.items()})
+default_cfgs = generate_default_cfgs(
+    {name: _variant_cfg(base, text) for name, (base, text) in VARIANTS.items() if name not in RESNET_NAMES}
+    | _RESNET_CFGS)
 
 
 def base_arch(name: str) -> str:
@@ -115,3 +160,45 @@ def mobilenetv2_100_cifar(pretrained: bool = False, **kwargs: Any) -> nn.Module:
 def mobilenetv2_050_cifar(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """MobileNetV2 0.5 for 32x32 inputs (28 M MACs, final map 4x4): the quick-start backbone for CPUs."""
     return _mobilenetv2_cifar("mobilenetv2_050_cifar", pretrained, **kwargs)
+
+
+def _cifar_resnet(name: str, depth: int, pretrained: bool, **kwargs: Any) -> nn.Module:
+    """Build a :class:`~gmpq.models.resnet_cifar.CifarResNet` through timm's builder (which loads the weights its
+    pretrained configuration points at); a configuration without weights is refused rather than left random."""
+    cfg = resolve_pretrained_cfg(name, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay")).to_dict()
+    if pretrained and not any(cfg.get(k) for k in ("file", "url", "hf_hub_id", "state_dict")):
+        tag = cfg.get("tag")
+        raise ModelError(f"{name}{'.' + tag if tag else ''} has no weights of its own: pass the file of the original "
+                         f"CIFAR-10 weights, create_model({name!r}, pretrained=True, pretrained_cfg_overlay=dict(file="
+                         f"'.../{name.replace('_cifar', '')}_cifar10.safetensors')), or use pretrained=False")
+    return build_model_with_cfg(CifarResNet, name, pretrained, depth=depth, **kwargs)
+
+
+@register_model
+def resnet20_cifar(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """ResNet-20 for CIFAR (option-A shortcuts); ``pretrained=True`` loads the shipped JPEG-adapted weights."""
+    return _cifar_resnet("resnet20_cifar", 20, pretrained, **kwargs)
+
+
+@register_model
+def resnet32_cifar(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """ResNet-32 for CIFAR (option-A shortcuts); no weights."""
+    return _cifar_resnet("resnet32_cifar", 32, pretrained, **kwargs)
+
+
+@register_model
+def resnet44_cifar(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """ResNet-44 for CIFAR (option-A shortcuts); no weights."""
+    return _cifar_resnet("resnet44_cifar", 44, pretrained, **kwargs)
+
+
+@register_model
+def resnet56_cifar(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """ResNet-56 for CIFAR (option-A shortcuts); ``pretrained=True`` with the original weights' file."""
+    return _cifar_resnet("resnet56_cifar", 56, pretrained, **kwargs)
+
+
+@register_model
+def resnet110_cifar(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """ResNet-110 for CIFAR (option-A shortcuts); no weights."""
+    return _cifar_resnet("resnet110_cifar", 110, pretrained, **kwargs)

@@ -15,7 +15,7 @@ stage: float pretraining, the supernet search and quantization-aware fine-tuning
   epoch adds to the log. :class:`SupervisedStep` is the loss-on-logits step of pretraining and fine-tuning.
 * :func:`make_accelerator` — a seeded :class:`accelerate.Accelerator`: bf16 autocast on GPUs when asked, gradient
   accumulation, global batches split across processes (``split_batches=True``) and a seedable sampler.
-* :func:`build_optimizer` — SGD (momentum, no Nesterov) or AdamW; weight decay only on tensors with more than one
+* :func:`build_optimizer` — SGD (momentum, Nesterov if asked) or AdamW; weight decay only on tensors with more than one
   dimension (conv/linear weights), never on biases, norm parameters or quantizer steps/clips.
 * :func:`lr_factor` / :func:`build_scheduler` — per-optimizer-step multiplier of the peak lr: linear warm-up from 1%
   over the warm-up steps, then cosine ``0.5 (1 + cos(pi t))`` with ``t`` the post-warm-up progress in [0, 1], or
@@ -106,7 +106,7 @@ def build_optimizer(params: Iterable[nn.Parameter] | nn.Module, cfg: TrainConfig
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
