@@ -13,5 +13,5 @@ from gmpq.viz.search import SearchTrace, plot_search, read_search_log, search_tr
 
 __all__ = [
     "PolicyLayer", "RunSummary", "SearchTrace", "compare_runs", "format_compare_table", "plot_compare",
-    "plot_policies", "plot_search", "policy_layers", "read_search_log", "search_trace", "summarize_run",
+    "plot_policies", "plot_ptq", "plot_search", "policy_layers", "read_search_log", "search_trace", "summarize_run",
 ]
