@@ -7,12 +7,15 @@ The public API, one import away::
     report = gmpq.count_bops(model, input_size=224)
     result = gmpq.search(recipe)          # metrics of the search stage; result.policy is the decoded Policy
     gmpq.pretrain(recipe); gmpq.finetune(recipe); gmpq.evaluate(recipe); gmpq.run(recipe)   # the other stages
+    qmodel = gmpq.ptq(float_model, "policy.json", images)   # post-training quantization on 1,024 training images
     gmpq.run_study("gmpq/recipe_files/studies/<name>.yaml")   # strategies x budgets x seeds, proxy -> target, statistics
 """
 
 import types
 
-from gmpq import search  # the search core's package, made callable below: gmpq.search(recipe) runs the stage
+from gmpq import ptq, search  # packages made callable below: gmpq.search(recipe) runs the search stage,
+
+# gmpq.ptq(model, policy, images) post-training quantization
 from gmpq.complexity import BopsReport, count_bops, expected_bops, layer_macs
 from gmpq.errors import (
     BudgetError,
@@ -48,7 +51,7 @@ __all__ = [
     "searchable_layer_names", "uniform_policy",
     "RunError", "StorageError", "compare_runs", "plot_compare", "plot_policies", "plot_search",
     "export_onnx", "from_pretrained", "push_to_hub", "save_pretrained",
-    "search", "pretrain", "finetune", "evaluate", "run", "run_study",
+    "ptq", "search", "pretrain", "finetune", "evaluate", "run", "run_study",
 ]
 
 #: Stages and the pipeline, imported on first use (they pull in accelerate and datasets).
@@ -66,6 +69,16 @@ class _SearchPackage(types.ModuleType):
 
 
 search.__class__ = _SearchPackage
+
+
+class _PtqPackage(types.ModuleType):
+    """The type of :mod:`gmpq.ptq`: the post-training package, which calling runs :func:`gmpq.ptq.ptq`."""
+
+    def __call__(self, model, policy, images, config=None, **kwargs):  # noqa: ANN001, ANN204 — gmpq.ptq.ptq's
+        return self.ptq(model, policy, images, config, **kwargs)
+
+
+ptq.__class__ = _PtqPackage
 
 
 def __getattr__(name: str):

@@ -210,6 +210,16 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ptq(args: argparse.Namespace) -> int:
+    """``gmpq ptq RECIPE [key=value ...]``: post-training quantization of a policy on ptq.num_images training images
+    (learned rounding block by block); writes the run's deployed model like ``gmpq finetune``."""
+    from gmpq.recipes import load_recipe
+    from gmpq.stages import ptq
+
+    _print_metrics(ptq(load_recipe(args.recipe, args.overrides)), args.json)
+    return 0
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     """``gmpq search RECIPE [key=value ...]``: mixed-precision search under ``search.budget_g``; writes policy.json."""
     from gmpq.recipes import load_recipe
@@ -348,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
             ("search", cmd_search, "search a mixed-precision policy under a BOPs budget "
                                   "(gmpq | edmips | hawq | ompq | uniform | random)"),
             ("finetune", cmd_finetune, "apply a policy, calibrate, and quantization-aware fine-tune (optional KD)"),
+            ("ptq", cmd_ptq, "apply a policy after training: calibration and learned rounding fitted block by block "
+                             "on ptq.num_images training images (AdaRound + BRECQ + QDrop), no fine-tuning"),
             ("evaluate", cmd_evaluate, "top-1/top-5, BOPs and size of a run's model, or of a model directory")):
         p = verb(name, handler, text)
         if name == "evaluate":

@@ -256,10 +256,18 @@ def _training_description(stage: StageDir | None, cfg: Mapping[str, Any]) -> str
     metrics = read_json(stage.metrics) if stage is not None and stage.finished else None
     if not isinstance(metrics, dict):
         return None
-    facts = ["Quantization-aware fine-tuning by `gmpq finetune`"]
+    ptq = metrics.get("mode") == "ptq"
+    facts = ["Post-training quantization by `gmpq ptq` (no fine-tuning)" if ptq else
+             "Quantization-aware fine-tuning by `gmpq finetune`"]
     if cfg.get("recipe_name"):
         facts.append(f"recipe `{cfg['recipe_name']}`")
-    if metrics.get("epochs") is not None:
+    if ptq:
+        dataset = (cfg.get("data") or {}).get("dataset") or "its dataset"
+        how = ("learned rounding fitted block by block (AdaRound + BRECQ"
+               + (f", QDrop p={metrics['ptq_qdrop']}" if metrics.get("ptq_qdrop") else "") + ")"
+               if metrics.get("ptq_rounding") == "learned" else "round-to-nearest")
+        facts.append(f"{metrics['ptq_images']:,} calibration images of {dataset}'s training split, {how}")
+    elif metrics.get("epochs") is not None:
         facts.append(f"{metrics['epochs']} epochs")
     if metrics.get("num_train_samples") is not None:
         dataset = (cfg.get("data") or {}).get("dataset") or "its dataset"

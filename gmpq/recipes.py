@@ -1,12 +1,12 @@
 """Recipes: the YAML schema of a gmpq run, its validation and command-line overrides.
 
 A recipe is a YAML file whose top level holds ``name``, ``seed``, ``output_dir``, ``resume``, ``force`` and the
-sections ``model``, ``data``, ``pretrain``, ``search``, ``finetune``, ``evaluate``, ``export``, ``target`` and ``run``
-(the last two used by ``gmpq run``); every section is a
-dataclass below, and every field has a default except ``model.arch``. Loading checks every key against the schema:
-an unknown key, a value of the wrong type, a value outside its allowed set or range, or a missing required value
-raises :class:`~gmpq.errors.RecipeError` naming the dotted key (``finetune.lr``) and, for a misspelt key, the closest
-valid one. Any field can be overridden as ``dotted.key=value``; the value is parsed as YAML (``search.bits=[2,4]``,
+sections ``model``, ``data``, ``pretrain``, ``search``, ``finetune``, ``ptq``, ``evaluate``, ``export``, ``target`` and
+``run`` (the last two used by ``gmpq run``); every section is a dataclass below, and every field has a default except
+``model.arch``. Loading checks every key against the schema: an unknown key, a value of the wrong type, a value
+outside its allowed set or range, or a missing required value raises
+:class:`~gmpq.errors.RecipeError` naming the dotted key (``finetune.lr``) and, for a misspelt key, the closest valid
+one. Any field can be overridden as ``dotted.key=value``; the value is parsed as YAML (``search.bits=[2,4]``,
 ``model.checkpoint=null``, ``finetune.lr=1e-3``).
 
 The quick-start and the paper's recipes ship inside the package (``gmpq/recipe_files``; a checkout's ``recipes/``
@@ -125,9 +125,37 @@ class FinetuneConfig(TrainConfig):
                                        "student starts from")
     distill: float = _f(0.0, ge=0, le=1, doc="KD weight: loss = (1-d) CE + d T^2 KL(teacher || student), T=1")
     calibration_batches: int = _f(8, gt=0, doc="training batches used to calibrate clips and sign modes")
+    mode: Literal["qat", "ptq"] = _f("qat", doc="how the policy is deployed: qat (quantization-aware training, this "
+                                               "section) or ptq (post-training reconstruction on ptq.num_images "
+                                               "training images, the ptq section; no training epochs)")
     freeze_bn: bool = _f(False, doc="keep BatchNorm running statistics fixed at the float model's during QAT "
                                     "(affine parameters still train); avoids the gradient blow-up of channels that "
                                     "2-bit activations make constant before a BatchNorm")
+
+
+@dataclass
+class PtqConfig:
+    """Post-training quantization of a policy (``gmpq ptq``, or ``finetune.mode=ptq``): calibration, then learned
+    rounding fitted block by block to the float model's block outputs (AdaRound + BRECQ, optionally QDrop)."""
+
+    num_images: int = _f(1024, gt=0, doc="calibration images, drawn from the training split (never the test split)")
+    rounding: Literal["learned", "nearest"] = _f("learned", doc="learned (block reconstruction) or nearest "
+                                                               "(round-to-nearest after calibration: the baseline)")
+    iters: int = _f(800, gt=0, doc="reconstruction iterations per block")
+    batch_size: int = _f(32, gt=0, doc="images per reconstruction iteration")
+    lr: float = _f(1e-3, gt=0, doc="Adam learning rate of the rounding variables")
+    act_lr: float = _f(4e-5, ge=0, doc="Adam learning rate of the activation steps (clip / levels), cosine-annealed; "
+                                       "0 keeps the calibrated clips")
+    reg_weight: float = _f(0.01, gt=0, doc="weight of AdaRound's rounding regulariser")
+    beta: list[float] = _f(factory=lambda: [20.0, 2.0], doc="the regulariser's exponent, annealed from the first "
+                                                            "to the second value")
+    warmup: float = _f(0.2, ge=0, le=0.9, doc="fraction of the iterations before the regulariser starts")
+    qdrop: float = _f(0.5, ge=0, le=1, doc="QDrop: probability of dropping each activation's quantization during "
+                                           "reconstruction (0 = BRECQ)")
+    batchnorm: Literal["keep", "fold"] = _f("keep", doc="keep BatchNorm after the quantized convolutions (folded "
+                                                        "into the per-channel steps at export), or fold it into the "
+                                                        "weights before they are quantized")
+    calibration_batch_size: int = _f(128, gt=0, doc="images per forward pass of calibration and block capture")
 
 
 @dataclass
@@ -238,6 +266,7 @@ class Recipe:
     pretrain: TrainConfig = _f(factory=TrainConfig)
     search: SearchConfig = _f(factory=SearchConfig)
     finetune: FinetuneConfig = _f(factory=FinetuneConfig)
+    ptq: PtqConfig = _f(factory=PtqConfig)
     evaluate: EvaluateConfig = _f(factory=EvaluateConfig)
     export: ExportConfig = _f(factory=ExportConfig)
     target: TargetConfig = _f(factory=TargetConfig)
@@ -536,6 +565,9 @@ def _check_values(recipe: Recipe) -> None:
         raise RecipeError(f"recipe key 'search.p' must be a number or 'auto', got {recipe.search.p!r}")
     if isinstance(recipe.search.p, float) and recipe.search.p <= 0:
         raise RecipeError(f"recipe key 'search.p' must be > 0, got {recipe.search.p}")
+    beta = recipe.ptq.beta
+    if len(beta) != 2 or not all(isinstance(b, (int, float)) and b > 0 for b in beta) or beta[0] < beta[1]:
+        raise RecipeError(f"recipe key 'ptq.beta' must be [start, end] with start >= end > 0, got {beta!r}")
     if not recipe.name or "/" in recipe.name:
         raise RecipeError(f"recipe key 'name' must be a non-empty name without '/', got {recipe.name!r}")
 

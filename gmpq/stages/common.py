@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -12,8 +14,8 @@ from gmpq.complexity import count_bops
 from gmpq.errors import RecipeError
 from gmpq.hub import is_model_dir
 from gmpq.hub.format import read_config
-from gmpq.models import base_arch, create_model
-from gmpq.policy import Policy
+from gmpq.models import base_arch, create_model, uniform_policy
+from gmpq.policy import LayerBits, Policy, as_policy
 from gmpq.quant import QuantMixin
 from gmpq.rundir import RunDir, StageDir
 from gmpq.train import write_metrics_json
@@ -103,3 +105,29 @@ def finish(stage: StageDir, metrics: dict[str, Any], t0: float, accelerator: Acc
     write_metrics_json(stage, metrics, accelerator)
     accelerator.wait_for_everyone()
     return metrics
+
+
+_UNIFORM = re.compile(r"^w([2-8]|32)a([2-8]|32)$")
+
+
+def resolve_policy(recipe: Recipe, model: nn.Module, policy: Policy | str | os.PathLike | None = None) -> Policy:
+    """The policy to fine-tune: ``policy`` > ``finetune.policy`` (file or ``wXaY``) > this run's searched policy.
+
+    The kept layers get ``model.kept_bits``.
+    """
+    spec = policy if policy is not None else recipe.finetune.policy
+    if spec is None:
+        searched = RunDir.of(recipe).policy
+        if not searched.exists():
+            raise RecipeError(f"no policy to fine-tune: set finetune.policy (a policy JSON file, or wXaY such as w4a4 "
+                              f"for uniform bits) or run the search first (it writes {searched})")
+        spec = searched
+    if isinstance(spec, str) and _UNIFORM.match(spec.lower()):
+        w, a = (int(b) for b in _UNIFORM.match(spec.lower()).groups())
+        pol = uniform_policy(model, w, a, kept_bits=recipe.model.kept_bits, arch=recipe.model.arch)
+    else:
+        pol = as_policy(spec)
+    kept = recipe.model.kept_bits
+    return Policy(arch=pol.arch, input_size=pol.input_size, layers=dict(pol.layers),
+                  kept={n: LayerBits(kept, kept) for n in pol.kept}, candidate_bits=pol.candidate_bits,
+                  bops_searched_g=pol.bops_searched_g, bops_total_g=pol.bops_total_g, provenance=dict(pol.provenance))

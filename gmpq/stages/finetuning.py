@@ -11,16 +11,12 @@ BOPs at ``model.deploy_arch`` / ``model.deploy_input_size`` and the model size.
 from __future__ import annotations
 
 import os
-import re
 import time
 from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
-from gmpq.errors import RecipeError
 from gmpq.hub import write_model_dir
-from gmpq.models import create_model, quantize, uniform_policy
-from gmpq.policy import LayerBits, Policy, as_policy
+from gmpq.models import create_model, quantize
+from gmpq.policy import Policy
 from gmpq.quant import QuantMixin, calibrate
 from gmpq.rundir import RunDir
 from gmpq.stages.common import (
@@ -32,6 +28,7 @@ from gmpq.stages.common import (
     read_metrics,
     report_init,
     require_float_weights,
+    resolve_policy,
     run_float_model,
 )
 from gmpq.train import (
@@ -48,14 +45,16 @@ from gmpq.train import (
 if TYPE_CHECKING:
     from gmpq.recipes import Recipe
 
-_UNIFORM = re.compile(r"^w([2-8]|32)a([2-8]|32)$")
-
-
 def finetune(recipe: Recipe, policy: Policy | str | os.PathLike | None = None) -> dict[str, Any]:
     """Quantization-aware fine-tuning of ``recipe``'s model under a policy (section ``finetune``); return metrics.
 
-    ``policy`` (a :class:`Policy` or path) takes precedence over ``finetune.policy``.
+    ``policy`` (a :class:`Policy` or path) takes precedence over ``finetune.policy``. With ``finetune.mode=ptq``
+    the policy is deployed by post-training quantization instead (:func:`gmpq.stages.posttraining.ptq`).
     """
+    if recipe.finetune.mode == "ptq":
+        from gmpq.stages.posttraining import ptq
+
+        return ptq(recipe, policy)
     recipe.require("model.arch", "to fine-tune")
     cfg = recipe.finetune
     run = RunDir.of(recipe)
@@ -102,26 +101,3 @@ def finetune(recipe: Recipe, policy: Policy | str | os.PathLike | None = None) -
             **policy_bops(recipe, pol, loaders.num_classes),
         }
         return finish(stage, metrics, t0, accelerator)
-
-
-def resolve_policy(recipe: Recipe, model: nn.Module, policy: Policy | str | os.PathLike | None = None) -> Policy:
-    """The policy to fine-tune: ``policy`` > ``finetune.policy`` (file or ``wXaY``) > this run's searched policy.
-
-    The kept layers get ``model.kept_bits``.
-    """
-    spec = policy if policy is not None else recipe.finetune.policy
-    if spec is None:
-        searched = RunDir.of(recipe).policy
-        if not searched.exists():
-            raise RecipeError(f"no policy to fine-tune: set finetune.policy (a policy JSON file, or wXaY such as w4a4 "
-                              f"for uniform bits) or run the search first (it writes {searched})")
-        spec = searched
-    if isinstance(spec, str) and _UNIFORM.match(spec.lower()):
-        w, a = (int(b) for b in _UNIFORM.match(spec.lower()).groups())
-        pol = uniform_policy(model, w, a, kept_bits=recipe.model.kept_bits, arch=recipe.model.arch)
-    else:
-        pol = as_policy(spec)
-    kept = recipe.model.kept_bits
-    return Policy(arch=pol.arch, input_size=pol.input_size, layers=dict(pol.layers),
-                  kept={n: LayerBits(kept, kept) for n in pol.kept}, candidate_bits=pol.candidate_bits,
-                  bops_searched_g=pol.bops_searched_g, bops_total_g=pol.bops_total_g, provenance=dict(pol.provenance))
