@@ -24,19 +24,31 @@ SHARED_CIFAR10 = REPO.parent / "shared" / "data" / "cifar10"
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--timm-tail", action="store_true",
                      help="also run the long tail of the timm sweep (tests marked timm_tail; .ci/run does)")
+    parser.addoption("--slow", action="store_true",
+                     help="also run the slow tests (marked slow: process kills, torchrun, real-data checks; "
+                          ".ci/run does)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "timm_tail: the slower families of the timm sweep (run with --timm-tail)")
+    config.addinivalue_line("markers", "slow: tests over ~20 s each (run with --slow)")
+
+
+#: marker -> (the option that runs its tests, the reason they are skipped without it).
+_OPT_IN = {
+    "timm_tail": ("--timm-tail", "long tail of the timm sweep: run with --timm-tail (.ci/run does)"),
+    "slow": ("--slow", "slow test: run with --slow (.ci/run does)"),
+}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.getoption("--timm-tail"):
-        return
-    skip = pytest.mark.skip(reason="long tail of the timm sweep: run with --timm-tail (.ci/run does)")
-    for item in items:
-        if "timm_tail" in item.keywords:
-            item.add_marker(skip)
+    for marker, (option, reason) in _OPT_IN.items():
+        if config.getoption(option):
+            continue
+        skip = pytest.mark.skip(reason=reason)
+        for item in items:
+            if marker in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)
