@@ -321,7 +321,7 @@ def test_proxied_study_runs_every_deployment_and_reports_transfer(tmp_path) -> N
 
 def test_ptq_reconstruct_needs_gmpq_ptq(tmp_path) -> None:
     import gmpq
-    from gmpq.study.config import PTQConfig
+    from gmpq.study.deploy import PTQConfig
     from gmpq.study.deploy import _quantize
 
     model = gmpq.create_model("mobilenetv2_050_cifar", num_classes=10)
@@ -333,3 +333,45 @@ def test_ptq_reconstruct_needs_gmpq_ptq(tmp_path) -> None:
     assert PTQConfig().method == "bn"
     bn = _quantize(gmpq.create_model("mobilenetv2_050_cifar", num_classes=10), policy, images, "bn")
     assert bn.gmpq_policy is policy and not bn.training
+
+
+@pytest.mark.slow
+def test_resnet20_cifar10_jpeg_study_runs_every_cell_kind_on_a_few_batches(tmp_path, shared_cifar10,
+                                                                             monkeypatch) -> None:
+    """The packaged study itself, end to end on one seed and one budget, every stage cut to a batch or two: the float
+    reference made by its recipe, the out-of-domain proxy's float model, every strategy on every proxy, random and
+    both uniform policies, each deployed post-training and by QAT."""
+    from gmpq.recipes import load_recipe, packaged_recipes
+
+    if not (shared_cifar10.parent / "tinyimagenet" / "train-00000-of-00001.parquet").exists():
+        pytest.skip("the shared Tiny-ImageNet subset is not beside the checkout")
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the study's data paths are relative to the checkout
+    data = yaml.safe_load(packaged_recipes("study")["resnet20_cifar10_jpeg"].read_text())
+    made = load_recipe("resnet20_cifar10_float", ["pretrain.epochs=1", "pretrain.max_steps=2",
+                                                   "data.max_train_samples=256", "data.max_eval_samples=32"])
+    few = {"max_eval_samples": 32}
+    data.update(seeds=[0], budgets=[0.28], output_dir=str(tmp_path / "out"), target_float=made.to_dict(),
+                ptq={"method": "bn", "calibration_images": 64, "batch_size": 32})
+    for name, proxy in data["proxies"].items():
+        proxy["data"].update(few, **({"max_train_samples": 256} if name == "oracle" else {}))
+    data["proxies"]["ood"]["float"].update(epochs=1, max_steps=1)
+    r = data["recipe"]
+    r["data"].update(few)
+    r["search"].update(epochs=1, max_steps=1, score_batch_size=8)
+    r["finetune"].update(max_steps=1, calibration_batches=1)
+    r["target"].update(max_train_samples=256, max_eval_samples=32)
+    result = run_study(_write(tmp_path, data))
+    kinds = {(row["strategy"], row["proxy"], row["deploy"]) for row in result.rows}
+    searched = {(s, p, d) for s in ("gmpq", "edmips", "hawq", "ompq") for p in ("indomain", "ood", "oracle")
+                for d in ("ptq", "qat")}
+    baselines = {(s, "", d) for s in ("random", "uniform_below", "uniform_above") for d in ("ptq", "qat")}
+    assert kinds == searched | baselines and len(result.rows) == 30 and result.total_cells == 15
+    assert result.float_top1 is not None
+    out = tmp_path / "out"
+    assert (out / "target_float" / "pretrain" / "model").is_dir() and (out / "proxy_float_ood").is_dir()
+    ptq = json.loads((out / "cells" / "hawq_ood_b0.28_s0" / "ptq" / "metrics.json").read_text())
+    assert ptq["calibration_images"] == 64 and ptq["num_eval_samples"] == 32
+    summary = (out / "summary.md").read_text()
+    for text in ("against the oracle's", "| qat | hawq | ood |", "## Where the bits went", "| ompq@oracle | 1 |",
+                 "| LQ-Nets | 2/2, 3/3 | 90.2, 91.6 |", "first 20 classes"):
+        assert text in summary, text

@@ -54,6 +54,7 @@ import yaml
 
 from gmpq.errors import RecipeError
 from gmpq.recipes import Recipe, apply_overrides, packaged_recipes, resolve_recipe
+from gmpq.study.deploy import PTQ_METHODS, PTQConfig, ptq_stage
 
 #: Strategies a study expands specially (the others are ``search.strategy`` values run as they are).
 UNIFORM = "uniform"
@@ -85,17 +86,6 @@ class Proxy:
     @property
     def trains_float(self) -> bool:
         return self.float != TARGET_FLOAT
-
-
-@dataclass(frozen=True)
-class PTQConfig:
-    """The post-training deployment: ``method`` (``bn``: calibration and batch-norm re-estimation; ``rtn``:
-    calibration only; ``reconstruct``: ``gmpq.ptq``, learned rounding) on ``calibration_images`` target training
-    images (a seed-dependent draw), in batches of ``batch_size``."""
-
-    method: str = "bn"
-    calibration_images: int = 1024
-    batch_size: int = 64
 
 
 @dataclass(frozen=True)
@@ -176,7 +166,6 @@ class StudyConfig:
     def cell_finished(self, run_id: str) -> bool:
         """Whether the cell wrote its ``study_cell.json`` and every deployment's final numbers."""
         from gmpq.rundir import RunDir
-        from gmpq.study.deploy import ptq_stage
 
         run = RunDir(self.cell_dir(run_id))
         done = {"qat": run.summary, "ptq": ptq_stage(run).metrics}
@@ -200,6 +189,8 @@ class StudyConfig:
         recipe = self.recipe.to_dict()
         for key in ("output_dir", "resume", "force", "name"):
             recipe.pop(key, None)
+        if recipe["data"].get("subset_seed") is None:  # unset, it changes nothing: older studies keep their print
+            recipe["data"].pop("subset_seed", None)
         content: dict[str, Any] = {"recipe": recipe, "target_pretrain": self.target_pretrain}
         for key in ("proxies", "deploy", "ptq", "target_float"):  # only where set: older studies keep their print
             if key in self.extra:
@@ -370,8 +361,6 @@ def _deploy(value: Any) -> list[str]:
 
 
 def _ptq(value: Any) -> PTQConfig:
-    from gmpq.study.deploy import PTQ_METHODS
-
     if value is None:
         return PTQConfig()
     fields = {f.name for f in dataclasses.fields(PTQConfig)}

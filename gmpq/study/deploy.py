@@ -20,6 +20,7 @@ The quantized model is evaluated once on the target's test split (``evaluate.spl
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -38,12 +39,22 @@ from gmpq.train import evaluate as evaluate_loader
 
 if TYPE_CHECKING:
     from gmpq.recipes import Recipe
-    from gmpq.study.config import PTQConfig
 
 #: The post-training methods (module docstring).
 PTQ_METHODS = ("bn", "rtn", "reconstruct")
 #: The stage directory of a cell's post-training deployment.
 PTQ_STAGE = "ptq"
+
+
+@dataclass(frozen=True)
+class PTQConfig:
+    """The post-training deployment: ``method`` (``bn``: calibration and batch-norm re-estimation; ``rtn``:
+    calibration only; ``reconstruct``: ``gmpq.ptq``, learned rounding) on ``calibration_images`` target training
+    images (a seed-dependent draw), in batches of ``batch_size``."""
+
+    method: str = "bn"
+    calibration_images: int = 1024
+    batch_size: int = 64
 
 
 def ptq_stage(run: Recipe | RunDir) -> StageDir:

@@ -195,18 +195,14 @@ def _float_models(study: StudyConfig) -> tuple[dict[str, str], str]:
     if not study.proxies:
         proxies[""] = study.recipe.model.checkpoint
         if proxies[""] is None:
-            recipe = proxy_float_recipe(study)
-            pretrain(recipe)
-            proxies[""] = str(RunDir.of(recipe).float_model)
+            proxies[""] = _pretrained(proxy_float_recipe(study))
     recipe = target_float_recipe(study)
     target = study.recipe.target.checkpoint
     if target is None and study.target_float is not None:
-        made = study.target_float.override([f"output_dir={study.target_float_dir}", "resume=true", "force=false"])
-        pretrain(made)
-        target = str(RunDir.of(made).float_model)
+        target = _pretrained(study.target_float.override([f"output_dir={study.target_float_dir}", "resume=true",
+                                                          "force=false"]))
     elif target is None:
-        pretrain(recipe)
-        target = str(RunDir.of(recipe).float_model)
+        target = _pretrained(recipe)
     if not RunDir.of(recipe).evaluate.metrics.exists():
         if study.recipe.target.checkpoint is None and study.target_float is None:
             evaluate(recipe)
@@ -215,13 +211,17 @@ def _float_models(study: StudyConfig) -> tuple[dict[str, str], str]:
             evaluate(target, [f"output_dir={recipe.output_dir}", f"evaluate.split={json.dumps(recipe.evaluate.split)}",
                               *(f"data.{k}={json.dumps(getattr(d, k))}" for k in ("dataset", "path", "input_size"))])
     for name, proxy in study.proxies.items():
-        if proxy.trains_float:
-            made = named_proxy_float_recipe(study, name, target)
-            pretrain(made)
-            proxies[name] = str(RunDir.of(made).float_model)
-        else:
-            proxies[name] = target
+        proxies[name] = _pretrained(named_proxy_float_recipe(study, name, target)) if proxy.trains_float else target
     return proxies, target
+
+
+def _pretrained(recipe: Recipe) -> str:
+    """The float model of the pretrain run ``recipe``, trained (or resumed) here unless it has finished: a finished
+    one is only read, so that shards started together do not contend for its directory."""
+    run = RunDir.of(recipe)
+    if not run.pretrain.finished:
+        pretrain(recipe)
+    return str(run.float_model)
 
 
 # ------------------------------------------------------------------------------------------------ cells
