@@ -114,7 +114,7 @@ def test_cli_bad_study_exits_2(tmp_path, capsys) -> None:
 
 
 def test_packaged_studies_load_by_name_and_pass_the_protocol() -> None:
-    for name in ("embedded_to_tinyimagenet_cpu", "embedded_to_tinyimagenet"):
+    for name in ("embedded_to_tinyimagenet_cpu", "embedded_to_tinyimagenet", "resnet20_cifar10_jpeg"):
         study = load_study(name)
         assert study.name == name and len(study.seeds) >= 3 and len(study.budgets) >= 2
         assert {"gmpq", "edmips", "random", "uniform"} <= set(study.strategies)
