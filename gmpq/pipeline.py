@@ -61,7 +61,7 @@ def target_recipe(recipe: Recipe, require_weights: bool = True) -> Recipe:
                          checkpoint=t.checkpoint, pretrained=t.pretrained, num_classes=None)
     data["data"].update(dataset=t.dataset, path=t.path, input_size=t.input_size, train_split=t.train_split,
                         eval_split=t.eval_split, batch_size=t.batch_size or recipe.data.batch_size,
-                        max_train_samples=t.max_train_samples, max_eval_samples=t.max_eval_samples,
+                        max_train_samples=t.max_train_samples, max_eval_samples=t.max_eval_samples, subset_seed=None,
                         holdout=t.holdout, classes=t.classes)
     if require_weights and t.checkpoint is None and not t.pretrained:
         raise RecipeError("target.dataset is set but the target model has no float weights: set target.pretrained=true "

@@ -85,6 +85,8 @@ class DataConfig:
     max_train_samples: int | None = _f(None, gt=0, doc="use only the first N training samples (after shuffling "
                                                        "with the recipe seed)")
     max_eval_samples: int | None = _f(None, gt=0, doc="use only N evaluation samples (the same N for every seed)")
+    subset_seed: int | None = _f(None, ge=0, doc="seed of the shuffle that picks max_train_samples; None = the recipe "
+                                                 "seed (set it for one fixed subset whatever the run's seed)")
     holdout: int | None = _f(None, gt=0, doc="hold N training samples out of training as split 'holdout' (the same "
                                              "fixed slice for every seed); evaluate on it with eval_split=holdout")
     classes: int | None = _f(None, gt=0, doc="use only the samples of the first N classes (labels 0..N-1) of every "

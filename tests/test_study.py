@@ -9,6 +9,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from gmpq.cli import main
@@ -113,7 +114,7 @@ def test_cli_bad_study_exits_2(tmp_path, capsys) -> None:
 
 
 def test_packaged_studies_load_by_name_and_pass_the_protocol() -> None:
-    for name in ("embedded_to_tinyimagenet_cpu", "embedded_to_tinyimagenet"):
+    for name in ("embedded_to_tinyimagenet_cpu", "embedded_to_tinyimagenet", "resnet20_cifar10_jpeg"):
         study = load_study(name)
         assert study.name == name and len(study.seeds) >= 3 and len(study.budgets) >= 2
         assert {"gmpq", "edmips", "random", "uniform"} <= set(study.strategies)
@@ -218,3 +219,159 @@ def test_attribution_effect_counts_the_layers_gmpq_and_edmips_decode_differently
     assert (effect["differ"], effect["layers"]) == (2, n)
     assert effect["mean_abs_dw"] == pytest.approx(4 / n) and effect["mean_abs_da"] == pytest.approx(3 / n)
     assert (tmp_path / "out" / "policies_b0.21.png").stat().st_size > 5_000
+
+
+# ------------------------------------------------------------------------------------------------ proxies and PTQ
+#: A study with named proxies and both deployments, small enough for the suite (the embedded subset throughout).
+PROXIED = {
+    **json.loads(json.dumps(SMOKE)),
+    "name": "proxied",
+    "strategies": ["gmpq", "edmips", "random", "uniform"],
+    "deploy": ["ptq", "qat"],
+    "ptq": {"method": "bn", "calibration_images": 8, "batch_size": 4},
+    "proxies": {
+        "small": {"float": "target", "data": {"max_train_samples": 8, "subset_seed": 0}},
+        "ood": {"float": {"epochs": 1, "max_steps": 1}, "data": {"classes": 5, "holdout": 8}},
+        "oracle": {"float": "target", "data": {"max_train_samples": 12}},
+    },
+    "references": [{"method": "PACT", "paper": "Choi et al. 2018", "bits": "2/2", "top1": "89.7"}],
+}
+
+
+def test_proxies_expand_per_searched_strategy_and_refuse_bad_specs(tmp_path) -> None:
+    data = {**json.loads(json.dumps(PROXIED)), "output_dir": str(tmp_path / "out")}
+    study = study_from_dict(data)
+    grid = expand_grid(study)
+    keys = [c.key for c in grid]
+    assert keys == ["gmpq@small_b0.21_s0", "gmpq@ood_b0.21_s0", "gmpq@oracle_b0.21_s0", "edmips@small_b0.21_s0",
+                    "edmips@ood_b0.21_s0", "edmips@oracle_b0.21_s0", "random_b0.21_s0", "uniform_below_b0.21_s0",
+                    "uniform_above_b0.21_s0"]
+    ood = next(c for c in grid if c.proxy == "ood")
+    assert ood.run_id == "gmpq_ood_b0.21_s0" and "data.classes=5" in ood.overrides
+    assert study.fingerprint() != study_from_dict({**data, "deploy": ["qat"]}).fingerprint()
+    for change, message in (
+            ({"proxies": {"x": {"data": {}}}}, "'float'"),
+            ({"proxies": {"x": {"float": "target", "model": {}}}}, "unknown key 'model'"),
+            ({"proxies": {"x": {"float": "target", "data": {"holdot": 3}}}}, "holdot"),
+            ({"proxies": {"x": {"float": {"epochz": 1}}}}, "epochz"),
+            ({"deploy": ["qat", "fp8"]}, "deploy"),
+            ({"ptq": {"method": "magic"}}, "ptq.method"),
+            ({"ptq": {"calibration_images": 10, "batch_size": 4}}, "multiple"),
+            ({"references": [{"top1": 1}]}, "method and paper")):
+        with pytest.raises(RecipeError, match=message):
+            study_from_dict({**data, **change})
+
+
+def test_target_float_recipe_must_hold_out_the_targets_slice(tmp_path) -> None:
+    data = {**json.loads(json.dumps(PROXIED)), "output_dir": str(tmp_path / "out"), "target_pretrain": None}
+    made = {"model": {"arch": "mobilenetv2_050_cifar"}, "data": {"dataset": "cifar10_embedded", "holdout": 8},
+            "pretrain": {"epochs": 1, "max_steps": 1}}
+    assert study_from_dict({**data, "target_float": made}).target_float.data.holdout == 8
+    with pytest.raises(RecipeError, match="data.holdout=4"):
+        study_from_dict({**data, "target_float": {**made, "data": {"dataset": "cifar10_embedded", "holdout": 4}}})
+    with pytest.raises(RecipeError, match="not both"):
+        study_from_dict({**data, "target_float": made, "target_pretrain": {"epochs": 1}})
+
+
+def test_subset_seed_fixes_the_training_subset_across_run_seeds() -> None:
+    from gmpq.recipes import Recipe
+    from gmpq.train import build_dataloaders
+
+    def labels(seed: int, subset_seed: int | None) -> list[int]:
+        r = Recipe.from_dict({"seed": seed, "model": {"arch": "mobilenetv2_050_cifar"},
+                              "data": {"dataset": "cifar10_embedded", "max_train_samples": 16, "batch_size": 4,
+                                       "subset_seed": subset_seed}})
+        return sorted(build_dataloaders(r).train.dataset.split.dataset["label"])
+
+    assert labels(0, 0) == labels(1, 0)
+    assert labels(0, None) != labels(1, None)
+
+
+@pytest.mark.slow
+def test_proxied_study_runs_every_deployment_and_reports_transfer(tmp_path) -> None:
+    path = _write(tmp_path, {**json.loads(json.dumps(PROXIED)), "output_dir": str(tmp_path / "out")})
+    result = run_study(path)
+    out = tmp_path / "out"
+    assert len(result.ran) == 9 and len(result.rows) == 18  # 9 runs, each deployed twice
+    assert (out / "proxy_float_ood" / "pretrain" / "model").is_dir()
+    assert not (out / "proxy_float").exists()  # the other proxies start from the target float model
+    ood_search = json.loads(RunDir(out / "cells" / "gmpq_ood_b0.21_s0").search.metrics.read_text())
+    assert ood_search["float_checkpoint"] == str(out / "proxy_float_ood" / "pretrain" / "model")
+    small = json.loads(RunDir(out / "cells" / "gmpq_small_b0.21_s0").search.metrics.read_text())
+    assert small["float_checkpoint"] == str(out / "target_float" / "pretrain" / "model")
+    ptq = json.loads((out / "cells" / "gmpq_small_b0.21_s0" / "ptq" / "metrics.json").read_text())
+    assert ptq["method"] == "bn" and ptq["calibration_images"] == 8 and ptq["split"] == "test"
+    assert ptq["num_eval_samples"] == 8 and 0.97 <= ptq["bops_searched_g"] / 0.21 <= 1.0
+    rows = {(r["strategy"], r["proxy"], r["deploy"]): r for r in result.rows}
+    assert rows[("gmpq", "small", "ptq")]["top1"] == ptq["top1"]
+    assert rows[("gmpq", "small", "qat")]["finetune_s"] > 0 and rows[("random", "", "ptq")]["search_s"] is not None
+    summary = (out / "summary.md").read_text()
+    for text in ("— PTQ (post-training)", "— QAT (fine-tuning", "| 0.21 | gmpq@ood | 1 |", "against the oracle's",
+                 "| qat | gmpq | small |", "| ptq | ood |", "## Where the bits went", "## Search cost",
+                 "| gmpq@oracle | 1 |", "| PACT | 2/2 | 89.7 |", "proxy `ood`"):
+        assert text in summary, text
+    assert (out / "study.png").exists() and (out / "study_ptq.png").exists()
+    assert (out / "policies_b0.21_ood.png").exists()
+    header = (out / "results.csv").read_text().splitlines()[0]
+    assert header.startswith("strategy,proxy,deploy,budget_g")
+    # a cell whose PTQ stage is missing is not finished: only its PTQ runs again
+    (out / "cells" / "random_b0.21_s0" / "ptq" / "metrics.json").unlink()
+    assert run_study(path).ran == ["random_b0.21_s0"]
+
+
+def test_ptq_reconstruct_needs_gmpq_ptq(tmp_path) -> None:
+    import gmpq
+    from gmpq.study.deploy import PTQConfig
+    from gmpq.study.deploy import _quantize
+
+    model = gmpq.create_model("mobilenetv2_050_cifar", num_classes=10)
+    policy = gmpq.uniform_policy(model, w_bits=4, a_bits=4)
+    images = [torch.randn(2, 3, 32, 32)]
+    if not hasattr(gmpq, "ptq"):
+        with pytest.raises(RecipeError, match="gmpq.ptq"):
+            _quantize(model, policy, images, "reconstruct")
+    assert PTQConfig().method == "bn"
+    bn = _quantize(gmpq.create_model("mobilenetv2_050_cifar", num_classes=10), policy, images, "bn")
+    assert bn.gmpq_policy is policy and not bn.training
+
+
+@pytest.mark.slow
+def test_resnet20_cifar10_jpeg_study_runs_every_cell_kind_on_a_few_batches(tmp_path, shared_cifar10,
+                                                                             monkeypatch) -> None:
+    """The packaged study itself, end to end on one seed and one budget, every stage cut to a batch or two: the float
+    reference made by its recipe, the out-of-domain proxy's float model, every strategy on every proxy, random and
+    both uniform policies, each deployed post-training and by QAT."""
+    from gmpq.recipes import load_recipe, packaged_recipes
+
+    if not (shared_cifar10.parent / "tinyimagenet" / "train-00000-of-00001.parquet").exists():
+        pytest.skip("the shared Tiny-ImageNet subset is not beside the checkout")
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the study's data paths are relative to the checkout
+    data = yaml.safe_load(packaged_recipes("study")["resnet20_cifar10_jpeg"].read_text())
+    made = load_recipe("resnet20_cifar10_float", ["pretrain.epochs=1", "pretrain.max_steps=2",
+                                                   "data.max_train_samples=256", "data.max_eval_samples=32"])
+    few = {"max_eval_samples": 32}
+    data.update(seeds=[0], budgets=[0.28], output_dir=str(tmp_path / "out"), target_float=made.to_dict(),
+                ptq={"method": "bn", "calibration_images": 64, "batch_size": 32})
+    for name, proxy in data["proxies"].items():
+        proxy["data"].update(few, **({"max_train_samples": 256} if name == "oracle" else {}))
+    data["proxies"]["ood"]["float"].update(epochs=1, max_steps=1)
+    r = data["recipe"]
+    r["data"].update(few)
+    r["search"].update(epochs=1, max_steps=1, score_batch_size=8)
+    r["finetune"].update(max_steps=1, calibration_batches=1)
+    r["target"].update(max_train_samples=256, max_eval_samples=32)
+    result = run_study(_write(tmp_path, data))
+    kinds = {(row["strategy"], row["proxy"], row["deploy"]) for row in result.rows}
+    searched = {(s, p, d) for s in ("gmpq", "edmips", "hawq", "ompq") for p in ("indomain", "ood", "oracle")
+                for d in ("ptq", "qat")}
+    baselines = {(s, "", d) for s in ("random", "uniform_below", "uniform_above") for d in ("ptq", "qat")}
+    assert kinds == searched | baselines and len(result.rows) == 30 and result.total_cells == 15
+    assert result.float_top1 is not None
+    out = tmp_path / "out"
+    assert (out / "target_float" / "pretrain" / "model").is_dir() and (out / "proxy_float_ood").is_dir()
+    ptq = json.loads((out / "cells" / "hawq_ood_b0.28_s0" / "ptq" / "metrics.json").read_text())
+    assert ptq["calibration_images"] == 64 and ptq["num_eval_samples"] == 32
+    summary = (out / "summary.md").read_text()
+    for text in ("against the oracle's", "| qat | hawq | ood |", "## Where the bits went", "| ompq@oracle | 1 |",
+                 "| LQ-Nets | 2/2, 3/3 | 90.2, 91.6 |", "first 20 classes"):
+        assert text in summary, text

@@ -17,6 +17,23 @@ Strategies are the search strategies (``gmpq``, ``edmips``, ``random``, ...: any
 (expands to ``uniform_below`` and ``uniform_above``: :func:`gmpq.search.budget.decode_uniform`) and ``target``
 (the GMPQ search run directly on the target data: the paper's oracle for accuracy against search cost).
 
+Optional keys for a study with several proxies and two deployments (``resnet20_cifar10_jpeg``)::
+
+    proxies:                 # each a different claim; the searched strategies run on every proxy
+      indomain: {float: target, data: {...}}                  # the target float model is teacher and search start
+      ood: {float: {epochs: 6, lr: 0.01}, data: {...}}        # a pretrain section: the target float model's backbone
+      oracle: {float: target, data: {...}, search: {...}}     #   and a new head, trained on the proxy once per study
+    deploy: [ptq, qat]       # ptq: the policy applied to the target float model (ptq section); qat: fine-tuning
+    ptq: {method: bn, calibration_images: 1024}               # see gmpq.study.deploy
+    target_float: resnet20_cifar10_float   # a pretrain recipe that makes the target float model once per study
+    references: [{method: ..., paper: ..., bits: ..., top1: ..., float_top1: ..., training: ...}]  # published figures
+
+A proxy's ``data`` and ``search`` mappings replace those keys of the base recipe for its cells. ``random`` and
+``uniform`` read no proxy data and run once per budget and seed. Without ``proxies`` the base recipe's data is the
+one proxy and its float model is trained by the base recipe's ``pretrain`` section (``proxy_float/``). The target
+float model is ``recipe.target.checkpoint`` when set (taken as given), else made by ``target_float`` or
+``target_pretrain`` (from scratch) once per study.
+
 Protocol checks (so that a study cannot read its test split twice): the proxy holds a slice of its training split
 out (``data.holdout``; the search's decoded-policy evaluation reads it, and search hyperparameters are chosen on
 it), and the target too (``target.holdout``; fine-tuning monitors it), so the target's test split
@@ -25,6 +42,7 @@ it), and the target too (``target.holdout``; fine-tuning monitors it), so the ta
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -36,13 +54,38 @@ import yaml
 
 from gmpq.errors import RecipeError
 from gmpq.recipes import Recipe, apply_overrides, packaged_recipes, resolve_recipe
+from gmpq.study.deploy import PTQ_METHODS, PTQConfig, ptq_stage
 
 #: Strategies a study expands specially (the others are ``search.strategy`` values run as they are).
 UNIFORM = "uniform"
 TARGET = "target"
 #: The resolved study a study directory holds (see :attr:`StudyConfig.study_file`).
 STUDY_FILE = "study.yaml"
-STUDY_KEYS = ("name", "description", "strategies", "budgets", "seeds", "recipe", "target_pretrain", "output_dir")
+STUDY_KEYS = ("name", "description", "strategies", "budgets", "seeds", "recipe", "target_pretrain", "output_dir",
+              "proxies", "deploy", "ptq", "target_float", "references")
+#: Strategies that read no proxy data: one cell per budget and seed, whatever the proxies.
+PROXY_FREE = ("random", UNIFORM, TARGET)
+#: How a cell's policy is deployed on the target: ``qat`` (fine-tuning, the pipeline's) and ``ptq`` (post-training).
+DEPLOYS = ("ptq", "qat")
+#: A proxy whose float model is the target's (``float: target``).
+TARGET_FLOAT = "target"
+#: Recipe sections a proxy may replace keys of.
+PROXY_SECTIONS = ("data", "search")
+REFERENCE_KEYS = ("method", "paper", "bits", "top1", "float_top1", "training", "note")
+
+
+@dataclass(frozen=True)
+class Proxy:
+    """A search proxy: its recipe overrides (``data.*``, ``search.*``) and its float model — ``"target"`` (the target
+    float model) or a pretrain section (trained once per study from the target float model, a new head)."""
+
+    name: str
+    overrides: tuple[str, ...]
+    float: str | dict[str, Any]
+
+    @property
+    def trains_float(self) -> bool:
+        return self.float != TARGET_FLOAT
 
 
 @dataclass(frozen=True)
@@ -58,11 +101,12 @@ class Cell:
     seed: int
     run_id: str
     overrides: tuple[str, ...]
+    proxy: str = ""
 
     @property
     def key(self) -> str:
-        """The row's name: ``<strategy>_b<budget>_s<seed>``."""
-        return f"{self.strategy}_b{self.budget_g:g}_s{self.seed}"
+        """The row's name: ``<strategy>[@<proxy>]_b<budget>_s<seed>``."""
+        return f"{self.strategy}{'@' + self.proxy if self.proxy else ''}_b{self.budget_g:g}_s{self.seed}"
 
 
 @dataclass
@@ -78,6 +122,12 @@ class StudyConfig:
     description: str = ""
     output_dir: str | None = None
     source: str | None = None
+    proxies: dict[str, Proxy] = field(default_factory=dict)
+    deploy: list[str] = field(default_factory=lambda: ["qat"])
+    ptq: PTQConfig = field(default_factory=PTQConfig)
+    target_float: Recipe | None = None
+    references: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.output_dir is None:
@@ -92,6 +142,10 @@ class StudyConfig:
     @property
     def proxy_float_dir(self) -> Path:
         return self.directory / "proxy_float"
+
+    def named_proxy_float_dir(self, proxy: str) -> Path:
+        """The float model run of a named proxy that trains one (``proxy_float_<name>``)."""
+        return self.directory / f"proxy_float_{proxy}"
 
     @property
     def target_float_dir(self) -> Path:
@@ -110,9 +164,12 @@ class StudyConfig:
         return self.cell_dir(run_id) / "study_cell.json"
 
     def cell_finished(self, run_id: str) -> bool:
+        """Whether the cell wrote its ``study_cell.json`` and every deployment's final numbers."""
         from gmpq.rundir import RunDir
 
-        return RunDir(self.cell_dir(run_id)).summary.exists() and self.cell_info(run_id).exists()
+        run = RunDir(self.cell_dir(run_id))
+        done = {"qat": run.summary, "ptq": ptq_stage(run).metrics}
+        return self.cell_info(run_id).exists() and all(done[d].exists() for d in self.deploy)
 
     @property
     def study_file(self) -> Path:
@@ -132,14 +189,20 @@ class StudyConfig:
         recipe = self.recipe.to_dict()
         for key in ("output_dir", "resume", "force", "name"):
             recipe.pop(key, None)
-        blob = json.dumps({"recipe": recipe, "target_pretrain": self.target_pretrain}, sort_keys=True, default=str)
+        if recipe["data"].get("subset_seed") is None:  # unset, it changes nothing: older studies keep their print
+            recipe["data"].pop("subset_seed", None)
+        content: dict[str, Any] = {"recipe": recipe, "target_pretrain": self.target_pretrain}
+        for key in ("proxies", "deploy", "ptq", "target_float"):  # only where set: older studies keep their print
+            if key in self.extra:
+                content[key] = self.extra[key]
+        blob = json.dumps(content, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "strategies": list(self.strategies),
                 "budgets": list(self.budgets), "seeds": list(self.seeds), "output_dir": self.output_dir,
                 "target_pretrain": dict(self.target_pretrain), "recipe": self.recipe.to_dict(),
-                "fingerprint": self.fingerprint()}
+                **json.loads(json.dumps(self.extra)), "fingerprint": self.fingerprint()}
 
 
 def load_study(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> StudyConfig:
@@ -218,11 +281,133 @@ def study_from_dict(data: dict[str, Any], base_dir: str | os.PathLike = ".", rec
     if not isinstance(target_pretrain, dict):
         raise RecipeError("study key 'target_pretrain' must be a mapping (a pretrain section)")
     Recipe.from_dict({"model": {"arch": recipe.model.arch}, "pretrain": target_pretrain})  # validates its keys
+    extra: dict[str, Any] = {}
+    proxies = _proxies(data.get("proxies"), recipe)
+    if proxies:
+        extra["proxies"] = data["proxies"]
+    deploy = _deploy(data.get("deploy"))
+    if data.get("deploy") is not None:
+        extra["deploy"] = deploy
+    ptq = _ptq(data.get("ptq"))
+    if data.get("ptq") is not None:
+        extra["ptq"] = dataclasses.asdict(ptq)
+    target_float = _target_float(data.get("target_float"), Path(base_dir))
+    if target_float is not None:
+        if target_pretrain:
+            raise RecipeError("set either target_float (a recipe that makes the target float model) or "
+                              "target_pretrain (training from scratch), not both")
+        extra["target_float"] = target_float.to_dict()
+    references = _references(data.get("references"))
+    if references:
+        extra["references"] = references
     study = StudyConfig(name=name, strategies=strategies, budgets=budgets, seeds=seeds, recipe=recipe,
                         target_pretrain=dict(target_pretrain), description=str(data.get("description") or ""),
-                        output_dir=data.get("output_dir"), source=source)
+                        output_dir=data.get("output_dir"), source=source, proxies=proxies, deploy=deploy, ptq=ptq,
+                        target_float=target_float, references=references, extra=extra)
     check_protocol(study)
     return study
+
+
+def _proxies(value: Any, recipe: Recipe) -> dict[str, Proxy]:
+    """The ``proxies`` mapping (module docstring); each proxy's recipe is validated here."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not value:
+        raise RecipeError("study key 'proxies' must be a mapping of proxy names to {float, data, search}")
+    out = {}
+    for name, spec in value.items():
+        if not isinstance(name, str) or not name.isidentifier():
+            raise RecipeError(f"proxy name {name!r} must be a plain name (letters, digits, _)")
+        if not isinstance(spec, dict) or "float" not in spec:
+            raise RecipeError(f"proxy {name!r} must be a mapping with 'float' (target, or a pretrain section) and "
+                              f"optional {', '.join(PROXY_SECTIONS)}")
+        unknown = sorted(set(spec) - {"float", *PROXY_SECTIONS})
+        if unknown:
+            raise RecipeError(f"unknown key {unknown[0]!r} in proxy {name!r}; valid keys: float, "
+                              f"{', '.join(PROXY_SECTIONS)}")
+        overrides = []
+        for section in PROXY_SECTIONS:
+            part = spec.get(section) or {}
+            if not isinstance(part, dict):
+                raise RecipeError(f"proxy {name!r}: {section} must be a mapping of {section} keys")
+            overrides += [f"{section}.{k}={json.dumps(v)}" for k, v in part.items()]
+        try:
+            proxied = recipe.override(overrides)
+        except RecipeError as e:
+            raise RecipeError(f"proxy {name!r}: {e}") from None
+        floating = spec["float"]
+        if floating != TARGET_FLOAT:
+            if not isinstance(floating, dict):
+                raise RecipeError(f"proxy {name!r}: float must be 'target' (the target float model) or a pretrain "
+                                  f"section (a float model trained on the proxy from the target float model)")
+            try:
+                Recipe.from_dict({"model": {"arch": recipe.model.arch}, "pretrain": floating})
+            except RecipeError as e:
+                raise RecipeError(f"proxy {name!r}: float: {e}") from None
+        if not proxied.data.holdout:
+            raise RecipeError(f"proxy {name!r}: set data.holdout=N (the decoded-policy evaluation and the choice of "
+                              f"search settings use a held-out slice of the proxy's training split)")
+        out[name] = Proxy(name, tuple(overrides), floating)
+    return out
+
+
+def _deploy(value: Any) -> list[str]:
+    if value is None:
+        return ["qat"]
+    if not isinstance(value, list) or not value or any(v not in DEPLOYS for v in value) or \
+            len(set(value)) != len(value):
+        raise RecipeError(f"study key 'deploy' must be a list of distinct {' / '.join(DEPLOYS)}, got {value!r}")
+    return [d for d in DEPLOYS if d in value]
+
+
+def _ptq(value: Any) -> PTQConfig:
+    if value is None:
+        return PTQConfig()
+    fields = {f.name for f in dataclasses.fields(PTQConfig)}
+    if not isinstance(value, dict) or set(value) - fields:
+        raise RecipeError(f"study key 'ptq' must be a mapping with keys {', '.join(sorted(fields))}")
+    cfg = PTQConfig(**value)
+    if cfg.method not in PTQ_METHODS:
+        raise RecipeError(f"ptq.method {cfg.method!r} is not one of {', '.join(PTQ_METHODS)}")
+    for key in ("calibration_images", "batch_size"):
+        if not isinstance(getattr(cfg, key), int) or getattr(cfg, key) <= 0:
+            raise RecipeError(f"ptq.{key} must be a positive integer, got {getattr(cfg, key)!r}")
+    if cfg.calibration_images % cfg.batch_size:
+        raise RecipeError(f"ptq.calibration_images={cfg.calibration_images} must be a multiple of ptq.batch_size="
+                          f"{cfg.batch_size}")
+    return cfg
+
+
+def _target_float(value: Any, base_dir: Path) -> Recipe | None:
+    """``target_float``: a packaged recipe's name, a recipe path (relative to the study file) or an inline one."""
+    from gmpq.recipes import load_recipe
+
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        try:
+            return Recipe.from_dict(value)
+        except RecipeError as e:
+            raise RecipeError(f"study target_float: {e}") from None
+    if not isinstance(value, str):
+        raise RecipeError("study key 'target_float' must be a recipe name, a recipe path or a recipe mapping")
+    path = Path(value)
+    if not path.is_absolute() and (base_dir / path).exists():
+        path = base_dir / path
+    return load_recipe(path)
+
+
+def _references(value: Any) -> list[dict[str, Any]]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(r, dict) for r in value):
+        raise RecipeError(f"study key 'references' must be a list of mappings with keys {', '.join(REFERENCE_KEYS)}")
+    for r in value:
+        unknown = sorted(set(r) - set(REFERENCE_KEYS))
+        if unknown or not {"method", "paper"} <= set(r):
+            raise RecipeError(f"a study reference needs method and paper and may have {', '.join(REFERENCE_KEYS)}; "
+                              f"got {sorted(r)}")
+    return [dict(r) for r in value]
 
 
 def check_protocol(study: StudyConfig) -> None:
@@ -246,10 +431,28 @@ def check_protocol(study: StudyConfig) -> None:
     if r.data.eval_split not in (None, "holdout"):
         raise RecipeError(f"recipe.data.eval_split is {r.data.eval_split!r}: in a study the proxy evaluation is "
                           f"'holdout'")
-    if r.model.checkpoint is None and r.pretrain.epochs == 0:
+    if not study.proxies and r.model.checkpoint is None and r.pretrain.epochs == 0:
         raise RecipeError("the proxy float model needs recipe.pretrain.epochs > 0 or recipe.model.checkpoint")
-    if r.target.checkpoint is None and not study.target_pretrain.get("epochs"):
-        raise RecipeError("the target float model needs target_pretrain.epochs > 0 or recipe.target.checkpoint")
+    if r.target.checkpoint is None and study.target_float is None and not study.target_pretrain.get("epochs"):
+        raise RecipeError("the target float model needs recipe.target.checkpoint (given), target_float (a recipe "
+                          "that makes it) or target_pretrain.epochs > 0")
+    if study.target_float is not None and r.target.checkpoint is None:
+        _check_target_float(study)
+
+
+def _check_target_float(study: StudyConfig) -> None:
+    """The target float model's recipe must train on the target's data with the same held-out slice: else the
+    float model would have trained on the images fine-tuning monitors, or on another task."""
+    f, t = study.target_float, study.recipe.target
+    arch = t.arch or study.recipe.model.deploy_arch or study.recipe.model.arch
+    pairs = {"model.arch": (f.model.arch, arch), "data.dataset": (f.data.dataset, t.dataset),
+             "data.path": (f.data.path, t.path), "data.holdout": (f.data.holdout, t.holdout),
+             "data.classes": (f.data.classes, t.classes), "data.input_size": (f.data.input_size, t.input_size)}
+    for key, (mine, theirs) in pairs.items():
+        if mine != theirs:
+            raise RecipeError(f"target_float recipe {f.name!r} has {key}={mine!r} but the study's target has "
+                              f"{theirs!r}: the target float model must be trained on the target's training split "
+                              f"minus the same held-out slice")
 
 
 def _strategies(value: Any) -> list[str]:

@@ -1,7 +1,9 @@
 """The cells of a study: strategies x budgets x seeds, in the order they run.
 
-Order: seed, then budget, then strategy — a slice of the first cells covers every strategy of one seed before the
-next seed starts, so a partial study already holds complete paired comparisons.
+Order: seed, then budget, then strategy (then proxy) — a slice of the first cells covers every strategy of one seed
+before the next seed starts, so a partial study already holds complete paired comparisons. With ``proxies`` every
+strategy that reads proxy data runs once per proxy (``<strategy>_<proxy>_b<budget>_s<seed>``); ``random`` and
+``uniform`` once per budget and seed.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import json
 from gmpq.models import base_arch, create_model
 from gmpq.search.budget import check_budget, decode_uniform
 from gmpq.search.supernet import SearchSpace, deployment_macs, search_space
-from gmpq.study.config import TARGET, UNIFORM, Cell, StudyConfig
+from gmpq.study.config import PROXY_FREE, TARGET, UNIFORM, Cell, StudyConfig
 
 
 def proxy_space(study: StudyConfig) -> SearchSpace:
@@ -48,7 +50,10 @@ def _cells_of(study: StudyConfig, strategy: str, budget: float, seed: int, space
     run_id = f"{strategy}_b{budget:g}_s{seed}"
     if strategy == TARGET:
         return [Cell(TARGET, budget, seed, run_id, ("search.strategy=gmpq", *target_search_overrides(study)))]
-    return [Cell(strategy, budget, seed, run_id, (f"search.strategy={strategy}",))]
+    if not study.proxies or strategy in PROXY_FREE:
+        return [Cell(strategy, budget, seed, run_id, (f"search.strategy={strategy}",))]
+    return [Cell(strategy, budget, seed, f"{strategy}_{p.name}_b{budget:g}_s{seed}",
+                 (f"search.strategy={strategy}", *p.overrides), proxy=p.name) for p in study.proxies.values()]
 
 
 def target_search_overrides(study: StudyConfig) -> tuple[str, ...]:

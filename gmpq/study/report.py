@@ -5,6 +5,12 @@ searched BOPs as a fraction of the budget, the mean bits, and the paired differe
 :mod:`gmpq.study.stats`) to the uniform policies below and above the budget and to the random policy; then every cell,
 including those where a searched policy loses. Uniform policies are named with their BOPs: the one below the budget
 may use much less of it, and a comparison with it is not one "at the same budget".
+
+A study with several proxies names each searched strategy ``<strategy>@<proxy>`` and adds, per deployment
+(``qat``, ``ptq``): each proxy's policy against the oracle's (the proxy named ``oracle``) paired by seed and budget,
+gmpq against edmips per proxy, the per-layer bits of every strategy side by side (seed 0), the search wall time per
+strategy and proxy, and the study's ``references`` (published figures) as a table. ``study.png`` shows the QAT cells
+(or the one deployment), ``study_ptq.png`` the PTQ cells of a study that has both.
 """
 
 from __future__ import annotations
@@ -21,6 +27,24 @@ from gmpq.utils import atomic_write_text
 
 RESULTS_FILE, SUMMARY_FILE, FIGURE_FILE = "results.csv", "summary.md", "study.png"
 BASELINES = ("uniform_below", "uniform_above", "random")
+#: The proxy every other proxy's policies are compared with (searching on the target's own training split).
+ORACLE = "oracle"
+#: Strategies whose transfer (proxy against oracle) the summary reports.
+TRANSFER_STRATEGIES = ("gmpq", "edmips", "hawq", "ompq")
+DEPLOY_NAMES = {"qat": "QAT (fine-tuning with distillation)", "ptq": "PTQ (post-training)"}
+
+
+def label(row: dict[str, Any]) -> str:
+    """A row's strategy as the tables name it: ``<strategy>@<proxy>`` for a searched strategy of a named proxy."""
+    return f"{row['strategy']}@{row['proxy']}" if row.get("proxy") else row["strategy"]
+
+
+def _deployed(rows: list[dict[str, Any]], deploy: str) -> list[dict[str, Any]]:
+    return [r for r in rows if r.get("deploy", "qat") == deploy]
+
+
+def _figure_file(study: StudyConfig, deploy: str) -> str:
+    return FIGURE_FILE if deploy == ("qat" if "qat" in study.deploy else study.deploy[0]) else f"study_{deploy}.png"
 
 
 def write_report(study: StudyConfig, rows: list[dict[str, Any]], total_cells: int) -> tuple[Path, Path | None]:
@@ -29,10 +53,18 @@ def write_report(study: StudyConfig, rows: list[dict[str, Any]], total_cells: in
     directory = study.directory
     atomic_write_text(directory / RESULTS_FILE, results_csv(rows))
     float_line = study.float_top1()
-    attribution = attribution_effect(study, rows)
+    attribution = attribution_effect(study, _deployed(rows, study.deploy[0]))
     text = summary_markdown(study, rows, total_cells, float_line) + _attribution_markdown(attribution)
+    if study.proxies:
+        text += proxies_markdown(study, rows)
+    text += references_markdown(study)
     summary = atomic_write_text(directory / SUMMARY_FILE, text)
-    figure = plot_study(study, rows, directory / FIGURE_FILE, float_line) if rows else None
+    figure = None
+    for deploy in study.deploy:
+        deployed = _deployed(rows, deploy)
+        if deployed:
+            path = plot_study(study, deployed, directory / _figure_file(study, deploy), float_line, deploy)
+            figure = path if path.name == FIGURE_FILE else figure
     return summary, figure
 
 
@@ -47,9 +79,10 @@ def attribution_effect(study: StudyConfig, rows: list[dict[str, Any]]) -> list[d
     table = _by(rows)
     out = []
     for (budget, strategy), cells in sorted(table.items()):
-        if strategy != "gmpq" or (budget, "edmips") not in table:
+        if strategy.partition("@")[0] != "gmpq" or (budget, strategy.replace("gmpq", "edmips", 1)) not in table:
             continue
-        others = table[(budget, "edmips")]
+        proxy = strategy.partition("@")[2]
+        others = table[(budget, strategy.replace("gmpq", "edmips", 1))]
         for seed in sorted(set(cells) & set(others)):
             g = Policy.load(RunDir(study.cell_dir(cells[seed]["run_id"])).policy)
             e = Policy.load(RunDir(study.cell_dir(others[seed]["run_id"])).policy)
@@ -57,12 +90,13 @@ def attribution_effect(study: StudyConfig, rows: list[dict[str, Any]]) -> list[d
                     (e.layers[n].w_bits, e.layers[n].a_bits)]
             dw = sum(abs(g.layers[n].w_bits - e.layers[n].w_bits) for n in g.layers) / len(g.layers)
             da = sum(abs(g.layers[n].a_bits - e.layers[n].a_bits) for n in g.layers) / len(g.layers)
-            out.append({"budget_g": budget, "seed": seed, "layers": len(g.layers), "differ": len(diff),
-                        "mean_abs_dw": dw, "mean_abs_da": da})
+            out.append({"budget_g": budget, "proxy": proxy, "seed": seed, "layers": len(g.layers),
+                        "differ": len(diff), "mean_abs_dw": dw, "mean_abs_da": da})
             if seed == min(set(cells) & set(others)):
-                plot_policies([g, e], study.directory / f"policies_b{budget:g}.png", labels=[
-                    f"gmpq (attribution loss), budget {budget:g} G, seed {seed}",
-                    f"edmips (same search without it), budget {budget:g} G, seed {seed}"])
+                on = f", proxy {proxy}" if proxy else ""
+                plot_policies([g, e], study.directory / f"policies_b{budget:g}{'_' + proxy if proxy else ''}.png",
+                              labels=[f"gmpq (attribution loss), budget {budget:g} G{on}, seed {seed}",
+                                      f"edmips (same search without it), budget {budget:g} G{on}, seed {seed}"])
     return out
 
 
@@ -74,17 +108,18 @@ def _attribution_markdown(effect: list[dict[str, Any]]) -> str:
              "data order and seed. Per budget and seed: searched layers whose (w, a) differ, and the mean absolute "
              "difference in weight / activation bits over the searched layers (`policies_b<budget>.png`: the first "
              "seed's two policies).", "",
-             "| budget G | seed | layers that differ | mean abs Δ W bits | mean abs Δ A bits |", "|---|---|---|---|---|"]
+             "| budget G | proxy | seed | layers that differ | mean abs Δ W bits | mean abs Δ A bits |",
+             "|---|---|---|---|---|---|"]
     for e in effect:
-        lines.append(f"| {e['budget_g']:g} | {e['seed']} | {e['differ']} of {e['layers']} | {e['mean_abs_dw']:.2f} | "
-                     f"{e['mean_abs_da']:.2f} |")
+        lines.append(f"| {e['budget_g']:g} | {e['proxy'] or '–'} | {e['seed']} | {e['differ']} of {e['layers']} | "
+                     f"{e['mean_abs_dw']:.2f} | {e['mean_abs_da']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
 def _by(rows: list[dict[str, Any]]) -> dict[tuple[float, str], dict[int, dict[str, Any]]]:
     table: dict[tuple[float, str], dict[int, dict[str, Any]]] = defaultdict(dict)
     for r in rows:
-        table[(r["budget_g"], r["strategy"])][r["seed"]] = r
+        table[(r["budget_g"], label(r))][r["seed"]] = r
     return table
 
 
@@ -112,28 +147,77 @@ def _finetune_length(r: Any) -> str:
 
 def summary_markdown(study: StudyConfig, rows: list[dict[str, Any]], total_cells: int,
                      float_line: float | None) -> str:
-    """The text of ``summary.md`` (module docstring)."""
+    """The text of ``summary.md`` (module docstring): the header, then per deployment the per-budget table and every
+    cell."""
     r = study.recipe
     t = r.target
     devices = sorted({row["device"] for row in rows if row.get("device")})
+    cells_done = len({row["run_id"] for row in rows})
     lines = [f"# Study `{study.name}`", ""]
     if study.description:
         lines += [study.description.strip(), ""]
+    lines.append(f"- command: `gmpq study {study.source or '<config>'}`")
+    if study.proxies:
+        for p in study.proxies.values():
+            pr = r.override(p.overrides)
+            lines.append(f"- proxy `{p.name}`: {_proxy_data(pr)}; {pr.search.epochs} search epochs"
+                         f"{f' of {pr.search.max_steps} steps' if pr.search.max_steps else ''}; float model: "
+                         + ("the target float model" if not p.trains_float else
+                            f"the target float model's backbone and a new head, {p.float.get('epochs')} epochs on "
+                            "the proxy"))
+        lines.append(f"- candidate bits {list(r.search.bits)}; budgets in GBOPs of the searched layers of "
+                     f"`{r.model.deploy_arch or r.model.arch}` at {r.model.deploy_input_size}x"
+                     f"{r.model.deploy_input_size}")
+    else:
+        lines.append(f"- search: `{r.model.arch}` on `{r.data.dataset}` (input {r.data.input_size or 'native'}, "
+                     f"{r.data.holdout} training images held out for the decoded-policy evaluation), candidate bits "
+                     f"{list(r.search.bits)}, {r.search.epochs} search epochs; budgets in GBOPs of the searched "
+                     f"layers of `{r.model.deploy_arch or r.model.arch}` at {r.model.deploy_input_size}x"
+                     f"{r.model.deploy_input_size}")
+    lines.append(f"- target: `{t.dataset}`{f' (first {t.classes} classes)' if t.classes else ''} (input "
+                 f"{t.input_size or 'native'}, {t.holdout} training images held out for monitoring)"
+                 + (f", {_finetune_length(r)} of fine-tuning from the target float model" if "qat" in study.deploy
+                    else "")
+                 + (f"; post-training: `{study.ptq.method}` on {study.ptq.calibration_images} target training "
+                    f"images" if "ptq" in study.deploy else "")
+                 + f"; top-1 on the test split `{r.evaluate.split or 'default'}`, read once per cell and deployment")
     lines += [
-        f"- command: `gmpq study {study.source or '<config>'}`",
-        f"- search: `{r.model.arch}` on `{r.data.dataset}` (input {r.data.input_size or 'native'}, "
-        f"{r.data.holdout} training images held out for the decoded-policy evaluation), candidate bits "
-        f"{list(r.search.bits)}, {r.search.epochs} search epochs; budgets in GBOPs of the searched layers of "
-        f"`{r.model.deploy_arch or r.model.arch}` at {r.model.deploy_input_size}x{r.model.deploy_input_size}",
-        f"- target: `{t.dataset}`{f' (first {t.classes} classes)' if t.classes else ''} (input "
-        f"{t.input_size or 'native'}, {t.holdout} training images held out for monitoring), "
-        f"{_finetune_length(r)} of fine-tuning from the target float model; top-1 on the test split "
-        f"`{r.evaluate.split or 'default'}`, read once per cell",
         f"- float target model: top-1 {float_line:.2f} %" if float_line is not None else "- float target model: "
         "not evaluated yet",
-        f"- cells finished: {len(rows)} of {total_cells}; seeds {study.seeds}; devices: {', '.join(devices) or '–'}",
+        f"- cells finished: {cells_done} of {total_cells}; seeds {study.seeds}; devices: {', '.join(devices) or '–'}",
+    ]
+    order = {s: i for i, s in enumerate(_strategy_order(study))}
+    titled = bool(study.proxies) or study.deploy != ["qat"]
+    for deploy in study.deploy:
+        lines += _budget_table(study, _deployed(rows, deploy), order,
+                               f" — {DEPLOY_NAMES[deploy]}" if titled else "")
+    lines += ["", "## Every cell", "",
+              "| budget G | strategy | deploy | seed | top-1 | top-5 | searched GBOPs | % of budget | W / A bits | "
+              "proxy holdout top-1 (decoded) | alpha entropy | search s | cell s | device |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in sorted(rows, key=lambda x: (x["budget_g"], order.get(label(x), 99), x["seed"], x.get("deploy", ""))):
+        lines.append(
+            f"| {row['budget_g']:g} | {label(row)} | {row.get('deploy', 'qat')} | {row['seed']} | {row['top1']:.2f} | "
+            f"{row['top5']:.2f} | {row['bops_searched_g']:.4f} | {100 * row['budget_fraction']:.1f} | "
+            f"{row['mean_w_bits']:.2f} / {row['mean_a_bits']:.2f} | {_opt(row.get('proxy_holdout_top1'))} | "
+            f"{_opt(row.get('alpha_entropy'), 3)} | {_opt(row.get('search_s'), 0)} | {_opt(row.get('cell_s'), 0)} | "
+            f"{row.get('device') or '–'} |")
+    return "\n".join(lines) + "\n"
+
+
+def _proxy_data(recipe: Any) -> str:
+    d = recipe.data
+    size = f"{d.max_train_samples} images (a fixed slice)" if d.max_train_samples else "the whole training split"
+    return (f"`{d.dataset}`{f' (first {d.classes} classes)' if d.classes else ''} at input "
+            f"{d.input_size or 'native'}, {size}, {d.holdout} training images held out for the decoded-policy "
+            f"evaluation")
+
+
+def _budget_table(study: StudyConfig, rows: list[dict[str, Any]], order: dict[str, int], title: str) -> list[str]:
+    """The per-budget table of one deployment's rows: each strategy against the uniform and random baselines."""
+    lines = [
         "",
-        "## Per budget and strategy",
+        f"## Per budget and strategy{title}",
         "",
         "Top-1 (%) on the target's test split, mean ± standard deviation over seeds. Δ: paired difference over seeds "
         "to the baseline, mean [95 % t-interval]; * marks an interval that excludes 0. `uniform_below` / "
@@ -145,7 +229,6 @@ def summary_markdown(study: StudyConfig, rows: list[dict[str, Any]], total_cells
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     table = _by(rows)
-    order = {s: i for i, s in enumerate(_strategy_order(study))}
     for budget, strategy in sorted(table, key=lambda k: (k[0], order.get(k[1], 99))):
         cells = table[(budget, strategy)]
         top1 = {s: c["top1"] for s, c in cells.items()}
@@ -162,16 +245,109 @@ def summary_markdown(study: StudyConfig, rows: list[dict[str, Any]], total_cells
         lines.append(f"| {budget:g} | {strategy} | {len(cells)} | {_pm(list(top1.values()))} | {_pm(bops, 3)} "
                      f"({100 * spread(bops).mean / budget:.0f} %) | {w_bits} / {a_bits} | {' | '.join(diffs)} | "
                      f"{search_s} |")
-    lines += ["", "## Every cell", "",
-              "| budget G | strategy | seed | top-1 | top-5 | searched GBOPs | % of budget | W / A bits | "
-              "proxy holdout top-1 (decoded) | alpha entropy | search s | cell s | device |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for row in sorted(rows, key=lambda x: (x["budget_g"], order.get(x["strategy"], 99), x["seed"])):
-        lines.append(
-            f"| {row['budget_g']:g} | {row['strategy']} | {row['seed']} | {row['top1']:.2f} | {row['top5']:.2f} | "
-            f"{row['bops_searched_g']:.4f} | {100 * row['budget_fraction']:.1f} | {row['mean_w_bits']:.2f} / "
-            f"{row['mean_a_bits']:.2f} | {_opt(row.get('proxy_holdout_top1'))} | {_opt(row.get('alpha_entropy'), 3)} | "
-            f"{_opt(row.get('search_s'), 0)} | {_opt(row.get('cell_s'), 0)} | {row.get('device') or '–'} |")
+    return lines
+
+
+def _paired_over(rows_x: list[dict[str, Any]], rows_y: list[dict[str, Any]]) -> PairedDifference | None:
+    """``x - y`` paired by (seed, budget)."""
+    x = {(r["seed"], r["budget_g"]): r["top1"] for r in rows_x}
+    y = {(r["seed"], r["budget_g"]): r["top1"] for r in rows_y}
+    return paired_difference(x, y)  # type: ignore[arg-type]
+
+
+def proxies_markdown(study: StudyConfig, rows: list[dict[str, Any]]) -> str:
+    """The sections of a study with named proxies (module docstring): transfer to the oracle, gmpq against edmips
+    per proxy, the bits per layer, the search cost."""
+    proxies = list(study.proxies)
+    budgets = sorted({r["budget_g"] for r in rows})
+    lines: list[str] = []
+    if ORACLE in proxies:
+        lines += ["", "## Transfer: each proxy's policy against the oracle's", "",
+                  f"Top-1 of a strategy's policy searched on a proxy minus the same strategy's policy searched on "
+                  f"`{ORACLE}` (the target's own training split, the same number of search steps), paired by seed "
+                  f"(per budget) and by seed and budget (all budgets): mean [95 % t-interval], * excludes 0.", "",
+                  "| deploy | strategy | proxy | " + " | ".join(f"{b:g} G" for b in budgets) + " | all budgets |",
+                  "|---|---|---|" + "---|" * (len(budgets) + 1)]
+        for deploy in study.deploy:
+            deployed = _deployed(rows, deploy)
+            for strategy in TRANSFER_STRATEGIES:
+                oracle = [r for r in deployed if r["strategy"] == strategy and r["proxy"] == ORACLE]
+                for proxy in proxies:
+                    mine = [r for r in deployed if r["strategy"] == strategy and r["proxy"] == proxy]
+                    if proxy == ORACLE or not mine or not oracle:
+                        continue
+                    per = [_diff(_paired_over([r for r in mine if r["budget_g"] == b],
+                                              [r for r in oracle if r["budget_g"] == b])) for b in budgets]
+                    lines.append(f"| {deploy} | {strategy} | {proxy} | {' | '.join(per)} | "
+                                 f"{_diff(_paired_over(mine, oracle))} |")
+    lines += ["", "## gmpq against edmips on each proxy", "",
+              "Top-1 of gmpq minus edmips (the same search without the attribution loss), paired by seed (per budget) "
+              "and by seed and budget (all budgets). The paper's claim is the out-of-domain row.", "",
+              "| deploy | proxy | " + " | ".join(f"{b:g} G" for b in budgets) + " | all budgets |",
+              "|---|---|" + "---|" * (len(budgets) + 1)]
+    for deploy in study.deploy:
+        deployed = _deployed(rows, deploy)
+        for proxy in proxies:
+            g = [r for r in deployed if r["strategy"] == "gmpq" and r["proxy"] == proxy]
+            e = [r for r in deployed if r["strategy"] == "edmips" and r["proxy"] == proxy]
+            if not g or not e:
+                continue
+            per = [_diff(_paired_over([r for r in g if r["budget_g"] == b], [r for r in e if r["budget_g"] == b]))
+                   for b in budgets]
+            lines.append(f"| {deploy} | {proxy} | {' | '.join(per)} | {_diff(_paired_over(g, e))} |")
+    lines += _bits_tables(study, _deployed(rows, study.deploy[0]), budgets)
+    lines += ["", "## Search cost", "",
+              "Wall time of the search stage per cell (seconds, mean ± sd over budgets and seeds; one CPU thread "
+              "unless the device column says otherwise).", "",
+              "| strategy | cells | search s |", "|---|---|---|"]
+    order = {s: i for i, s in enumerate(_strategy_order(study))}
+    cost: dict[str, list[float]] = defaultdict(list)
+    for r in _deployed(rows, study.deploy[0]):
+        if r.get("search_s") is not None:
+            cost[label(r)].append(r["search_s"])
+    for name in sorted(cost, key=lambda k: order.get(k, 99)):
+        lines.append(f"| {name} | {len(cost[name])} | {_pm(cost[name], 0)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _bits_tables(study: StudyConfig, rows: list[dict[str, Any]], budgets: list[float]) -> list[str]:
+    """Per budget, the (w, a) bits of every searched layer for each strategy's policy of the first seed."""
+    from gmpq.policy import Policy
+    from gmpq.rundir import RunDir
+
+    order = {s: i for i, s in enumerate(_strategy_order(study))}
+    lines = ["", "## Where the bits went", "",
+             "Weight / activation bits of each searched layer in each strategy's policy (the first seed), per budget."]
+    for budget in budgets:
+        chosen: dict[str, dict[str, Any]] = {}
+        for r in sorted((r for r in rows if r["budget_g"] == budget), key=lambda r: r["seed"]):
+            chosen.setdefault(label(r), r)
+        if not chosen:
+            continue
+        names = sorted(chosen, key=lambda k: order.get(k, 99))
+        policies = {n: Policy.load(RunDir(study.cell_dir(chosen[n]["run_id"])).policy) for n in names}
+        layers = list(next(iter(policies.values())).layers)
+        lines += ["", f"### {budget:g} G (seed {min(c['seed'] for c in chosen.values())})", "",
+                  "| layer | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for layer in layers:
+            cells = [f"{p.layers[layer].w_bits}/{p.layers[layer].a_bits}" if layer in p.layers else "–"
+                     for p in policies.values()]
+            lines.append(f"| `{layer}` | " + " | ".join(cells) + " |")
+    return lines
+
+
+def references_markdown(study: StudyConfig) -> str:
+    """The study's ``references``: published figures to place its numbers beside (empty without any)."""
+    if not study.references:
+        return ""
+    lines = ["", "## Published figures for comparison", "",
+             "As reported in the papers (not measured here). They train far longer than this study's cells: see the "
+             "training column and the study's description.", "",
+             "| method | bits (W/A) | top-1 % | float top-1 % | training | paper | note |", "|---|---|---|---|---|---|---|"]
+    for ref in study.references:
+        lines.append(" | ".join(["", *(str(ref.get(k, "–")) for k in
+                                       ("method", "bits", "top1", "float_top1", "training", "paper", "note")), ""])
+                     .strip())
     return "\n".join(lines) + "\n"
 
 
@@ -180,13 +356,22 @@ def _opt(value: Any, digits: int = 2) -> str:
 
 
 def _strategy_order(study: StudyConfig) -> list[str]:
+    """Row labels in table order: each strategy (per proxy where it reads one), uniform as its two sides."""
+    from gmpq.study.config import PROXY_FREE
+
     out = []
     for s in study.strategies:
-        out += ["uniform_below", "uniform_above"] if s == "uniform" else [s]
+        if s == "uniform":
+            out += ["uniform_below", "uniform_above"]
+        elif study.proxies and s not in PROXY_FREE:
+            out += [f"{s}@{p}" for p in study.proxies]
+        else:
+            out.append(s)
     return out
 
 
-def plot_study(study: StudyConfig, rows: list[dict[str, Any]], path: Path, float_line: float | None) -> Path:
+def plot_study(study: StudyConfig, rows: list[dict[str, Any]], path: Path, float_line: float | None,
+               deploy: str = "qat") -> Path:
     """``study.png``: target top-1 against searched BOPs; per strategy and budget the mean over seeds with ±1 sd
     error bars, each seed as a small dot; the float model as a horizontal line, the budgets as dotted lines."""
     from gmpq.viz._render import new_figure, save_figure
@@ -221,7 +406,9 @@ def plot_study(study: StudyConfig, rows: list[dict[str, Any]], path: Path, float
     ax.set_xlabel(f"searched GBOPs ({r.model.deploy_arch or r.model.arch} at {r.model.deploy_input_size}px; "
                   f"dotted: budgets)", fontsize=9)
     ax.set_ylabel(f"top-1 on {r.target.dataset} (%)", fontsize=9)
-    ax.set_title(f"{study.name}\nsearch on {r.data.dataset}, fine-tune on {r.target.dataset} "
+    searched_on = ", ".join(study.proxies) if study.proxies else r.data.dataset
+    deployed = "fine-tune on" if deploy == "qat" else f"post-training ({study.ptq.method}) on"
+    ax.set_title(f"{study.name}\nsearch on {searched_on}, {deployed} {r.target.dataset} "
                  f"(mean ± sd over {len(study.seeds)} seeds)", fontsize=9, loc="left")
     ax.grid(color="#e0e0e0", lw=0.5)
     ax.tick_params(labelsize=8)

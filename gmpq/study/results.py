@@ -12,10 +12,11 @@ from typing import Any
 from gmpq.errors import RunError
 from gmpq.rundir import RunDir
 from gmpq.study.config import Cell, StudyConfig, load_study_directory
+from gmpq.study.deploy import ptq_stage
 
-RESULT_COLUMNS = ("strategy", "budget_g", "seed", "bops_searched_g", "budget_fraction", "mean_w_bits", "mean_a_bits",
-                  "top1", "top5", "search_s", "finetune_s", "cell_s", "alpha_entropy", "proxy_holdout_top1",
-                  "device", "run_id")
+RESULT_COLUMNS = ("strategy", "proxy", "deploy", "budget_g", "seed", "bops_searched_g", "budget_fraction",
+                  "mean_w_bits", "mean_a_bits", "top1", "top5", "search_s", "finetune_s", "cell_s", "alpha_entropy",
+                  "proxy_holdout_top1", "device", "run_id")
 
 
 def finished_cell_dirs(directory: str | os.PathLike) -> list[Path]:
@@ -31,25 +32,31 @@ def finished_cell_dirs(directory: str | os.PathLike) -> list[Path]:
 
 
 def collect_rows(study: StudyConfig, grid: list[Cell]) -> list[dict[str, Any]]:
-    """One row per finished grid cell (columns :data:`RESULT_COLUMNS`)."""
+    """One row per finished grid cell and deployment (columns :data:`RESULT_COLUMNS`): ``qat`` from the run's
+    summary, ``ptq`` from its ``ptq`` stage (``finetune_s`` is then the post-training time)."""
     rows = []
     for cell in grid:
         if not study.cell_finished(cell.run_id):
             continue
-        run_dir = study.cell_dir(cell.run_id)
-        summary = _json(RunDir(run_dir).summary)
-        search = _json(RunDir(run_dir).search.metrics)
+        run = RunDir(study.cell_dir(cell.run_id))
+        search = _json(run.search.metrics)
         info = _json(study.cell_info(cell.run_id))
-        wall = summary.get("wall_s") or {}
-        bops = summary["bops_searched_g"]
-        rows.append({
-            "strategy": cell.strategy, "budget_g": cell.budget_g, "seed": cell.seed, "bops_searched_g": bops,
-            "budget_fraction": bops / cell.budget_g, "mean_w_bits": summary.get("mean_w_bits"),
-            "mean_a_bits": summary.get("mean_a_bits"), "top1": summary["top1"], "top5": summary["top5"],
-            "search_s": wall.get("search"), "finetune_s": wall.get("finetune"), "cell_s": info.get("cell_s"),
-            "alpha_entropy": search.get("alpha_entropy"), "proxy_holdout_top1": search.get("decoded_top1"),
-            "device": info.get("device"), "run_id": cell.run_id,
-        })
+        for deploy in study.deploy:
+            if deploy == "qat":
+                summary = _json(run.summary)
+                result, deploy_s = summary, (summary.get("wall_s") or {}).get("finetune")
+            else:
+                result = _json(ptq_stage(run).metrics)
+                deploy_s = result.get("wall_s")
+            bops = result["bops_searched_g"]
+            rows.append({
+                "strategy": cell.strategy, "proxy": cell.proxy, "deploy": deploy, "budget_g": cell.budget_g,
+                "seed": cell.seed, "bops_searched_g": bops, "budget_fraction": bops / cell.budget_g,
+                "mean_w_bits": result.get("mean_w_bits"), "mean_a_bits": result.get("mean_a_bits"),
+                "top1": result["top1"], "top5": result["top5"], "search_s": search.get("wall_s"),
+                "finetune_s": deploy_s, "cell_s": info.get("cell_s"), "alpha_entropy": search.get("alpha_entropy"),
+                "proxy_holdout_top1": search.get("decoded_top1"), "device": info.get("device"), "run_id": cell.run_id,
+            })
     return rows
 
 

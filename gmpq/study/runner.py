@@ -4,11 +4,13 @@ Layout of the study directory::
 
     study.yaml                    the resolved study (and its fingerprint); a directory holds one study
     proxy_float/                  the proxy's float model (a pretrain run): teacher and initialisation of every search
+                                  (``proxy_float_<name>/`` for each named proxy that trains one)
     target_float/                 the target's float model (a pretrain run on the target's training split minus its
-                                  holdout; evaluated once on the test split: the float line) — initialises every
-                                  fine-tuning
+                                  holdout, or the given one; evaluated once on the test split: the float line) —
+                                  initialises every fine-tuning and post-training deployment
     cells/<run_id>/               one ``gmpq run`` directory per cell (search on the proxy, fine-tuning and one
-                                  evaluation on the target), plus ``study_cell.json`` (device, wall time)
+                                  evaluation on the target), ``ptq/`` where the study deploys post-training too
+                                  (:mod:`gmpq.study.deploy`), plus ``study_cell.json`` (device, wall time)
     results.csv  summary.md  study.png
 
 Both float models are trained once per study with the base recipe's seed and shared by every cell and seed, so a
@@ -36,9 +38,10 @@ from gmpq.pipeline import run as run_pipeline
 from gmpq.pipeline import target_recipe
 from gmpq.recipes import Recipe
 from gmpq.rundir import RunDir
-from gmpq.stages import evaluate, pretrain
+from gmpq.stages import evaluate, pretrain, search
 from gmpq.study.archive import pack_study, unpack_study
 from gmpq.study.config import TARGET, Cell, StudyConfig, load_study
+from gmpq.study.deploy import post_training, ptq_stage
 from gmpq.study.grid import expand_grid
 from gmpq.study.report import write_report
 from gmpq.study.results import collect_rows
@@ -85,12 +88,12 @@ def run_study(study: StudyConfig | str | os.PathLike, overrides: Sequence[str] =
     state.wait_for_everyone()
     ran: list[str] = []
     if not report_only:
-        proxy_model, target_model = _float_models(study)
+        proxy_models, target_model = _float_models(study)
         todo = [c for c in selected if not study.cell_finished(c.run_id)]
         bar = tqdm(todo, desc=f"study {study.name}", unit="cell", disable=not state.is_local_main_process)
         for cell in bar:
             bar.set_postfix_str(cell.run_id)
-            _run_cell(study, cell, proxy_model, target_model, state.is_main_process)
+            _run_cell(study, cell, proxy_models.get(cell.proxy, target_model), target_model, state.is_main_process)
             ran.append(cell.run_id)
             state.wait_for_everyone()
             if state.is_main_process:
@@ -173,27 +176,52 @@ def target_float_recipe(study: StudyConfig) -> Recipe:
     return Recipe.from_dict(data)
 
 
-def _float_models(study: StudyConfig) -> tuple[str, str]:
-    """(proxy, target) float model directories: the recipe's checkpoints, else trained here once. The target float
-    model is evaluated once on the target's test split (``evaluate.split``): the study's float line."""
-    proxy = study.recipe.model.checkpoint
-    if proxy is None:
-        recipe = proxy_float_recipe(study)
-        pretrain(recipe)
-        proxy = str(RunDir.of(recipe).float_model)
+def named_proxy_float_recipe(study: StudyConfig, proxy: str, target_model: str) -> Recipe:
+    """The float model of a named proxy that trains one: the base recipe with the proxy's data, initialised from the
+    target float model (its classifier, of another class count, left new), trained by the proxy's ``float``
+    section, in ``<study>/proxy_float_<name>``."""
+    p = study.proxies[proxy]
+    data = study.recipe.override([*p.overrides, f"output_dir={study.named_proxy_float_dir(proxy)}", "resume=true",
+                                  "force=false", f"model.checkpoint={target_model}"]).to_dict()
+    data["pretrain"] = dict(p.float)
+    return Recipe.from_dict(data)
+
+
+def _float_models(study: StudyConfig) -> tuple[dict[str, str], str]:
+    """({proxy: float model directory}, target float model directory): the recipe's checkpoints, else trained here
+    once (module docstring); without named proxies the one proxy is ``""``. The target float model is evaluated once
+    on the target's test split (``evaluate.split``): the study's float line."""
+    proxies: dict[str, str] = {}
+    if not study.proxies:
+        proxies[""] = study.recipe.model.checkpoint
+        if proxies[""] is None:
+            proxies[""] = _pretrained(proxy_float_recipe(study))
     recipe = target_float_recipe(study)
     target = study.recipe.target.checkpoint
-    if target is None:
-        pretrain(recipe)
-        target = str(RunDir.of(recipe).float_model)
+    if target is None and study.target_float is not None:
+        target = _pretrained(study.target_float.override([f"output_dir={study.target_float_dir}", "resume=true",
+                                                          "force=false"]))
+    elif target is None:
+        target = _pretrained(recipe)
     if not RunDir.of(recipe).evaluate.metrics.exists():
-        if study.recipe.target.checkpoint is None:
+        if study.recipe.target.checkpoint is None and study.target_float is None:
             evaluate(recipe)
         else:  # a given model directory, evaluated on the target data into the study's target_float/
             d = recipe.data
             evaluate(target, [f"output_dir={recipe.output_dir}", f"evaluate.split={json.dumps(recipe.evaluate.split)}",
                               *(f"data.{k}={json.dumps(getattr(d, k))}" for k in ("dataset", "path", "input_size"))])
-    return proxy, target
+    for name, proxy in study.proxies.items():
+        proxies[name] = _pretrained(named_proxy_float_recipe(study, name, target)) if proxy.trains_float else target
+    return proxies, target
+
+
+def _pretrained(recipe: Recipe) -> str:
+    """The float model of the pretrain run ``recipe``, trained (or resumed) here unless it has finished: a finished
+    one is only read, so that shards started together do not contend for its directory."""
+    run = RunDir.of(recipe)
+    if not run.pretrain.finished:
+        pretrain(recipe)
+    return str(run.float_model)
 
 
 # ------------------------------------------------------------------------------------------------ cells
@@ -210,8 +238,18 @@ def cell_recipe(study: StudyConfig, cell: Cell, proxy_model: str, target_model: 
 
 
 def _run_cell(study: StudyConfig, cell: Cell, proxy_model: str, target_model: str, main: bool) -> None:
+    """The cell's search and each of its deployments: ``qat`` is the whole ``gmpq run`` (search, fine-tuning, one
+    evaluation, export), ``ptq`` the searched policy on the target float model (:mod:`gmpq.study.deploy`)."""
     t0 = time.perf_counter()
-    run_pipeline(cell_recipe(study, cell, proxy_model, target_model))
+    recipe = cell_recipe(study, cell, proxy_model, target_model)
+    if "qat" in study.deploy:
+        run_pipeline(recipe)
+    else:
+        with RunDir.of(recipe).claim():
+            search(recipe.override(["resume=true", "force=false"]))
+    if "ptq" in study.deploy:
+        with RunDir.of(recipe).claim():
+            post_training(target_recipe(recipe), str(RunDir.of(recipe).policy), study.ptq, ptq_stage(recipe))
     if main:
         info = {"run_id": cell.run_id, "device": device_name(), "cell_s": time.perf_counter() - t0,
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}

@@ -81,7 +81,7 @@ def build_dataloaders(recipe: Recipe, accelerator: Accelerator | None = None, *,
     train_loader, train_source = None, None
     num_classes = eval_part.num_classes
     if train:
-        train_part = load(train_split, data.max_train_samples, recipe.seed)
+        train_part = load(train_split, data.max_train_samples, subset_seed(recipe))
         if len(train_part) < data.batch_size:
             raise RecipeError(f"data.batch_size={data.batch_size} exceeds the {len(train_part)} training samples of "
                               f"{spec.name!r}; lower data.batch_size")
@@ -93,6 +93,11 @@ def build_dataloaders(recipe: Recipe, accelerator: Accelerator | None = None, *,
         num_classes = max(num_classes, train_part.num_classes)
     return Loaders(train_loader, eval_loader, recipe.model.num_classes or num_classes, size, cfg.mean, cfg.std,
                    eval_part.class_names, train_source, eval_part.source)
+
+
+def subset_seed(recipe: Recipe) -> int:
+    """The seed of the shuffle that picks ``data.max_train_samples``: ``data.subset_seed``, else the recipe's."""
+    return recipe.seed if recipe.data.subset_seed is None else recipe.data.subset_seed
 
 
 def calibration_batches(recipe: Recipe, num_batches: int, accelerator: Accelerator | None = None) -> list[torch.Tensor]:
@@ -115,12 +120,12 @@ def labelled_batches(recipe: Recipe, num_batches: int,
     cfg = model_data_config(recipe.model.arch)
     split = data.train_split or spec.train_split
     if accelerator is None:
-        part = load_split(spec, split, data.path, data.max_train_samples, recipe.seed, data.holdout, split,
-                              data.classes)
+        part = load_split(spec, split, data.path, data.max_train_samples, subset_seed(recipe), data.holdout, split,
+                          data.classes)
     else:
         with accelerator.main_process_first():
-            part = load_split(spec, split, data.path, data.max_train_samples, recipe.seed, data.holdout, split,
-                              data.classes)
+            part = load_split(spec, split, data.path, data.max_train_samples, subset_seed(recipe), data.holdout,
+                              split, data.classes)
     ds = ImageDataset(part, build_transform(spec.family, data.input_size or cfg.input_size, cfg.mean, cfg.std,
                                             train=False))
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(recipe.seed)).tolist()
