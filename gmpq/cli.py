@@ -251,17 +251,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
-    """``gmpq recipes``: the recipes shipped inside gmpq, by name, with their first comment line."""
+    """``gmpq recipes``: the recipes and studies shipped inside gmpq, by name, with their first comment line."""
     from gmpq.recipes import packaged_recipes, recipe_description
 
     recipes = {name: recipe_description(path) for name, path in packaged_recipes().items()}
+    studies = {name: recipe_description(path) for name, path in packaged_recipes("study").items()}
     if args.json:
-        print(json.dumps([{"name": name, "description": text} for name, text in recipes.items()], indent=2))
+        print(json.dumps([{"name": name, "kind": kind, "description": text}
+                          for kind, entries in (("recipe", recipes), ("study", studies))
+                          for name, text in entries.items()], indent=2))
         return 0
-    width = max(map(len, recipes))
+    width = max(map(len, [*recipes, *studies]))
     for name, text in recipes.items():
         print(f"{name:<{width}}  {text}")
     print(f"run one by name: gmpq run {next(iter(recipes))} [key=value ...]; a YAML path works as well")
+    if studies:
+        print("\nstudies (gmpq study NAME):")
+        for name, text in studies.items():
+            print(f"{name:<{width}}  {text}")
     return 0
 
 

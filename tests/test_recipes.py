@@ -178,10 +178,15 @@ def test_recipes_ship_inside_the_package_and_load_by_name(tmp_path, monkeypatch,
         load_recipe("sub/quickstart.yaml")  # a path is a path
     assert main(["recipes"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in out[:-1]] == list(packaged) and "gmpq run" in out[-1]
+    studies = packaged_recipes("study")
+    n = len(packaged)
+    assert [line.split()[0] for line in out[:n]] == list(packaged) and "gmpq run" in out[n]
+    assert "gmpq study NAME" in out[n + 2] and [line.split()[0] for line in out[n + 3:]] == list(studies)
     assert any(line.startswith("quickstart ") and "quick-start" in line for line in out)
     assert main(["recipes", "--json"]) == 0
-    assert [r["name"] for r in json.loads(capsys.readouterr().out)] == list(packaged)
+    listed = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in listed if r["kind"] == "recipe"] == list(packaged)
+    assert [r["name"] for r in listed if r["kind"] == "study"] == list(studies) and "resnet20_cifar10_jpeg" in studies
     assert main(["run", "quickstrt"]) == 2 and "did you mean quickstart" in capsys.readouterr().err
 
 

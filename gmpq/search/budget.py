@@ -289,7 +289,7 @@ def _round_up(value: float, digits: int = 5) -> str:
     while float(text) < value:  # the decimal text of a binary float may print a hair below it
         rounded += 10.0**exponent
         text = f"{rounded:.{max(0, -exponent)}f}"
-    return text
+    return text.rstrip("0").rstrip(".") if "." in text else text  # 0.044, not 0.044000
 
 
 def _nearest(space: SearchSpace, costs: np.ndarray, budget_g: float) -> str:
