@@ -433,3 +433,10 @@ def test_attribution_loss_is_finite_for_large_teacher_maps():
     small = attribution_loss(cam, student, 3.0)
     large = attribution_loss(cam * 1e20, student, 3.0)
     assert torch.isfinite(large) and torch.allclose(large, small, rtol=1e-5)
+
+
+def test_budget_suggestions_round_up_without_trailing_zeros():
+    from gmpq.search.budget import _round_up
+
+    assert _round_up(0.044) == "0.044" and _round_up(0.0440001) == "0.044001" and _round_up(2.0) == "2"
+    assert float(_round_up(0.160493827)) >= 0.160493827
