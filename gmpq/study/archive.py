@@ -76,7 +76,7 @@ def unpack_study(study: StudyConfig, path: str | os.PathLike) -> list[str]:
     archive = Path(path)
     try:
         tar = tarfile.open(archive, "r:*")
-    except (OSError, tarfile.TarError) as e:
+    except (EOFError, OSError, tarfile.TarError) as e:
         raise RunError(f"cannot read study archive {str(archive)!r}: {e}") from None
     with tar, tempfile.TemporaryDirectory(dir=study.directory.parent if study.directory.parent.exists() else None) \
             as tmp_name:
