@@ -5,7 +5,8 @@
       -> finetune (QAT of the policy on the target: ``target`` section, else the proxy itself)
       -> evaluate (held-out top-1 / top-5, BOPs, size)
       -> export (packed low-bit safetensors + policy + config + model card)
-    [+ the uniform baseline: the best single (w, a) under the budget, fine-tuned the same way]
+    [+ the uniform baselines: the best single (w, a) under the budget and, with run.compare_uniform_above, the nearest
+       one above it, fine-tuned the same way]
 
 All in one run directory (:class:`~gmpq.rundir.RunDir`: a directory per stage, the export, the uniform baseline
 as a nested run, the figures and the run's summary), which this process holds for the duration. A finished stage
@@ -68,16 +69,17 @@ def target_recipe(recipe: Recipe, require_weights: bool = True) -> Recipe:
     return Recipe.from_dict(data)
 
 
-def uniform_recipe(recipe: Recipe) -> Recipe:
-    """The uniform baseline's recipe: same budget and training, strategy ``uniform``, under ``<output_dir>/uniform``.
+def uniform_recipe(recipe: Recipe, side: str = "below") -> Recipe:
+    """A uniform baseline's recipe: same budget and training, strategy ``uniform`` on ``side`` of the budget, under
+    ``<output_dir>/uniform`` (below) or ``<output_dir>/uniform_above``.
 
     It reuses this run's float model, so the baseline differs from the main run in its policy only.
     """
     data = recipe.to_dict()
     run = RunDir.of(recipe)
-    data["search"]["strategy"] = "uniform"
-    data["output_dir"] = str(run.uniform.root)
-    data["run"]["compare_uniform"] = False
+    data["search"].update(strategy="uniform", uniform_side=side)
+    data["output_dir"] = str((run.uniform if side == "below" else run.uniform_above).root)
+    data["run"].update(compare_uniform=False, compare_uniform_above=False)
     if data["model"]["checkpoint"] is None:
         data["model"]["checkpoint"] = str(run.float_model)
     return Recipe.from_dict(data)
@@ -98,16 +100,18 @@ def run(recipe: Recipe) -> RunResult:
         target = target_recipe(staged)
         stage_metrics["finetune"] = finetune(target, policy=out.policy)
         stage_metrics["evaluate"] = evaluate(target)
-        uniform = _uniform_baseline(staged) if recipe.run.compare_uniform else None
+        uniform = _uniform_baseline(staged, "below") if recipe.run.compare_uniform else None
+        above = _uniform_baseline(staged, "above") if recipe.run.compare_uniform_above else None
 
         result = RunResult(out.root, {})
         if state.is_main_process:
-            result.figures = _figures(out, uniform)
+            baselines = {side: b for side, b in (("uniform", uniform), ("uniform_above", above)) if b is not None}
+            result.figures = _figures(out, list(baselines.values()))
             search_figure = next((f for f in result.figures if f.name == out.search_figure.name), None)
             t_export = time.perf_counter()
-            result.export_dir, export_metrics = _export(target, uniform, search_figure)
+            result.export_dir, export_metrics = _export(target, list(baselines.values()), search_figure)
             stage_metrics["export"] = {**export_metrics, "wall_s": time.perf_counter() - t_export}
-            result.metrics = _summary(recipe, target, stage_metrics, uniform, time.perf_counter() - t0)
+            result.metrics = _summary(recipe, target, stage_metrics, baselines, time.perf_counter() - t0)
             atomic_write_text(out.summary, json.dumps(result.metrics, indent=2, sort_keys=True) + "\n")
         state.wait_for_everyone()
         if not state.is_main_process:
@@ -137,8 +141,8 @@ def _staged(recipe: Recipe) -> Recipe:
     return recipe.override(["resume=false", "force=true"] if recipe.force else ["resume=true", "force=false"])
 
 
-def _uniform_baseline(recipe: Recipe) -> dict[str, Any]:
-    base = uniform_recipe(recipe)
+def _uniform_baseline(recipe: Recipe, side: str) -> dict[str, Any]:
+    base = uniform_recipe(recipe, side)
     policy = RunDir.of(base).policy
     searched = search(base)
     target = target_recipe(base)
@@ -147,16 +151,16 @@ def _uniform_baseline(recipe: Recipe) -> dict[str, Any]:
     return {"search": searched, "finetune": tuned, "evaluate": evaluated, "policy": str(policy)}
 
 
-def _export(target: Recipe, uniform: dict[str, Any] | None,
+def _export(target: Recipe, baselines: list[dict[str, Any]],
             search_figure: Path | None) -> tuple[Path, dict[str, Any]]:
-    """Export the fine-tuned model; its card shows the search's trajectory and the uniform policy beside it."""
+    """Export the fine-tuned model; its card shows the search's trajectory and the uniform policies beside it."""
     export_dir = Path(target.export.dir) if target.export.dir else RunDir.of(target).export
     same_arch = (target.model.deploy_arch or base_arch(target.model.arch)) == target.model.arch
     figures = {} if search_figure is None else {
         "the search: expected BOPs against the budget, loss terms, per-layer expected bits over epochs": search_figure}
     comparison = []
-    if uniform is not None:
-        u = _uniform_metrics(uniform)
+    for baseline in baselines:
+        u = _uniform_metrics(baseline)
         comparison.append({"model": _uniform_name(u, target.search.budget_g), "top1": u["top1"],
                            "bops_searched_g": u["bops_searched_g"], "mean_w_bits": u["w_bits"],
                            "mean_a_bits": u["a_bits"]})
@@ -267,21 +271,20 @@ def _training_description(stage: StageDir | None, cfg: Mapping[str, Any]) -> str
     return ", ".join(facts) + "."
 
 
-def _figures(run: RunDir, uniform: dict[str, Any] | None) -> list[Path]:
+def _figures(run: RunDir, baselines: list[dict[str, Any]]) -> list[Path]:
     from gmpq.policy import Policy
     from gmpq.viz import plot_policies, plot_search
 
-    policies = [Policy.load(run.policy)]
-    if uniform is not None:
-        policies.append(Policy.load(uniform["policy"]))
+    policies = [Policy.load(run.policy)] + [Policy.load(b["policy"]) for b in baselines]
     figures = [plot_policies(policies, run.policy_figure)]
     if run.search.epoch_log.exists():
         figures.append(plot_search(run.search.path, run.search_figure))
     return [Path(f) for f in figures]
 
 
-def _summary(recipe: Recipe, target: Recipe, stages: dict[str, dict[str, Any]], uniform: dict[str, Any] | None,
-             wall_s: float) -> dict[str, Any]:
+def _summary(recipe: Recipe, target: Recipe, stages: dict[str, dict[str, Any]],
+             baselines: dict[str, dict[str, Any]], wall_s: float) -> dict[str, Any]:
+    """``metrics.json`` of a run; ``baselines`` maps ``uniform`` / ``uniform_above`` to their stages' metrics."""
     evaluated, tuned = stages["evaluate"], stages["finetune"]
     summary: dict[str, Any] = {
         "recipe": recipe.name, "strategy": recipe.search.strategy, "arch": recipe.model.arch,
@@ -298,9 +301,9 @@ def _summary(recipe: Recipe, target: Recipe, stages: dict[str, dict[str, Any]], 
     }
     if "pretrain" in stages:
         summary["float_top1"] = stages["pretrain"]["top1"]
-    if uniform is not None:
-        summary["uniform"] = _uniform_metrics(uniform)
-        summary["wall_s"]["uniform"] = sum(uniform[k].get("wall_s") or 0.0 for k in ("search", "finetune", "evaluate"))
+    for key, baseline in baselines.items():
+        summary[key] = _uniform_metrics(baseline)
+        summary["wall_s"][key] = sum(baseline[k].get("wall_s") or 0.0 for k in ("search", "finetune", "evaluate"))
     summary["wall_s"]["total"] = wall_s
     return summary
 
@@ -315,7 +318,7 @@ def _uniform_metrics(uniform: dict[str, Any]) -> dict[str, Any]:
 
 def _uniform_name(u: dict[str, Any], budget_g: float) -> str:
     """``uniform WbAb (B G, P % of the budget)`` of a baseline's :func:`_uniform_metrics`: uniform policies are
-    coarse, so the best one under the budget may use much less of it and is never called "the same budget"."""
+    coarse, so the nearest one may use much less (or more) of the budget and is never called "the same budget"."""
     return (f"uniform W{u['w_bits']:.0f}A{u['a_bits']:.0f} ({u['bops_searched_g']:.3f} G, "
             f"{100 * u['bops_searched_g'] / budget_g:.0f} % of the budget)")
 
@@ -332,8 +335,7 @@ def format_summary(result: RunResult) -> str:
         + f" of budget {m['budget_g']:.3f} G ({100 * m['budget_fraction']:.1f} %), total {m['bops_total_g']:.3f} G at "
         f"{m['deploy_input_size']}x{m['deploy_input_size']} ({m['deploy_arch']})",
     ]
-    if "uniform" in m:
-        u = m["uniform"]
+    for u in (m[key] for key in ("uniform", "uniform_above") if key in m):
         lines.append(f"  {_uniform_name(u, m['budget_g'])}: top-1 {u['top1']:.2f} %  ->  {m['strategy']} "
                      f"{m['top1'] - u['top1']:+.2f} points")
     if "float_top1" in m:

@@ -220,6 +220,8 @@ class RunConfig:
 
     compare_uniform: bool = _f(True, doc="also fine-tune the best uniform policy under the budget and report "
                                          "both")
+    compare_uniform_above: bool = _f(False, doc="also fine-tune the nearest uniform policy above the budget (more "
+                                               "BOPs than the searched model may use) and report it")
 
 
 @dataclass

@@ -6,6 +6,7 @@ A run directory (a recipe's ``output_dir``)::
       pretrain/ search/ finetune/ evaluate/   one StageDir per stage (below)
       export/                                 the exported model (gmpq run)
       uniform/                                a nested run: the best uniform policy under the budget (gmpq run)
+      uniform_above/                          a nested run: the nearest uniform policy above it (run.compare_uniform_above)
       policy.png search.png                   figures (gmpq run)
       metrics.json                            the run's summary (gmpq run)
       .gmpq.lock                              ownership (see RunDir.claim)
@@ -199,6 +200,11 @@ class RunDir:
     def uniform(self) -> RunDir:
         """The nested run of the best uniform policy under the budget."""
         return RunDir(self.root / "uniform")
+
+    @property
+    def uniform_above(self) -> RunDir:
+        """The nested run of the nearest uniform policy above the budget."""
+        return RunDir(self.root / "uniform_above")
 
     @property
     def summary(self) -> Path:

@@ -87,3 +87,56 @@ def test_gmpq_backbones_lists_the_cifar_variants(capsys) -> None:
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == gmpq.list_cifar_variants()
     assert "base=mobilenetv2_050" in lines[0] and "input=32" in lines[0]
+
+
+@pytest.mark.parametrize("depth", [20, 32, 44, 56, 110])
+def test_cifar_resnets_have_6n_plus_2_layers_and_parameter_free_shortcuts(depth: int) -> None:
+    from gmpq.models.resnet_cifar import OptionAShortcut
+
+    model = gmpq.create_model(f"resnet{depth}_cifar").eval()
+    layers = gmpq.quantizable_layers(model)
+    assert len(layers) == depth  # 6n+1 convolutions (no shortcut convs) and the classifier
+    assert gmpq.kept_layer_names(model) == ["conv1", "linear"] and model.gmpq_input_size == 32
+    shortcuts = [m for m in model.modules() if isinstance(m, OptionAShortcut)]
+    assert len(shortcuts) == 2 and all(not list(m.parameters()) for m in shortcuts)
+    x = torch.randn(2, 16, 8, 8)
+    assert torch.equal(shortcuts[0](x)[:, 8:24], x[:, :, ::2, ::2]) and not shortcuts[0](x)[:, :8].any()
+    with torch.no_grad():
+        assert model.forward_features(torch.randn(1, 3, 32, 32)).shape == (1, 64, 8, 8)
+    assert model.pretrained_cfg["mean"] == (0.485, 0.456, 0.406)
+
+
+def test_cifar_resnet_without_weights_refuses_pretrained_instead_of_random_weights() -> None:
+    with pytest.raises(ModelError, match="pretrained_cfg_overlay=dict\\(file="):
+        gmpq.create_model("resnet56_cifar", pretrained=True)
+    assert gmpq.create_model("resnet20_cifar.orig").gmpq_arch == "resnet20_cifar"  # the tag names weights only
+
+
+#: correct top-1 of the original weights on the first 1,000 images of the evaluation subset (seeded, the same for
+#: every recipe) of ../shared/data/cifar10's JPEG test split; over the whole split: 81.03 % and 83.20 %
+#: (../shared/models/README.md).
+ORIGINAL_CORRECT_OF_1000 = {20: 824, 56: 832}
+
+
+@pytest.mark.parametrize("depth", [20, 56])
+def test_original_cifar_resnet_weights_load_and_reproduce_their_accuracy(depth, shared_models, shared_cifar10):
+    from gmpq.recipes import Recipe
+    from gmpq.train.loaders import build_dataloaders
+
+    file = shared_models / f"resnet{depth}_cifar10.safetensors"
+    model = gmpq.create_model(f"resnet{depth}_cifar.orig", pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(file))).eval()  # strict: every key, no mapping
+    policy = gmpq.uniform_policy(model, 32, 32, kept_bits=32)
+    quantized = gmpq.create_model(f"resnet{depth}_cifar", policy=policy)
+    quantized.load_state_dict(model.state_dict(), strict=False)
+    quantized.eval()
+    recipe = Recipe.from_dict({"model": {"arch": f"resnet{depth}_cifar"},
+                               "data": {"dataset": "cifar10", "path": str(shared_cifar10), "max_eval_samples": 1000,
+                                        "eval_batch_size": 250}})
+    correct = 0
+    with torch.no_grad():
+        for x, y in build_dataloaders(recipe, train=False).eval:
+            logits = model(x)
+            assert torch.equal(quantized(x), logits)  # 32/32 bits change no logit
+            correct += int((logits.argmax(1) == y).sum())
+    assert correct == ORIGINAL_CORRECT_OF_1000[depth]

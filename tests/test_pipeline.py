@@ -78,7 +78,7 @@ def quickstart_run(tmp_path_factory):
                  "pretrain.epochs=1", "pretrain.max_steps=2", "search.epochs=1", "search.max_steps=2",
                  "finetune.epochs=1", "finetune.max_steps=2", "finetune.calibration_batches=1",
                  f"output_dir={out}"]
-    return overrides, run(load_recipe(RECIPES / "quickstart.yaml", overrides))
+    return overrides, run(load_recipe(RECIPES / "quickstart_mobilenet.yaml", overrides))
 
 
 def test_quickstart_writes_every_stage_summary_figures_and_export(quickstart_run) -> None:
@@ -125,7 +125,7 @@ def test_a_finished_run_is_reused_and_a_killed_run_resumes(quickstart_run, monke
 
     overrides, first = quickstart_run
     out = first.output_dir
-    again = run(load_recipe(RECIPES / "quickstart.yaml", overrides))
+    again = run(load_recipe(RECIPES / "quickstart_mobilenet.yaml", overrides))
     assert again.metrics["top1"] == first.metrics["top1"]
     assert again.metrics["wall_s"]["search"] == first.metrics["wall_s"]["search"]  # reused, not re-run
 
@@ -140,10 +140,10 @@ def test_a_finished_run_is_reused_and_a_killed_run_resumes(quickstart_run, monke
 
     monkeypatch.setattr(pipeline, "finetune", killed)
     with pytest.raises(KeyboardInterrupt):
-        run(load_recipe(RECIPES / "quickstart.yaml", overrides))
+        run(load_recipe(RECIPES / "quickstart_mobilenet.yaml", overrides))
     assert not (out / "metrics.json").exists()
     monkeypatch.setattr(pipeline, "finetune", real_finetune)
-    resumed = run(load_recipe(RECIPES / "quickstart.yaml", overrides))
+    resumed = run(load_recipe(RECIPES / "quickstart_mobilenet.yaml", overrides))
     assert resumed.metrics["wall_s"]["pretrain"] == first.metrics["wall_s"]["pretrain"]
     assert resumed.metrics["bops_searched_g"] == first.metrics["bops_searched_g"]
     assert resumed.metrics["top1"] == pytest.approx(first.metrics["top1"], abs=1e-6)
@@ -152,7 +152,7 @@ def test_a_finished_run_is_reused_and_a_killed_run_resumes(quickstart_run, monke
 def test_a_score_strategy_runs_the_whole_pipeline_from_the_cli(quickstart_run, tmp_path, capsys) -> None:
     """``gmpq run RECIPE search.strategy=ompq``: the same stages, outputs and summary as a GMPQ run."""
     overrides, first = quickstart_run
-    assert main(["run", str(RECIPES / "quickstart.yaml"), *overrides, f"output_dir={tmp_path}",
+    assert main(["run", str(RECIPES / "quickstart_mobilenet.yaml"), *overrides, f"output_dir={tmp_path}",
                  "search.strategy=ompq", f"model.checkpoint={first.output_dir / 'pretrain' / 'model'}",
                  "search.score_batches=1", "run.compare_uniform=false"]) == 0
     printed = capsys.readouterr().out
@@ -165,7 +165,7 @@ def test_a_score_strategy_runs_the_whole_pipeline_from_the_cli(quickstart_run, t
     assert "- strategy: ompq" in (tmp_path / "export" / "README.md").read_text()
 
 
-QUICKSTART = str(RECIPES / "quickstart.yaml")
+QUICKSTART = str(RECIPES / "quickstart_mobilenet.yaml")
 
 
 @pytest.mark.parametrize(
@@ -191,3 +191,20 @@ def test_every_cli_stage_is_a_public_python_call() -> None:
     assert callable(gmpq.search)
     with pytest.raises(AttributeError):
         gmpq.not_a_thing  # noqa: B018
+
+
+def test_the_resnet20_quickstart_starts_from_the_shipped_float_model_with_uniform_policies_on_both_sides(tmp_path):
+    overrides = ["data.max_train_samples=32", "data.max_eval_samples=32", "data.batch_size=16", "search.epochs=1",
+                 "search.max_steps=2", "finetune.epochs=1", "finetune.max_steps=2", "finetune.calibration_batches=1",
+                 f"output_dir={tmp_path}"]
+    result = run(load_recipe("quickstart", overrides))
+    m = result.metrics
+    assert not (tmp_path / "pretrain").exists()  # the shipped JPEG-adapted ResNet-20 is the float model
+    below, above = m["uniform"], m["uniform_above"]
+    assert below["bops_searched_g"] <= 0.28 < above["bops_searched_g"]
+    assert (below["w_bits"], below["a_bits"]) in ((2, 3), (3, 2)) and (above["w_bits"], above["a_bits"]) in ((2, 4), (4, 2))
+    assert 0.97 * 0.28 <= m["bops_searched_g"] <= 0.28
+    text = format_summary(result)
+    assert text.count("uniform W") == 2
+    card = (result.export_dir / "README.md").read_text()
+    assert card.count("uniform W") >= 2

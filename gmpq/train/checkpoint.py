@@ -5,8 +5,9 @@
   training step's own state), then renamed to ``checkpoints/epoch_000e`` by the main process: a kill at any moment
   leaves either the complete previous checkpoint or the complete new one. Only the newest ``keep`` are kept.
 * :func:`init_from_checkpoint` initialises a model from a gmpq model directory (:mod:`gmpq.hub.format`) or a run
-  holding one, a ``.safetensors`` / ``.pth`` state dict (read with ``weights_only=True``) or a Hugging Face Hub /
-  timm model id. A stage's final model is a gmpq model directory, written by :func:`gmpq.hub.write_model_dir`.
+  holding one, a ``.safetensors`` / ``.pth`` state dict (read with ``weights_only=True``), a Hugging Face Hub /
+  timm model id, or ``timm:<name>[.<tag>]``: the weights timm's registry configures for that name (e.g. the
+  JPEG-adapted ``timm:resnet20_cifar.jpeg_ft`` shipped in the package). A stage's final model is a gmpq model directory, written by :func:`gmpq.hub.write_model_dir`.
 """
 
 from __future__ import annotations
@@ -114,8 +115,9 @@ def init_from_checkpoint(model: nn.Module, source: str) -> dict[str, list[str]]:
     """Copy float weights from ``source`` into ``model`` where names and shapes match; return what was skipped.
 
     ``source``: a float gmpq model directory (or a run or stage holding one), a ``.safetensors`` / ``.pth`` / ``.pt`` /
-    ``.bin`` state-dict file, or a Hub model id (``timm/resnet18.a1_in1k``, optionally prefixed ``hf-hub:``) whose
-    ``model.safetensors`` is fetched (or read from the Hub cache). Weights with a different shape (e.g. a classifier
+    ``.bin`` state-dict file, a Hub model id (``timm/resnet18.a1_in1k``, optionally prefixed ``hf-hub:``) whose
+    ``model.safetensors`` is fetched (or read from the Hub cache), or ``timm:<name>[.<tag>]``, the pretrained weights
+    timm's registry configures for a model name (a local file for gmpq's shipped weights). Weights with a different shape (e.g. a classifier
     with another class count or the 3x3 stem of a CIFAR variant) are skipped and reported; a source sharing no weight
     with the model raises :class:`CheckpointError`.
     """
@@ -136,6 +138,8 @@ def init_from_checkpoint(model: nn.Module, source: str) -> dict[str, list[str]]:
 
 
 def _state_dict_from(source: str) -> dict[str, torch.Tensor]:
+    if source.startswith("timm:"):
+        return _timm_pretrained_state(source.removeprefix("timm:"))
     path = Path(source).expanduser()
     model_dir = find_model_dir(path, quantized=False) if path.is_dir() else None
     if model_dir is not None:
@@ -174,3 +178,20 @@ def _state_dict_from(source: str) -> dict[str, torch.Tensor]:
                               f"reachable nor cached ({type(e).__name__}); download it once or give a local "
                               f".safetensors file in model.checkpoint") from None
     return load_file(file)
+
+
+def _timm_pretrained_state(name: str) -> dict[str, torch.Tensor]:
+    """The state dict of ``timm.create_model(name, pretrained=True)``: whatever its pretrained configuration names."""
+    import timm
+
+    from gmpq.errors import ModelError
+
+    if not timm.is_model(name):
+        raise CheckpointError(f"checkpoint 'timm:{name}': {name!r} is not a timm model name (with an optional .tag)")
+    try:
+        return timm.create_model(name, pretrained=True).state_dict()
+    except ModelError as e:
+        raise CheckpointError(f"checkpoint 'timm:{name}': {e}") from None
+    except (OSError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint 'timm:{name}': timm could not load its pretrained weights "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
