@@ -76,12 +76,15 @@ def unpack_study(study: StudyConfig, path: str | os.PathLike) -> list[str]:
     archive = Path(path)
     try:
         tar = tarfile.open(archive, "r:*")
-    except (OSError, tarfile.TarError) as e:
+    except (EOFError, OSError, tarfile.TarError) as e:
         raise RunError(f"cannot read study archive {str(archive)!r}: {e}") from None
     with tar, tempfile.TemporaryDirectory(dir=study.directory.parent if study.directory.parent.exists() else None) \
             as tmp_name:
         try:
             manifest = json.loads(tar.extractfile(MANIFEST).read())  # type: ignore[union-attr]
+        except (EOFError, OSError, tarfile.TarError) as e:
+            raise RunError(f"cannot read study archive {str(archive)!r} (truncated or corrupted?): {e}; copy it "
+                           "again") from None
         except (KeyError, AttributeError, json.JSONDecodeError):
             raise RunError(f"{str(archive)!r} is not a gmpq study archive (no {MANIFEST})") from None
         if manifest.get("fingerprint") != study.fingerprint():
@@ -91,7 +94,7 @@ def unpack_study(study: StudyConfig, path: str | os.PathLike) -> list[str]:
         tmp = Path(tmp_name)
         try:
             tar.extractall(tmp, filter="data")
-        except (OSError, tarfile.TarError) as e:
+        except (EOFError, OSError, tarfile.TarError) as e:
             raise RunError(f"cannot extract study archive {str(archive)!r}: {e}") from None
         d = study.directory
         d.mkdir(parents=True, exist_ok=True)

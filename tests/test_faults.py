@@ -1,0 +1,215 @@
+"""Fault battery: what gmpq does when a file, the data or the storage goes wrong (see the README's fault table)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+
+import gmpq
+from gmpq.data import get_dataset_spec, load_split
+from gmpq.data.registry import EMBEDDED_DIR
+from gmpq.errors import CheckpointError, DatasetError, GmpqError
+from gmpq.hub import format as F
+
+
+@pytest.fixture(scope="module")
+def float_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    model = gmpq.create_model("mobilenetv2_050_cifar", num_classes=10)
+    gmpq.quantize(model, gmpq.uniform_policy(model, 4, 4))
+    gmpq.calibrate(model, [torch.randn(2, 3, 32, 32)])
+    model.eval()
+    out = tmp_path_factory.mktemp("faults") / "float"
+    gmpq.save_pretrained(model, out, dataset="cifar10_embedded")
+    return out
+
+
+def copy_of(src: Path, tmp_path: Path) -> Path:
+    shutil.copytree(src, tmp_path / "m")
+    return tmp_path / "m"
+
+
+def test_read_only_model_dir_still_loads(float_export: Path, tmp_path: Path) -> None:
+    root = copy_of(float_export, tmp_path)
+    for p in [root, *root.iterdir()]:
+        p.chmod(stat.S_IREAD | (stat.S_IEXEC if p.is_dir() else 0))
+    try:
+        assert isinstance(gmpq.from_pretrained(root), torch.nn.Module)
+    finally:
+        for p in [root, *root.iterdir()]:
+            p.chmod(stat.S_IRWXU)
+
+
+def test_truncated_safetensors_is_refused(float_export: Path, tmp_path: Path) -> None:
+    root = copy_of(float_export, tmp_path)
+    w = root / F.WEIGHTS_FILE
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="bytes but config.json records"):
+        gmpq.from_pretrained(root)
+
+
+def test_pth_pickle_in_place_of_weights_is_refused_without_unpickling(float_export: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    root = copy_of(float_export, tmp_path)
+    torch.save({"x": torch.zeros(1)}, root / F.WEIGHTS_FILE)
+    monkeypatch.setattr(pickle, "loads", lambda *a, **k: pytest.fail("unpickled"))
+    with pytest.raises(CheckpointError):
+        gmpq.from_pretrained(root)
+
+
+def test_model_file_path_instead_of_directory_names_the_fix(float_export: Path) -> None:
+    with pytest.raises(CheckpointError, match="is a file; pass the model directory"):
+        gmpq.from_pretrained(float_export / F.WEIGHTS_FILE)
+
+
+def test_missing_model_dir_is_one_error(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="no model directory"):
+        gmpq.from_pretrained(tmp_path / "nope")
+
+
+def embedded_copy(tmp_path: Path) -> Path:
+    root = tmp_path / "data"
+    root.mkdir()
+    for s in ("train", "test"):
+        shutil.copy(Path(EMBEDDED_DIR) / "cifar10" / f"{s}-00000-of-00001.parquet", root / f"{s}-00000-of-00001.parquet")
+    return root
+
+
+def test_truncated_parquet_shard_is_one_dataset_error(tmp_path: Path) -> None:
+    root = embedded_copy(tmp_path)
+    shard = root / "test-00000-of-00001.parquet"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(DatasetError, match="cannot read the parquet files"):
+        load_split(get_dataset_spec("cifar10"), "test", path=str(root))
+
+
+def test_data_path_that_is_a_file_is_one_error(tmp_path: Path) -> None:
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(DatasetError, match="must be a directory"):
+        load_split(get_dataset_spec("cifar10"), "test", path=str(f))
+
+
+def test_holdout_larger_than_the_split_is_one_error() -> None:
+    with pytest.raises(DatasetError, match="holdout="):
+        load_split(get_dataset_spec("cifar10_embedded"), "train", holdout=10**7)
+
+
+def test_more_classes_than_the_dataset_has_is_one_error() -> None:
+    with pytest.raises(DatasetError, match="classes="):
+        load_split(get_dataset_spec("cifar10_embedded"), "train", classes=11)
+
+
+def test_gmpq_errors_are_bad_input() -> None:
+    assert issubclass(CheckpointError, GmpqError) and issubclass(DatasetError, GmpqError)
+
+
+# ------------------------------------------------------------------------------------------------------- storage
+def full_device(after: int):
+    """A writer that puts ``after`` bytes into its temporary file, then fails as a full device does."""
+    import errno
+
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(b"x" * after)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return write
+
+
+@pytest.mark.parametrize("errno_name", ["ENOSPC", "EDQUOT"])
+def test_disk_full_mid_write_keeps_the_previous_file_and_leaves_no_temp(tmp_path: Path, errno_name: str) -> None:
+    import errno
+
+    from gmpq.errors import StorageError
+    from gmpq.utils import atomic_write, atomic_write_text
+    target = atomic_write_text(tmp_path / "ckpt.json", "previous")
+
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(b"half")
+        raise OSError(getattr(errno, errno_name), os.strerror(getattr(errno, errno_name)))
+    with pytest.raises(StorageError, match="no space left on device while writing .*free some space"):
+        atomic_write(target, write)
+    assert target.read_text() == "previous" and list(tmp_path.iterdir()) == [target]
+
+
+def test_disk_full_reported_by_safetensors_is_a_storage_error(tmp_path: Path) -> None:
+    from gmpq.errors import StorageError
+    from gmpq.utils import atomic_write
+
+    def write(tmp: Path) -> None:
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+    with pytest.raises(StorageError):
+        atomic_write(tmp_path / "model.safetensors", write)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_kill_during_write_leaves_the_previous_file(tmp_path: Path) -> None:
+    from gmpq.utils import atomic_write, atomic_write_text
+    target = atomic_write_text(tmp_path / "metrics.json", "previous")
+
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(b"half")
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, write)
+    assert target.read_text() == "previous" and list(tmp_path.iterdir()) == [target]
+
+
+def test_export_on_a_full_disk_keeps_the_previous_export(float_export: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import safetensors.torch
+
+    from gmpq.errors import StorageError
+    root = copy_of(float_export, tmp_path)
+    before = {p.name: p.read_bytes() for p in root.iterdir()}
+    model = gmpq.from_pretrained(root)
+
+    def no_space(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(safetensors.torch, "save_file", no_space)
+    import gmpq.hub.export as export
+    if hasattr(export, "save_file"):
+        monkeypatch.setattr(export, "save_file", no_space)
+    with pytest.raises(StorageError):
+        gmpq.save_pretrained(model, root, dataset="cifar10_embedded")
+    assert {p.name: p.read_bytes() for p in root.iterdir()} == before
+    assert isinstance(gmpq.from_pretrained(root), torch.nn.Module)
+
+
+# ---------------------------------------------------------------------------------------------- study archives
+def smoke_study(tmp_path: Path):
+    from tests.test_study import SMOKE
+    import json
+    from gmpq.study import study_from_dict
+    data = json.loads(json.dumps(SMOKE))
+    data["output_dir"] = str(tmp_path / "out")
+    return study_from_dict(data)
+
+
+@pytest.mark.parametrize("kind", ["garbage", "truncated", "foreign"])
+def test_bad_archive_to_unpack_is_one_run_error(tmp_path: Path, kind: str) -> None:
+    import io
+    import tarfile
+
+    from gmpq.errors import RunError
+    from gmpq.study.archive import unpack_study
+    path = tmp_path / "a.tar.gz"
+    if kind == "garbage":
+        path.write_bytes(b"not an archive at all")
+    else:
+        with tarfile.open(path, "w:gz") as tar:
+            data = b"x" * 50_000
+            info = tarfile.TarInfo("readme.txt")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        if kind == "truncated":
+            path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(RunError, match="study archive|not a gmpq study archive"):
+        unpack_study(smoke_study(tmp_path), path)
