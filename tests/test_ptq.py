@@ -98,6 +98,7 @@ def test_at_32_bits_the_post_training_model_is_the_float_model(fp, images):
     assert all(b.iters == 0 for b in q.gmpq_ptq.blocks)
 
 
+@pytest.mark.slow
 def test_same_seed_same_model_bit_for_bit(fp, images, w3a3):
     policy, learned, _ = w3a3
     again = gmpq.ptq(fp, policy, images, PtqConfig(**FAST), progress=False)

@@ -41,13 +41,13 @@ def torchrun(args: list[str]) -> str:
 
 def test_the_whole_pipeline_runs_unchanged_on_two_processes(tmp_path):
     """``gmpq run`` under torchrun: every stage on 2 processes, one export, one summary printed (by rank 0)."""
-    quickstart = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+    quickstart = Path(__file__).resolve().parents[1] / "recipes" / "quickstart_mobilenet.yaml"
     out = tmp_path / "run"
     stdout = torchrun(["run", str(quickstart), "data.max_train_samples=64", "data.max_eval_samples=37",
                        "data.batch_size=16", "pretrain.epochs=1", "pretrain.max_steps=2", "search.epochs=1",
                        "search.max_steps=2", "finetune.epochs=1", "finetune.max_steps=2",
                        "finetune.calibration_batches=1", f"output_dir={out}"])
-    assert stdout.count("gmpq run quickstart:") == 1, stdout
+    assert stdout.count("gmpq run quickstart_mobilenet:") == 1, stdout
     for stage in ("pretrain", "search", "finetune", "evaluate", "uniform/finetune"):
         assert json.loads((out / stage / "metrics.json").read_text())["world_size"] == 2, stage
     summary = json.loads((out / "metrics.json").read_text())
