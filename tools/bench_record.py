@@ -3,7 +3,7 @@ comparison with the last recorded run on the same kind of machine and flag every
 ``--tolerance`` (10 %).
 
     python tools/bench_record.py --threads 1 --repeats 7 --note "before the fix"
-    python tools/bench_record.py --threads 2 --repeats 7          # on a 2-core machine: /work/bin/heavy -2 ...
+    python tools/bench_record.py --threads 2 --repeats 7          # on a 2-core machine, pinned to quiet cores
     python tools/bench_record.py --compare-only                   # print the last two runs of this machine kind
 
 A benchmark is a tool in ``tools/`` that prints one JSON object with ``results`` (one record per step kind, each

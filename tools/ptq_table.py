@@ -1,9 +1,9 @@
 """The README's post-training table: round-to-nearest against learned rounding (AdaRound + BRECQ + QDrop) on the
 CIFAR ResNet-20 float reference, top-1 on the full CIFAR-10 test split, calibration images from the training split.
 
-    PYTHONPATH=. /work/bin/heavy python tools/ptq_table.py --float /work/artifacts/runs/resnet20_cifar10_float/pretrain/model \
+    python tools/ptq_table.py --float runs/resnet20_cifar10_float/pretrain/model \
         --data ../shared/data/cifar10 --policy w4a4 --policy w3a3 --policy mixed=runs/hawq/search/policy.json \
-        --policy w2a4 --out /work/artifacts/ptq/table
+        --policy w2a4 --out runs/ptq_table
 
 Every policy runs twice on the same calibration images (``rounding=nearest``, then ``learned``); the table gives top-1,
 searched BOPs, the reconstruction's wall time and the process's peak memory. ``--mobilenet-blocks K`` times the
