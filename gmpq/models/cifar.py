@@ -37,8 +37,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 #: The weights shipped inside the package (each with its license notice and a README saying how it was made).
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 #: CIFAR ResNet depth -> one-line description.
-RESNET_DEPTHS = {20: "0.27 M params, 40.6 M MACs", 32: "0.46 M params, 69.1 M MACs", 44: "0.66 M params, 97.8 M MACs",
-                 56: "0.85 M params, 125.5 M MACs", 110: "1.7 M params, 253 M MACs"}
+RESNET_DEPTHS = {20: "0.27 M params, 40.6 M MACs", 32: "0.46 M params, 68.9 M MACs", 44: "0.66 M params, 97.2 M MACs",
+                 56: "0.85 M params, 125.5 M MACs", 110: "1.73 M params, 252.9 M MACs"}
 
 #: variant -> (base timm architecture, one-line description).
 VARIANTS: dict[str, tuple[str, str]] = {

@@ -64,7 +64,7 @@ class CifarResNet(nn.Module):
         if (depth - 2) % 6:
             raise ValueError(f"a CIFAR ResNet has 6n+2 layers, not {depth}")
         blocks = (depth - 2) // 6
-        self.depth, self.num_classes, self.drop_rate = depth, num_classes, drop_rate
+        self.depth, self.drop_rate = depth, drop_rate
         self.conv1 = nn.Conv2d(in_chans, WIDTHS[0], 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(WIDTHS[0])
         self.act1 = nn.ReLU(inplace=True)
@@ -77,8 +77,7 @@ class CifarResNet(nn.Module):
             self.add_module(f"layer{index + 1}", nn.Sequential(*stage))
         self.num_features = self.head_hidden_size = in_planes
         self.feature_info = [dict(num_chs=c, reduction=2 ** i, module=f"layer{i + 1}") for i, c in enumerate(WIDTHS)]
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
-        self.linear = nn.Linear(in_planes, num_classes) if num_classes else nn.Identity()
+        self.reset_classifier(num_classes, global_pool)
         self._init_weights()
 
     def _init_weights(self) -> None:
