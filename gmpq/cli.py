@@ -1,6 +1,8 @@
 """The ``gmpq`` command. Thin: every verb parses its arguments and calls a public Python function.
 
-Any :class:`gmpq.GmpqError` (bad input) becomes one line on stderr and exit code 2.
+Any :class:`gmpq.GmpqError` (bad input) becomes one line on stderr and exit code 2. A stop from outside is one line
+saying how to continue: Ctrl-C (SIGINT) exits 130, SIGTERM (a scheduler's or torchrun's stop) exits 143 — 128 plus
+the signal's number, as a shell reports a process killed by it; files being written are left as they were before.
 """
 
 from __future__ import annotations
@@ -8,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 
 from gmpq.errors import GmpqError, ModelError, RunError
@@ -296,6 +300,9 @@ def cmd_study(args: argparse.Namespace) -> int:
              + (f"  {result.figure}" if result.figure is not None else ""))
     if args.pack:
         _say(f"  packed finished cells into {args.pack}")
+    if result.failed:
+        _say(f"  {len(result.failed)} cell(s) failed: {', '.join(result.failed)} (errors in results.csv); exit 1")
+        return 1
     return 0
 
 
@@ -392,17 +399,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is so that it unwinds like Ctrl-C (temporary files removed, locks released)."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+#: What rerunning an interrupted verb takes (default: the same command).
+_RESUME_HINT = {name: "rerun the same command with resume=true to continue from the last checkpoint"
+                for name in ("run", "pretrain", "search", "finetune", "ptq")}
+_RESUME_HINT["study"] = "rerun the same command to continue (finished cells are kept, the interrupted one resumes)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    hint = _RESUME_HINT.get(args.command, "rerun the same command")
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         return args.handler(args)
     except GmpqError as e:
         print(f"gmpq: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("gmpq: interrupted", file=sys.stderr)
+        print(f"gmpq: interrupted (Ctrl-C); {hint}", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"gmpq: terminated (SIGTERM); {hint}", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

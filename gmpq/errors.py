@@ -36,6 +36,10 @@ class RunError(GmpqError, ValueError):
     """A run directory or one of its records (metrics.json, search_log.jsonl) that is missing or malformed."""
 
 
+class BusyError(RunError):
+    """A run directory held by another running gmpq process."""
+
+
 class CheckpointError(GmpqError, ValueError):
     """A checkpoint or exported model that is missing, truncated, tampered with or of an unknown format."""
 

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gmpq.errors import GmpqError, StorageError
+from gmpq.faults import fault_point
 
 #: errno values of a full device or an exhausted quota.
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
@@ -29,6 +30,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         os.close(fd)
         tmp = Path(tmp_name)
         write(tmp)
+        fault_point("write", target.name)
         # mkstemp creates 0600 and some writers (safetensors) re-create the file: give it open()'s permissions
         tmp.chmod(0o666 & ~_umask())
         with open(tmp, "rb") as f:

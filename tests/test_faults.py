@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -213,3 +214,144 @@ def test_bad_archive_to_unpack_is_one_run_error(tmp_path: Path, kind: str) -> No
             path.write_bytes(path.read_bytes()[:40])
     with pytest.raises(RunError, match="study archive|not a gmpq study archive"):
         unpack_study(smoke_study(tmp_path), path)
+
+
+# ---------------------------------------------------------------------------------------------------- processes
+# A run is stopped at a named point by the test-only hook GMPQ_FAULT (gmpq/faults.py): the process signals itself
+# there. SIGTERM and SIGINT are sent in-process through gmpq.cli.main (its handlers are what is tested); kill -9
+# needs a child process (`python -m gmpq.cli`). Each stopped run is then resumed and compared with an uninterrupted
+# run of the same recipe: weights bit for bit, the epoch log and the final numbers equal.
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = ["model.arch=test_resnet", "data.dataset=cifar10_embedded", "data.input_size=32", "data.batch_size=8",
+         "data.max_train_samples=32", "data.max_eval_samples=8", "pretrain.epochs=3", "pretrain.lr=0.05",
+         "finetune.epochs=2", "finetune.calibration_batches=1", "finetune.policy=w4a4", "model.deploy_input_size=32"]
+
+
+@pytest.fixture
+def faults(monkeypatch: pytest.MonkeyPatch):
+    """Arm the fault hook in this process: ``faults("step:6:TERM")``."""
+    from gmpq import faults as hook
+
+    def arm(spec: str | None) -> None:
+        hook._REACHED.clear()
+        if spec is None:
+            monkeypatch.delenv("GMPQ_FAULT", raising=False)
+        else:
+            monkeypatch.setenv("GMPQ_FAULT", spec)
+    yield arm
+    hook._REACHED.clear()
+
+
+def recipe_file(tmp_path: Path, out: Path, *extra: str) -> Path:
+    """A recipe YAML of the tiny run into ``out`` (the CLI and the in-process reference read the same file)."""
+    from gmpq.recipes import load_recipe
+    path = tmp_path / f"{out.name}.yaml"
+    path.write_text(load_recipe(None, [*TRAIN, f"output_dir={out}", *extra]).to_yaml())
+    return path
+
+
+def gmpq_child(args: list[str], fault: str | None = None, timeout: float = 600) -> "subprocess.CompletedProcess[str]":
+    """``python -m gmpq.cli ARGS`` in a child process (``GMPQ_FAULT=fault`` when given)."""
+    import subprocess
+    import sys
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env.pop("GMPQ_FAULT", None)
+    if fault is not None:
+        env["GMPQ_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "gmpq.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def leftovers(root: Path) -> list[str]:
+    """Temporary files of interrupted writes under ``root``."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.name.endswith(".tmp"))
+
+
+def assert_same_stage(done: Path, ref: Path, files: tuple[str, ...] = ("model/model.safetensors",)) -> None:
+    """The stage ``done`` ended where the uninterrupted ``ref`` ended: its files (safetensors: tensor by tensor, bit
+    for bit; others: text), its epoch log (but the epoch's wall time) and final top-1/top-5/loss."""
+    from safetensors.torch import load_file
+    for name in files:
+        if name.endswith(".safetensors"):
+            a, b = load_file(str(done / name)), load_file(str(ref / name))
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+        else:
+            assert (done / name).read_text() == (ref / name).read_text(), name
+    import json
+    log = next(n for n in ("metrics.jsonl", "search_log.jsonl") if (ref / n).exists())
+
+    def rows(path: Path) -> list[dict]:
+        return [{k: v for k, v in json.loads(line).items() if k != "epoch_s"} for line in path.read_text().splitlines()]
+    assert rows(done / log) == rows(ref / log)
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (done, ref))
+    assert {k: ma.get(k) for k in ("top1", "top5", "loss")} == {k: mb.get(k) for k in ("top1", "top5", "loss")}
+
+
+@pytest.fixture(scope="module")
+def reference_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Uninterrupted pretrain and finetune runs of the tiny recipe (the results every resumed run must reach)."""
+    from gmpq.recipes import load_recipe
+    from gmpq.stages import finetune, pretrain
+    out = tmp_path_factory.mktemp("ref") / "run"
+    recipe = load_recipe(None, [*TRAIN, f"output_dir={out}"])
+    pretrain(recipe)
+    finetune(recipe)
+    return out
+
+
+def test_sigterm_mid_epoch_stops_with_one_line_and_resume_is_exact(tmp_path: Path, reference_runs: Path, faults,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from gmpq.cli import main
+    out = tmp_path / "run"
+    recipe = recipe_file(tmp_path, out)
+    faults("step:6:TERM")  # the 2nd of 4 steps of epoch 2
+    assert main(["pretrain", str(recipe)]) == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("gmpq: terminated (SIGTERM); rerun the same command with resume=true to continue from the "
+                       "last checkpoint")
+    stage = out / "pretrain"
+    assert not (stage / "metrics.json").exists() and not (stage / "model").exists()  # not marked finished
+    assert sorted(p.name for p in (stage / "checkpoints").iterdir()) == ["epoch_0001"] and leftovers(out) == []
+    faults(None)
+    assert main(["pretrain", str(recipe), "resume=true"]) == 0
+    assert json.loads((stage / "metrics.json").read_text())["resumed_from_epoch"] == 1
+    assert_same_stage(stage, reference_runs / "pretrain")
+
+
+def test_ctrl_c_in_finetune_stops_with_one_line_and_resume_is_exact(tmp_path: Path, reference_runs: Path, faults,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from gmpq.cli import main
+    out = tmp_path / "run"
+    recipe = recipe_file(tmp_path, out, f"model.checkpoint={reference_runs / 'pretrain' / 'model'}")
+    faults("step:5:INT")  # the 1st step of epoch 2
+    assert main(["finetune", str(recipe)]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "gmpq: interrupted (Ctrl-C); rerun the same command with resume=true to continue from the last checkpoint")
+    stage = out / "finetune"
+    assert not (stage / "metrics.json").exists() and leftovers(out) == []
+    faults(None)
+    assert main(["finetune", str(recipe), "resume=true"]) == 0
+    assert_same_stage(stage, reference_runs / "finetune", ("model/model.safetensors", "policy.json"))
+
+
+@pytest.mark.parametrize("point", [
+    "step:6",  # mid-epoch 2
+    pytest.param("write/trainer_state.json:2", marks=pytest.mark.slow),  # while epoch 2's checkpoint is written
+    pytest.param("write/model.safetensors:1", marks=pytest.mark.slow),  # while the trained model is written
+    pytest.param("write/metrics.json:1", marks=pytest.mark.slow),  # while the completion mark is written
+])
+def test_kill_9_of_pretrain_leaves_it_unfinished_and_resume_is_exact(tmp_path: Path, reference_runs: Path,
+                                                                      point: str) -> None:
+    from gmpq.recipes import load_recipe
+    from gmpq.stages import pretrain
+    out = tmp_path / "run"
+    recipe = recipe_file(tmp_path, out)
+    done = gmpq_child(["pretrain", str(recipe)], fault=f"{point}:KILL")
+    assert done.returncode == -9, done.stderr[-2000:]
+    stage = out / "pretrain"
+    assert not (stage / "metrics.json").exists()
+    if (stage / "model").exists():  # a model written before the kill is whole, never half a file
+        assert not list((stage / "model").glob("model.safetensors")) or gmpq.from_pretrained(stage / "model")
+    metrics = pretrain(load_recipe(recipe, ["resume=true"]))  # the killed holder's lock blocks nothing
+    assert metrics["resumed_from_epoch"] == (1 if point in ("step:6", "write/trainer_state.json:2") else 3)
+    assert_same_stage(stage, reference_runs / "pretrain")

@@ -163,6 +163,10 @@ class StudyConfig:
         """The cell's ``study_cell.json`` (device, wall time), written after its run: the cell is finished."""
         return self.cell_dir(run_id) / "study_cell.json"
 
+    def cell_failure(self, run_id: str) -> Path:
+        """The cell's ``study_cell_failed.json`` (the error of its last attempt), removed when the cell finishes."""
+        return self.cell_dir(run_id) / "study_cell_failed.json"
+
     def cell_finished(self, run_id: str) -> bool:
         """Whether the cell wrote its ``study_cell.json`` and every deployment's final numbers."""
         from gmpq.rundir import RunDir

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from gmpq.errors import CheckpointError
+from gmpq.faults import fault_point
 from gmpq.hub import is_model_dir, read_state_dict
 from gmpq.hub.format import is_quantized, read_config
 from gmpq.rundir import RunDir, StageDir
@@ -83,6 +84,7 @@ class CheckpointManager:
             for old in self.epochs()[: -self.keep]:
                 shutil.rmtree(self.path(old), ignore_errors=True)
         acc.wait_for_everyone()
+        fault_point("checkpoint")
         return final
 
     def load_latest(self) -> dict[str, Any] | None:

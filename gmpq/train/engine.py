@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from gmpq.errors import RecipeError
+from gmpq.faults import fault_point
 from gmpq.rundir import StageDir
 from gmpq.train.checkpoint import CheckpointManager
 from gmpq.train.runlog import MetricsLogger
@@ -424,6 +425,7 @@ def _train_epoch(model: nn.Module, loader: DataLoader, slots: list[ScheduledOpti
         if accelerator.sync_gradients:
             done += 1
             step.on_step_end(out, Progress(done, progress.total_steps, progress.epoch, progress.steps_per_epoch))
+            fault_point("step")
         n = labels.numel()
         if sums is None:
             names = list(out.metrics)
