@@ -355,3 +355,233 @@ def test_kill_9_of_pretrain_leaves_it_unfinished_and_resume_is_exact(tmp_path: P
     metrics = pretrain(load_recipe(recipe, ["resume=true"]))  # the killed holder's lock blocks nothing
     assert metrics["resumed_from_epoch"] == (1 if point in ("step:6", "write/trainer_state.json:2") else 3)
     assert_same_stage(stage, reference_runs / "pretrain")
+
+
+# ------------------------------------------------------------------------------------------------ study processes
+def uniform_study(tmp_path: Path, name: str = "study.yaml", out: str = "out") -> Path:
+    """The smoke study of tests/test_study.py with its two uniform cells only (no supernet: the cheapest cells)."""
+    import yaml
+
+    from tests.test_study import SMOKE
+    data = json.loads(json.dumps(SMOKE))
+    data.update(strategies=["uniform"], output_dir=str(tmp_path / out))
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def hold_lock(directory: Path):
+    """A child process holding ``directory``'s run lock, as a running gmpq process does (until it is killed)."""
+    import subprocess
+    import sys
+    directory.mkdir(parents=True, exist_ok=True)
+    code = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); os.pwrite(fd, b'{\"pid\": %d, \"command\": \"gmpq study\"}\\n' % "
+            "os.getpid(), 0); print('held', flush=True); time.sleep(600)")
+    child = subprocess.Popen([sys.executable, "-c", code, str(directory / ".gmpq.lock")], stdout=subprocess.PIPE,
+                             text=True)
+    assert child.stdout.readline().strip() == "held"
+    return child
+
+
+def test_a_failed_cell_is_recorded_the_others_finish_and_a_busy_cell_is_refused(tmp_path: Path,
+                                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                                capsys) -> None:
+    import csv
+
+    import gmpq.study.runner as runner
+    from gmpq.cli import main
+    from gmpq.errors import BusyError, RecipeError
+    from gmpq.study import load_study
+    path = uniform_study(tmp_path)
+    study = load_study(path)
+    first, second = (c.run_id for c in runner._unique_runs(runner.expand_grid(study)))
+    # a second process on the same slice: the cell held by the first is refused with one line, not recorded
+    holder = hold_lock(study.cell_dir(first))
+    try:
+        with pytest.raises(BusyError, match=f"in use by another gmpq process \\(pid {holder.pid}"):
+            runner.run_study(path)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not study.cell_failure(first).exists()
+    # a cell that fails (here its fine-tuning diverges) is recorded; the other cell finishes
+    real = runner.run_pipeline
+
+    def diverging(recipe):
+        if recipe.output_dir.endswith(first):
+            raise RecipeError("finetune 1/1: training diverged (loss nan) at batch 0; lower the learning rate")
+        return real(recipe)
+    monkeypatch.setattr(runner, "run_pipeline", diverging)
+    capsys.readouterr()
+    assert main(["study", str(path)]) == 1
+    out = capsys.readouterr()
+    assert f"cell {first} failed (RecipeError: finetune 1/1: training diverged" in out.err
+    assert f"1 cell(s) failed: {first}" in out.out
+    rows = list(csv.DictReader(io_of(study.directory / "results.csv")))
+    assert [(r["run_id"], r["error"][:23], bool(r["top1"])) for r in rows] == [
+        (second, "", True), (first, "RecipeError: finetune 1", False)]
+    summary = (study.directory / "summary.md").read_text()
+    assert "cells finished: 1 of 2" in summary and f"cells failed: 1 (not in the statistics" in summary
+    assert "| 1 |" in summary  # n per budget and strategy
+    # rerunning the study retries the failed cell; its record goes once it finishes
+    monkeypatch.setattr(runner, "run_pipeline", real)
+    again = runner.run_study(path)
+    assert again.ran == [first] and again.failed == [] and not study.cell_failure(first).exists()
+    assert all(not r["error"] for r in csv.DictReader(io_of(study.directory / "results.csv")))
+
+
+def io_of(path: Path):
+    import io
+    return io.StringIO(path.read_text())
+
+
+def _rows_without_timing(path: Path) -> list[dict]:
+    import csv
+    return [{k: v for k, v in r.items() if not k.endswith("_s") and k != "device"} for r in csv.DictReader(io_of(path))]
+
+
+@pytest.fixture(scope="module")
+def reference_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uniform study run without interruption: its results.csv is what every interrupted study must reach."""
+    from gmpq.study import run_study
+    root = tmp_path_factory.mktemp("study")
+    run_study(uniform_study(root))
+    return root / "out"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["cell:1", "step:3", "write/model.safetensors:3"],
+                         ids=["between-cells", "inside-a-cell", "writing-a-model"])
+def test_kill_9_of_a_study_is_resumed_by_rerunning_it(tmp_path: Path, reference_study: Path, point: str) -> None:
+    from gmpq.study import run_study
+    path = uniform_study(tmp_path)
+    done = gmpq_child(["study", str(path)], fault=f"{point}:KILL")
+    assert done.returncode == -9, done.stderr[-2000:]
+    cells = tmp_path / "out" / "cells"
+    finished = sorted(p.parent.name for p in cells.glob("*/study_cell.json")) if cells.is_dir() else []
+    assert len(finished) == (1 if point == "cell:1" else 0)
+    again = run_study(path)
+    assert sorted(again.ran) == sorted({c.name for c in cells.iterdir()} - set(finished))
+    assert _rows_without_timing(tmp_path / "out" / "results.csv") == _rows_without_timing(
+        reference_study / "results.csv")
+
+
+@pytest.mark.slow
+def test_sigterm_of_a_study_says_rerun_and_the_rerun_finishes(tmp_path: Path, reference_study: Path, faults,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from gmpq.cli import main
+    path = uniform_study(tmp_path)
+    faults("cell:1:TERM")
+    assert main(["study", str(path)]) == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "gmpq: terminated (SIGTERM); rerun the same command to continue (finished cells are kept, the interrupted one "
+        "resumes)")
+    faults(None)
+    assert main(["study", str(path)]) == 0
+    assert _rows_without_timing(tmp_path / "out" / "results.csv") == _rows_without_timing(
+        reference_study / "results.csv")
+
+
+@pytest.mark.slow
+def test_kill_9_while_packing_leaves_the_previous_archive_and_the_repack_unpacks(tmp_path: Path,
+                                                                                 reference_study: Path) -> None:
+    from gmpq.study import run_study
+    study_dir = tmp_path / "out"
+    shutil.copytree(reference_study, study_dir)
+    path = uniform_study(tmp_path)
+    archive = tmp_path / "cells.tar.gz"
+    archive.write_bytes(b"the previous archive")
+    done = gmpq_child(["study", str(path), "--report", "--pack", str(archive)], fault="write/cells.tar.gz:1:KILL")
+    assert done.returncode == -9, done.stderr[-2000:]
+    assert archive.read_bytes() == b"the previous archive"  # never replaced by half an archive
+    run_study(path, report_only=True, pack=archive)
+    moved = uniform_study(tmp_path, "moved.yaml", "elsewhere")
+    merged = run_study(moved, unpack=[archive])
+    assert merged.ran == [] and len(merged.rows) == 2
+
+
+# ------------------------------------------------------------------------------------------- search, ptq, export
+@pytest.fixture(scope="module")
+def search_budget() -> float:
+    from gmpq.search import bops_range, deployment_macs, search_space
+    model = gmpq.create_model("test_resnet", num_classes=10)
+    lo, hi = bops_range(search_space(model, (2, 3, 4, 6), 8, deployment_macs("test_resnet", 32, 10), "test_resnet",
+                                     32))
+    return round(lo + 0.3 * (hi - lo), 6)
+
+
+@pytest.mark.slow
+def test_kill_9_of_search_mid_epoch_resumes_to_the_same_policy(tmp_path: Path, reference_runs: Path,
+                                                               search_budget: float) -> None:
+    from gmpq.recipes import load_recipe
+    from gmpq.stages import search
+    extra = [f"model.checkpoint={reference_runs / 'pretrain' / 'model'}", f"search.budget_g={search_budget}",
+             "search.epochs=2", "search.max_steps=2", "model.deploy_arch=test_resnet"]
+    ref = load_recipe(recipe_file(tmp_path, tmp_path / "ref", *extra))
+    search(ref)
+    recipe = recipe_file(tmp_path, tmp_path / "run", *extra)
+    done = gmpq_child(["search", str(recipe)], fault="step:3:KILL")  # the 1st step of epoch 2
+    assert done.returncode == -9, done.stderr[-2000:]
+    assert not (tmp_path / "run" / "search" / "metrics.json").exists()
+    assert search(load_recipe(recipe, ["resume=true"]))["resumed_from_epoch"] == 1
+    assert_same_stage(tmp_path / "run" / "search", tmp_path / "ref" / "search", ("alphas.json", "policy.json"))
+
+
+@pytest.mark.slow
+def test_kill_9_of_ptq_between_blocks_resumes_to_the_same_model(tmp_path: Path, reference_runs: Path) -> None:
+    from gmpq.recipes import load_recipe
+    from gmpq.stages import ptq
+    extra = [f"model.checkpoint={reference_runs / 'pretrain' / 'model'}", "ptq.num_images=16", "ptq.iters=4",
+             "ptq.batch_size=8"]
+    ptq(load_recipe(recipe_file(tmp_path, tmp_path / "ref", *extra)))
+    recipe = recipe_file(tmp_path, tmp_path / "run", *extra)
+    done = gmpq_child(["ptq", str(recipe)], fault="write/ptq_state.pt:3:KILL")  # while block 3's state is saved
+    assert done.returncode == -9, done.stderr[-2000:]
+    stage = next(p for p in (tmp_path / "run").iterdir() if p.is_dir())
+    assert not (stage / "metrics.json").exists()
+    ptq(load_recipe(recipe, ["resume=true"]))
+    from safetensors.torch import load_file
+    a = load_file(str(stage / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "ref" / stage.name / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_kill_9_during_an_export_never_loads_half_and_the_rerun_restores_it(tmp_path: Path,
+                                                                                  reference_runs: Path) -> None:
+    from gmpq.errors import CheckpointError
+    from gmpq.pipeline import export_run
+    out = tmp_path / "export"
+    export_run(reference_runs, out)
+    whole = {p.name: p.read_bytes() for p in out.iterdir()}
+    shutil.rmtree(out)
+    export_run(reference_runs, out, format="float")  # the previous export, of another layout
+    done = gmpq_child(["export", str(reference_runs), "--out", str(out)], fault="write/config.json:1:KILL")
+    assert done.returncode == -9, done.stderr[-2000:]
+    with pytest.raises(CheckpointError, match="from another export|SHA-256"):  # new weights, old config: refused
+        gmpq.from_pretrained(out)
+    export_run(reference_runs, out)
+    again = {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith(".")}
+    assert again.keys() == whole.keys()
+    # safetensors writes its metadata map in a per-process order, so the weights file (and its SHA-256 in
+    # config.json) is compared by content: the same tensors bit for bit, the same metadata, every other byte equal
+    from safetensors import safe_open
+    from safetensors.torch import load
+    assert {k: v for k, v in again.items() if k not in (F.WEIGHTS_FILE, F.CONFIG_FILE)} == {
+        k: v for k, v in whole.items() if k not in (F.WEIGHTS_FILE, F.CONFIG_FILE)}
+    a, b = load(again[F.WEIGHTS_FILE]), load(whole[F.WEIGHTS_FILE])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    meta = []
+    for blob in (again[F.WEIGHTS_FILE], whole[F.WEIGHTS_FILE]):
+        (tmp_path / "w.safetensors").write_bytes(blob)
+        with safe_open(str(tmp_path / "w.safetensors"), "pt") as f:
+            meta.append(f.metadata())
+    assert meta[0] == meta[1]
+
+    def config(blob: bytes) -> dict:
+        data = json.loads(blob)
+        data["files"] = {k: {**v, "sha256": None} if k == F.WEIGHTS_FILE else v for k, v in data["files"].items()}
+        return data
+    assert config(again[F.CONFIG_FILE]) == config(whole[F.CONFIG_FILE])
+    assert isinstance(gmpq.from_pretrained(out), torch.nn.Module)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -111,7 +112,7 @@ def run_study(study: StudyConfig | str | os.PathLike, overrides: Sequence[str] =
                 error = _record_failure(study, cell, e)
                 failed.append(cell.run_id)
                 tqdm.write(f"study: cell {cell.run_id} failed ({error}); recorded in results.csv, the other cells "
-                           "go on")
+                           "go on", file=sys.stderr)
             else:
                 ran.append(cell.run_id)
             state.wait_for_everyone()
