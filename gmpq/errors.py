@@ -45,4 +45,5 @@ class CheckpointError(GmpqError, ValueError):
 
 
 class StorageError(GmpqError, OSError):
-    """A file could not be written because its device is full (or the user's disk quota is exhausted)."""
+    """A file could not be written because its device is full (or the user's disk quota is exhausted), or a directory
+    could not be created because a file is in its place."""

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gmpq.errors import BusyError
+from gmpq.utils import ensure_directory
 
 try:
     import fcntl
@@ -229,7 +230,7 @@ class RunDir:
         if fcntl is None or int(os.environ.get("RANK", "0")) != 0:
             yield self
             return
-        self.root.mkdir(parents=True, exist_ok=True)
+        ensure_directory(self.root)
         key = self.lock_file.resolve()
         held = _HELD.get(key)
         if held is not None:

@@ -585,3 +585,183 @@ def test_kill_9_during_an_export_never_loads_half_and_the_rerun_restores_it(tmp_
         return data
     assert config(again[F.CONFIG_FILE]) == config(whole[F.CONFIG_FILE])
     assert isinstance(gmpq.from_pretrained(out), torch.nn.Module)
+
+
+# ----------------------------------------------------------------------------------------------- storage, more
+@pytest.mark.parametrize("where", ["is-a-file", "under-a-file"])
+def test_output_dir_that_is_a_file_or_under_one_is_one_error(tmp_path: Path, where: str,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from gmpq.cli import main
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file")
+    out = blocker if where == "is-a-file" else blocker / "run"
+    recipe = recipe_file(tmp_path, tmp_path / "r", f"output_dir={out}")
+    assert main(["pretrain", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"gmpq: error: cannot create the directory {str(out)!r}: {str(blocker)!r} is a file; choose "
+                   "another output path or move the file away"]
+    assert blocker.read_text() == "a file"
+
+
+def test_disk_full_while_writing_a_metrics_line_keeps_the_log_and_stops_with_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import gmpq.train.runlog as runlog
+    from gmpq.cli import main
+    from gmpq.utils import atomic_write
+    out = tmp_path / "run"
+    recipe = recipe_file(tmp_path, out, "pretrain.epochs=2", "data.max_train_samples=16")
+    real, calls = runlog.atomic_write_text, []
+
+    def full_on_the_second_epoch(path, text):
+        calls.append(Path(path).name)
+        if calls.count("metrics.jsonl") == 2 and Path(path).name == "metrics.jsonl":
+            return atomic_write(path, full_device(len(text) // 2))
+        return real(path, text)
+    monkeypatch.setattr(runlog, "atomic_write_text", full_on_the_second_epoch)
+    assert main(["pretrain", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("gmpq: error: no space left on device while writing ") and "metrics.jsonl" in err[-1]
+    stage = out / "pretrain"
+    assert [json.loads(line)["epoch"] for line in (stage / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert not (stage / "metrics.json").exists() and leftovers(out) == []
+
+
+def test_disk_full_while_packing_a_study_keeps_the_previous_archive(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import tarfile
+
+    from gmpq.errors import StorageError
+    from gmpq.study import run_study
+    path = uniform_study(tmp_path)
+    archive = tmp_path / "cells.tar.gz"
+    archive.write_bytes(b"the previous archive")
+
+    def no_space(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(tarfile.TarFile, "addfile", no_space)
+    with pytest.raises(StorageError, match="no space left on device while writing .*cells.tar.gz"):
+        run_study(path, report_only=True, pack=archive)
+    assert archive.read_bytes() == b"the previous archive" and leftovers(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------------- data, more
+def image_bytes(mode: str, color: int | tuple = 0) -> bytes:
+    import io
+
+    from PIL import Image
+    image = Image.new(mode, (32, 32), color)
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG" if mode == "CMYK" else "PNG")
+    return buf.getvalue()
+
+
+def parquet_split(root: Path, images: list[bytes], labels: list[int], split: str = "train") -> Path:
+    """A parquet shard ``<root>/<split>-00000-of-00001.parquet`` in the Hub layout (image bytes, integer label)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    root.mkdir(parents=True, exist_ok=True)
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    table = pa.table({"image": pa.array([{"bytes": b, "path": None} for b in images], type=image_type),
+                      "label": pa.array(labels, type=pa.int64())})
+    pq.write_table(table, root / f"{split}-00000-of-00001.parquet")
+    return root
+
+
+def test_rows_that_are_not_images_are_one_error_naming_the_row(tmp_path: Path) -> None:
+    from gmpq.data import ImageDataset, build_transform
+    root = parquet_split(tmp_path / "d", [image_bytes("RGB"), b"these bytes are not an image", image_bytes("RGB")],
+                         [0, 1, 2])
+    split = load_split(get_dataset_spec("cifar10"), "train", path=str(root))
+    ds = ImageDataset(split, build_transform("cifar", 32, (0.5,) * 3, (0.5,) * 3, train=False))
+    assert ds[0][0].shape == (3, 32, 32)
+    with pytest.raises(DatasetError, match=r"row 1 of parquet:.* is not a readable image .*remove or replace it"):
+        ds[1]
+
+
+def test_grayscale_rgba_palette_cmyk_images_are_converted_and_counted_in_the_log(tmp_path: Path) -> None:
+    from gmpq.recipes import load_recipe
+    from gmpq.stages import pretrain
+    modes = ["L", "RGBA", "P", "CMYK", "RGB", "RGB", "RGB", "RGB"]
+    root = parquet_split(tmp_path / "d", [image_bytes(m) for m in modes], list(range(8)))
+    parquet_split(root, [image_bytes("RGB")] * 4, [0, 1, 2, 3], split="test")
+    out = tmp_path / "run"
+    metrics = pretrain(load_recipe(None, [*TRAIN, f"output_dir={out}", "data.dataset=cifar10", f"data.path={root}",
+                                          "data.max_train_samples=null", "data.batch_size=4", "pretrain.epochs=1"]))
+    rows = [json.loads(line) for line in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["images_converted_to_rgb"] == 4 and metrics["num_train_samples"] == 8
+
+
+def test_a_label_outside_the_classes_is_one_error_naming_it(tmp_path: Path) -> None:
+    root = parquet_split(tmp_path / "d", [image_bytes("RGB")] * 3, [0, 12, 3])
+    with pytest.raises(DatasetError, match=r"row 1 has label 12, outside the 10 classes 0\.\.9"):
+        load_split(get_dataset_spec("cifar10"), "train", path=str(root))
+
+
+def test_a_split_smaller_than_one_batch_is_one_error(tmp_path: Path) -> None:
+    from gmpq.errors import RecipeError
+    from gmpq.recipes import load_recipe
+    from gmpq.train import build_dataloaders
+    recipe = load_recipe(None, [*TRAIN, f"output_dir={tmp_path}", "data.max_train_samples=4"])
+    with pytest.raises(RecipeError, match="data.batch_size=8 exceeds the 4 training samples"):
+        build_dataloaders(recipe)
+
+
+def test_an_imagefolder_with_an_empty_class_folder_is_one_error_naming_it(tmp_path: Path) -> None:
+    root = tmp_path / "folder"
+    for name, count in (("cat", 2), ("dog", 0), ("emu", 2)):
+        (root / "train" / name).mkdir(parents=True)
+        for i in range(count):
+            (root / "train" / name / f"{i}.png").write_bytes(image_bytes("RGB"))
+    with pytest.raises(DatasetError, match=r"class folder .*dog' holds no image"):
+        load_split(get_dataset_spec("cifar10"), "train", path=str(root))
+
+
+# ----------------------------------------------------------------------------------------------- model files, more
+def test_a_checkpoint_of_another_architecture_is_refused_naming_both(tmp_path: Path) -> None:
+    from gmpq.hub import write_model_dir
+    from gmpq.train import init_from_checkpoint
+    write_model_dir(gmpq.create_model("resnet20_cifar", num_classes=10), tmp_path / "other")
+    with pytest.raises(CheckpointError, match="holds a 'resnet20_cifar' model, not 'test_resnet'"):
+        init_from_checkpoint(gmpq.create_model("test_resnet", num_classes=10), str(tmp_path / "other"))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_nan_or_inf_in_float_weights_is_refused_naming_the_tensor(tmp_path: Path, value: float) -> None:
+    from safetensors.torch import save_file
+
+    from gmpq.hub import write_model_dir
+    from gmpq.train import init_from_checkpoint
+    model = gmpq.create_model("test_resnet", num_classes=10)
+    name = next(n for n, p in model.named_parameters() if p.ndim > 1)
+    with torch.no_grad():
+        dict(model.named_parameters())[name].view(-1)[3] = value
+    kind = "NaN" if value != value else "Inf"
+    write_model_dir(model, tmp_path / "diverged")  # a diverged model, written whole (its SHA-256 is right)
+    with pytest.raises(CheckpointError, match=f"tensor '{name}' holds {kind} values"):
+        gmpq.from_pretrained(tmp_path / "diverged")
+    save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+    with pytest.raises(CheckpointError, match=f"tensor '{name}' holds {kind} values"):
+        init_from_checkpoint(gmpq.create_model("test_resnet", num_classes=10), str(tmp_path / "w.safetensors"))
+
+
+def test_bits_outside_the_search_candidates_fine_tune_and_outside_the_policy_candidates_are_refused(
+        tmp_path: Path, reference_runs: Path) -> None:
+    """Fine-tuning needs no candidate set: any valid bits (5 here, while search.bits=[2,3,4,6]) are fine-tuned. No
+    stage warm-starts a search from a policy, so none needs a policy's bits among search.bits; a policy file whose
+    layers use bits outside its own candidate_bits is refused naming the layer."""
+    from gmpq.errors import PolicyError
+    from gmpq.recipes import load_recipe
+    from gmpq.stages import finetune
+    model = gmpq.create_model("test_resnet", num_classes=10)
+    policy = gmpq.uniform_policy(model, 5, 5)
+    policy.save(tmp_path / "w5a5.json")
+    recipe = load_recipe(None, [*TRAIN, f"output_dir={tmp_path / 'run'}", f"finetune.policy={tmp_path / 'w5a5.json'}",
+                                f"model.checkpoint={reference_runs / 'pretrain' / 'model'}", "finetune.epochs=1",
+                                "finetune.max_steps=1"])
+    assert recipe.search.bits == [2, 3, 4, 6] and finetune(recipe)["mean_w_bits"] == 5.0
+    data = json.loads((tmp_path / "w5a5.json").read_text())
+    data["candidate_bits"] = [2, 3, 4, 6]
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(PolicyError, match="layers"):
+        gmpq.Policy.load(tmp_path / "bad.json")

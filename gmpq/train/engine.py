@@ -382,6 +382,11 @@ def fit(model: nn.Module, train_loader: DataLoader, eval_loader: DataLoader | No
             row.update({"eval_top1": final["top1"], "eval_top5": final["top5"], "eval_loss": final["loss"],
                         "eval_samples": final["num_samples"]})
         row.update(step.epoch_summary())
+        converted = _take_converted(train_loader)
+        if converted:
+            row["images_converted_to_rgb"] = converted
+            accelerator.print(f"{stage} epoch {epoch + 1}: {converted} training images were not RGB (grayscale, RGBA, "
+                              "palette, CMYK) and were converted to RGB")
         row["epoch_s"] = time.perf_counter() - t0
         history.append(row)
         checkpoints.save(epoch + 1, {"epoch": epoch + 1, "history": history, "step": step.state_dict()})
@@ -447,6 +452,12 @@ def _train_epoch(model: nn.Module, loader: DataLoader, slots: list[ScheduledOpti
 def _eval_of(row: dict[str, Any]) -> dict[str, float]:
     return {"top1": row["eval_top1"], "top5": row["eval_top5"], "loss": row["eval_loss"],
             "num_samples": row["eval_samples"]}
+
+
+def _take_converted(loader: DataLoader) -> int:
+    """Images of ``loader``'s dataset converted to RGB since the last call (on this process; 0 for other datasets)."""
+    take = getattr(loader.dataset, "take_converted", None)
+    return int(take()) if take is not None else 0
 
 
 def _set_epoch(loader: DataLoader, epoch: int) -> None:
