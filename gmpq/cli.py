@@ -2,7 +2,9 @@
 
 Any :class:`gmpq.GmpqError` (bad input) becomes one line on stderr and exit code 2. A stop from outside is one line
 saying how to continue: Ctrl-C (SIGINT) exits 130, SIGTERM (a scheduler's or torchrun's stop) exits 143 — 128 plus
-the signal's number, as a shell reports a process killed by it; files being written are left as they were before.
+the signal's number, as a shell reports a process killed by it; files being written are left as they were before. A
+distributed run whose other process died or hung (a collective failed or timed out after ``dist_timeout_s``) is one
+line and exit code 3.
 """
 
 from __future__ import annotations
@@ -399,6 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Exit code of a distributed run that lost one of its processes (an environment fault, not bad input).
+EXIT_LOST_PROCESS = 3
+
+
 class Terminated(BaseException):
     """SIGTERM, raised where the process is so that it unwinds like Ctrl-C (temporary files removed, locks released)."""
 
@@ -430,6 +436,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Terminated:
         print(f"gmpq: terminated (SIGTERM); {hint}", file=sys.stderr)
         return 128 + signal.SIGTERM
+    except RuntimeError as e:
+        from gmpq.train.engine import lost_process_message
+
+        message = lost_process_message(e)
+        if message is None:
+            raise
+        print(f"gmpq: error: {message}; {hint}", file=sys.stderr)
+        return EXIT_LOST_PROCESS
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)

@@ -765,3 +765,87 @@ def test_bits_outside_the_search_candidates_fine_tune_and_outside_the_policy_can
     (tmp_path / "bad.json").write_text(json.dumps(data))
     with pytest.raises(PolicyError, match="layers"):
         gmpq.Policy.load(tmp_path / "bad.json")
+
+
+
+def test_sigterm_during_an_export_leaves_no_temp_file_and_the_rerun_loads(tmp_path: Path, reference_runs: Path, faults,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from gmpq.cli import main
+    out = tmp_path / "export"
+    faults("write/config.json:1:TERM")  # weights and card written, config.json not yet
+    assert main(["export", str(reference_runs), "--out", str(out)]) == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "gmpq: terminated (SIGTERM); rerun the same command"
+    assert leftovers(out) == [] and not (out / F.CONFIG_FILE).exists()  # no config.json: not a model directory
+    with pytest.raises(CheckpointError):
+        gmpq.from_pretrained(out)
+    faults(None)
+    assert main(["export", str(reference_runs), "--out", str(out)]) == 0
+    assert isinstance(gmpq.from_pretrained(out), torch.nn.Module)
+
+# ------------------------------------------------------------------------------------------ torchrun (2 processes)
+def torchrun_child(args: list[str], fault: str | None = None, rank: int | None = None,
+                   timeout: float = 400) -> "subprocess.CompletedProcess[str]":
+    """``torchrun --standalone --nproc_per_node 2 -m gmpq.cli ARGS`` on the CPU (gloo), a fault armed on ``rank``."""
+    import subprocess
+    import sys
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1"}
+    for key in ("GMPQ_FAULT", "GMPQ_FAULT_RANK"):
+        env.pop(key, None)
+    if fault is not None:
+        env["GMPQ_FAULT"] = fault
+    if rank is not None:
+        env["GMPQ_FAULT_RANK"] = str(rank)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "gmpq.cli",
+           *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_one_rank_killed_mid_epoch_stops_the_job_naming_it_and_resume_completes(tmp_path: Path) -> None:
+    import time
+    out = tmp_path / "run"
+    recipe = recipe_file(tmp_path, out)
+    t0 = time.monotonic()
+    done = torchrun_child(["pretrain", str(recipe)], fault="step:6:KILL", rank=1)
+    assert done.returncode != 0 and time.monotonic() - t0 < 300
+    assert "rank      : 1 (local_rank: 1)" in done.stderr and "exitcode  : -9" in done.stderr, done.stderr[-3000:]
+    survivor = [line for line in done.stderr.splitlines() if line.startswith("gmpq: ")]
+    assert "[rank0]: Traceback" not in done.stderr, done.stderr[-3000:]  # the survivor: one line, or stopped by torchrun
+    assert all("lost contact with another process" in line or "terminated (SIGTERM)" in line for line in survivor)
+    stage = out / "pretrain"
+    assert not (stage / "metrics.json").exists()
+    assert sorted(p.name for p in (stage / "checkpoints").iterdir() if p.name.startswith("epoch_")) == ["epoch_0001"]
+    again = torchrun_child(["pretrain", str(recipe), "resume=true"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    metrics = json.loads((stage / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["resumed_from_epoch"] == 1 and metrics["epochs"] == 3
+
+
+@pytest.mark.slow
+def test_one_rank_raising_on_bad_data_stops_every_rank(tmp_path: Path) -> None:
+    images = [image_bytes("RGB")] * 16
+    images[5] = b"not an image"
+    root = parquet_split(tmp_path / "d", images, [i % 10 for i in range(16)])
+    parquet_split(root, [image_bytes("RGB")] * 4, [0, 1, 2, 3], split="test")
+    recipe = recipe_file(tmp_path, tmp_path / "run", "data.dataset=cifar10", f"data.path={root}",
+                         "data.max_train_samples=null")
+    done = torchrun_child(["pretrain", str(recipe)])
+    assert done.returncode != 0
+    assert "row 5 of parquet:" in done.stderr and "is not a readable image" in done.stderr, done.stderr[-3000:]
+    assert not (tmp_path / "run" / "pretrain" / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_a_hung_rank_ends_the_job_after_dist_timeout_s_with_one_line(tmp_path: Path) -> None:
+    import time
+    out = tmp_path / "run"
+    recipe = recipe_file(tmp_path, out, "dist_timeout_s=15")
+    t0 = time.monotonic()
+    done = torchrun_child(["pretrain", str(recipe)], fault="step:6:STOP", rank=1)  # rank 1 stops answering
+    assert done.returncode != 0 and time.monotonic() - t0 < 300
+    lines = [line for line in done.stderr.splitlines() if line.startswith("gmpq: error: ")]
+    assert len(lines) == 1 and "process 0 of 2 lost contact with another process" in lines[0], done.stderr[-3000:]
+    assert "exitcode  : 3" in done.stderr and "[rank0]: Traceback" not in done.stderr
+    assert not (out / "pretrain" / "metrics.json").exists()
+    assert (out / "pretrain" / "checkpoints" / "epoch_0001" / "trainer_state.json").exists()

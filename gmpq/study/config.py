@@ -191,7 +191,7 @@ class StudyConfig:
         """A hash of what determines every cell's result: the base recipe (without run-directory keys) and the
         target float model's training. The grid itself (strategies, budgets, seeds) may grow between runs."""
         recipe = self.recipe.to_dict()
-        for key in ("output_dir", "resume", "force", "name"):
+        for key in ("output_dir", "resume", "force", "name", "dist_timeout_s"):
             recipe.pop(key, None)
         if recipe["data"].get("subset_seed") is None:  # unset, it changes nothing: older studies keep their print
             recipe["data"].pop("subset_seed", None)

@@ -83,7 +83,7 @@ def run_study(study: StudyConfig | str | os.PathLike, overrides: Sequence[str] =
         study = load_study(study, list(overrides))
     elif overrides:
         raise RecipeError("overrides apply to a STUDY.yaml path; pass them to load_study for a StudyConfig")
-    state = process_state()
+    state = process_state(study.recipe.dist_timeout_s)
     directory = study.directory
     grid = expand_grid(study)
     runs = _unique_runs(grid)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from datetime import timedelta
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -65,14 +66,31 @@ class LoopConfig(Protocol):
     grad_accum: int
 
 
-def process_state() -> PartialState:
+def process_state(timeout_s: float | None = None) -> PartialState:
     """This process's rank and world size, set up the way :func:`make_accelerator` sets it up.
 
     Call this (not a bare ``PartialState()``) before the first accelerator of a process exists: the state is a
     process-wide singleton, and one made without ``cpu=True`` on a machine without CUDA ignores torchrun's
-    ``WORLD_SIZE`` — every later accelerator would then run as an independent single process.
+    ``WORLD_SIZE`` — every later accelerator would then run as an independent single process. ``timeout_s`` (a
+    recipe's ``dist_timeout_s``) bounds every collective of a distributed run; the first call of a process sets it.
     """
-    return PartialState(cpu=not torch.cuda.is_available())
+    kwargs = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
+    return PartialState(cpu=not torch.cuda.is_available(), **kwargs)
+
+
+def lost_process_message(error: BaseException) -> str | None:
+    """One line for an error of a collective whose peer died or hung (gloo / NCCL: connection reset or closed, a
+    timeout) in a distributed run; None for any other error."""
+    import torch.distributed as dist
+
+    text = str(error)
+    markers = ("gloo", "nccl", "connection reset by peer", "connection closed by peer", "timed out", "broken pipe")
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1) or \
+            not any(m in text.lower() for m in markers):
+        return None
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
+    return (f"process {dist.get_rank()} of {dist.get_world_size()} lost contact with another process of this "
+            f"distributed run ({first[:200]}); the launcher (torchrun) names the process that failed")
 
 
 def make_accelerator(recipe: Recipe, train_cfg: TrainConfig | None = None) -> Accelerator:
@@ -84,6 +102,7 @@ def make_accelerator(recipe: Recipe, train_cfg: TrainConfig | None = None) -> Ac
     this process is reset (accelerate's ``_reset_state``; the process group is kept), so that stages with different
     precision or accumulation settings can run one after another in one process.
     """
+    process_state(recipe.dist_timeout_s)
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     cuda = torch.cuda.is_available()
