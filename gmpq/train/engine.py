@@ -84,7 +84,8 @@ def lost_process_message(error: BaseException) -> str | None:
     import torch.distributed as dist
 
     text = str(error)
-    markers = ("gloo", "nccl", "connection reset by peer", "connection closed by peer", "timed out", "broken pipe")
+    markers = ("gloo", "nccl", "connection reset", "connection closed", "timed out", "timeout", "broken pipe",
+               "pair closure")
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1) or \
             not any(m in text.lower() for m in markers):
         return None
