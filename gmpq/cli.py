@@ -144,9 +144,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     onnx_only = {"--input-size": args.input_size, "--opset": args.opset, "--low-bit-storage": args.low_bit_storage}
     if args.format == "onnx":
-        if args.repo_id or args.bops_input_size:
-            raise ModelError("--repo-id and --bops-input-size apply to the safetensors formats; --format onnx takes "
-                             "--input-size, --opset and --low-bit-storage")
+        if args.repo_id or args.bops_input_size or args.command:
+            raise ModelError("--repo-id, --bops-input-size and --command apply to the safetensors formats; --format "
+                             "onnx takes --input-size, --opset and --low-bit-storage")
         onnx_report = export_run_onnx(args.source, args.out, input_size=args.input_size,
                                       opset=args.opset or DEFAULT_OPSET,
                                       low_bit_storage=args.low_bit_storage or "int4", name=args.name)
@@ -156,7 +156,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if given:
         raise ModelError(f"{', '.join(given)} apply to --format onnx only")
     report = export_run(args.source, args.out, format=args.format, name=args.name,
-                            bops_input_size=args.bops_input_size, repo_id=args.repo_id)
+                        bops_input_size=args.bops_input_size, repo_id=args.repo_id, command=args.command)
     print(json.dumps(export_report_dict(report), indent=2) if args.json else report.summary())
     return 0
 
@@ -361,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="model name on the card (default: the directory name)")
     p.add_argument("--bops-input-size", type=_positive_int, help="resolution for BOPs (default: the model's native)")
     p.add_argument("--repo-id", help="id in the card's loading snippet (default: the --out path)")
+    p.add_argument("--command", help="the command that made the model, on the card (default: what the run recorded)")
     p.add_argument("--json", action="store_true", help="print the export report as JSON")
     p = verb("recipes", cmd_recipes, "list the recipes shipped inside gmpq (run one by name: gmpq run quickstart)")
     p.add_argument("--json", action="store_true", help="print one JSON list")

@@ -32,7 +32,8 @@ from gmpq.models import base_arch, create_model
 from gmpq.recipes import Recipe
 from gmpq.rundir import RunDir, StageDir
 from gmpq.stages import evaluate, finetune, pretrain, search
-from gmpq.train import find_model_dir, process_state
+from gmpq.train import checkpoint_license, find_model_dir, process_state
+from gmpq.train.runlog import command_line
 from gmpq.utils import atomic_write_text
 
 
@@ -167,7 +168,7 @@ def _export(target: Recipe, baselines: list[dict[str, Any]],
     report = export_run(target.output_dir, export_dir, format=target.export.format,
                             name=target.export.name or target.name,
                             bops_input_size=target.model.deploy_input_size if same_arch else None,
-                            figures=figures, comparison=comparison)
+                            figures=figures, comparison=comparison, command=command_line())
     return export_dir, {"size_bytes": report.file_bytes, "fp32_bytes": report.fp32_bytes,
                         "ratio_fp32": report.ratio_fp32, "export_dir": str(export_dir)}
 
@@ -176,20 +177,29 @@ def export_run(
     source: str | os.PathLike, save_dir: str | os.PathLike, *, format: str = "packed", name: str | None = None,
     bops_input_size: int | None = None, repo_id: str | None = None,
     figures: Mapping[str, str | os.PathLike] | None = None, comparison: Sequence[Mapping[str, Any]] = (),
+    command: str | None = None,
 ) -> ExportReport:
     """Export the quantized model of a run (run dir, ``finetune`` stage dir or its ``model`` dir) — ``gmpq export``.
 
     The card's top-1, dataset, split and image count are those the run measured (:func:`_measured_accuracy`); its
-    description states how the model was trained. ``figures`` and ``comparison`` go to the card as in
-    :func:`gmpq.save_pretrained`.
+    description states how the model was trained, its license is that of the float weights the run started from,
+    and its "Reproduce" section shows ``command`` (default: the command the run recorded). ``figures`` and
+    ``comparison`` go to the card as in :func:`gmpq.save_pretrained`.
     """
     model_dir = _quantized_model_dir(source)
     model = load_model_dir(model_dir)
     cfg = read_config(model_dir)
     stage = StageDir.holding(model_dir)
+    metrics = read_json(stage.metrics) if stage is not None and stage.metrics.is_file() else None
+    metrics = metrics if isinstance(metrics, dict) else {}
+    env = read_json(stage.env) if stage is not None and stage.env.is_file() else None
     return save_pretrained(model, save_dir, format=format, name=name, bops_input_size=bops_input_size,
                            description=_training_description(stage, cfg), repo_id=repo_id, figures=figures,
-                           comparison=comparison, data=cfg.get("data"), **_measured_accuracy(model_dir, stage, cfg))
+                           comparison=comparison, data=cfg.get("data"),
+                           weights_license=cfg.get("weights_license") or checkpoint_license(
+                               metrics.get("float_checkpoint")),
+                           command=command or (env.get("command") if isinstance(env, dict) else None),
+                           **_measured_accuracy(model_dir, stage, cfg))
 
 
 def export_run_onnx(
@@ -300,6 +310,8 @@ def _summary(recipe: Recipe, target: Recipe, stages: dict[str, dict[str, Any]],
         "budget_g": recipe.search.budget_g, "bops_preset": stages["search"].get("bops_preset", "searched"),
         "bops_budgeted_g": stages["search"].get("bops_budgeted_g", stages["search"]["bops_searched_g"]),
         "budget_fraction": stages["search"]["budget_fraction"], "top1": evaluated["top1"], "top5": evaluated["top5"],
+        "eval_split": _split_name(target.data.dataset, evaluated.get("split")),
+        "eval_samples": evaluated.get("num_eval_samples"),
         "bops_searched_g": tuned["bops_searched_g"], "bops_total_g": tuned["bops_total_g"],
         "deploy_arch": tuned.get("deploy_arch"), "deploy_input_size": tuned.get("deploy_input_size"),
         "size_bytes": stages["export"]["size_bytes"], "fp32_bytes": stages["export"]["fp32_bytes"],
@@ -331,13 +343,20 @@ def _uniform_name(u: dict[str, Any], budget_g: float) -> str:
             f"{100 * u['bops_searched_g'] / budget_g:.0f} % of the budget)")
 
 
+def _evaluated_on(m: Mapping[str, Any]) -> str:
+    """``test split, 10,000 images`` of a run's metrics (runs made before gmpq recorded the split: unnamed)."""
+    if not m.get("eval_split"):
+        return "evaluation split"
+    return f"{m['eval_split']} split" + (f", {m['eval_samples']:,} images" if m.get("eval_samples") else "")
+
+
 def format_summary(result: RunResult) -> str:
     """The lines ``gmpq run`` prints at the end."""
     m = result.metrics
     lines = [
         f"gmpq run {m['recipe']}: {m['strategy']} policy searched on {m['proxy_dataset']}, fine-tuned on "
         f"{m['target_dataset']} ({m['target_arch']})",
-        f"  top-1 {m['top1']:.2f} %  top-5 {m['top5']:.2f} %  (held-out evaluation split)",
+        f"  top-1 {m['top1']:.2f} %  top-5 {m['top5']:.2f} %  ({_evaluated_on(m)})",
         f"  BOPs searched {m['bops_searched_g']:.3f} G"
         + ("" if m["bops_preset"] == "searched" else f", {m['bops_preset']} {m['bops_budgeted_g']:.3f} G")
         + f" of budget {m['budget_g']:.3f} G ({100 * m['budget_fraction']:.1f} %), total {m['bops_total_g']:.3f} G at "

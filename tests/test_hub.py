@@ -314,3 +314,39 @@ def test_card_shows_extra_figures_and_the_comparison_table(tmp_path: Path) -> No
     card = (tmp_path / "m" / F.CARD_FILE).read_text()
     assert "![the search](search.png)" in card and (tmp_path / "m" / "search.png").read_bytes() == figure.read_bytes()
     assert "| this model | 40.00 % |" in card and "| uniform W4A4 | 38.50 % | 0.4400 G | 4.00 / 4.00 |" in card
+
+
+def test_weights_license_travels_from_the_float_weights_to_the_card(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Models made from licensed weights (the BSD-2 CIFAR ResNets) carry that license and its notice onwards:
+    the pretrained configuration -> a stage's model directory -> the export's config.json and card."""
+    from gmpq.train import checkpoint_license
+    from gmpq.train.runlog import command_line
+
+    bsd = checkpoint_license("timm:resnet20_cifar.jpeg_ft")
+    assert bsd["license"] == "bsd-2-clause" and "Yerlan Idelbayev" in bsd["notice"]
+    assert checkpoint_license("timm:resnet18.a1_in1k") == {"license": "apache-2.0", "source": "timm:resnet18.a1_in1k",
+                                                          "notice": None}
+    assert checkpoint_license(None) is None and checkpoint_license(str(tmp_path / "nothing")) is None
+    model = gmpq.create_model("resnet20_cifar", num_classes=10)
+    stage_model = gmpq.hub.write_model_dir(model, tmp_path / "pretrain" / "model", extra={"weights_license": bsd})
+    assert checkpoint_license(str(stage_model)) == bsd
+    gmpq.quantize(model, gmpq.uniform_policy(model, 3, 3))
+    gmpq.calibrate(model, [torch.randn(2, 3, 32, 32)])
+    report = gmpq.save_pretrained(model.eval(), tmp_path / "out", weights_license=bsd, command="gmpq run x seed=1")
+    config = json.loads((report.path / F.CONFIG_FILE).read_text())
+    card = (report.path / F.CARD_FILE).read_text()
+    assert config["weights_license"] == bsd and "license: bsd-2-clause" in card and "Yerlan Idelbayev" in card
+    assert "gmpq run x seed=1" in card
+    # BOPs of the float network: every searched layer's MACs at 32 x 32 bits
+    macs = sum(layer.macs for layer in gmpq.count_bops(model, 32).layers if not layer.kept)
+    assert config["metrics"]["float_bops_searched_g"] == pytest.approx(macs * 1024 / 1e9)
+    # a loaded export passes its license on to the next export (and the ONNX card) without being told
+    again = gmpq.save_pretrained(gmpq.from_pretrained(report.path), tmp_path / "again")
+    assert "license: bsd-2-clause" in (again.path / F.CARD_FILE).read_text()
+    plain = gmpq.save_pretrained(model, tmp_path / "plain")
+    assert "license: apache-2.0" in (plain.path / F.CARD_FILE).read_text()
+    monkeypatch.setattr("sys.argv", ["/venv/bin/gmpq", "run", "quickstart", "output_dir=runs/a b"])
+    assert command_line() == "gmpq run quickstart 'output_dir=runs/a b'"
+    monkeypatch.setattr("sys.argv", ["/venv/bin/pytest", "-q"])
+    assert command_line() is None

@@ -49,7 +49,7 @@ def test_hub_is_tracked_small_and_indexed(clone: Path) -> None:
     assert json.loads((clone / "hub" / INDEX_FILE).read_text())["index_version"] == 1
 
 
-def _embedded_top1(model: torch.nn.Module, dataset: str, split: str, size: int, mean, std) -> tuple[float, int]:
+def _top1(model: torch.nn.Module, dataset: str, split: str, size: int, mean, std) -> tuple[float, int]:
     from gmpq.data import ImageDataset, build_transform, get_dataset_spec, load_split
     from gmpq.train.engine import evaluate
 
@@ -59,7 +59,7 @@ def _embedded_top1(model: torch.nn.Module, dataset: str, split: str, size: int, 
     return result["top1"], result["num_samples"]
 
 
-def test_published_models_load_from_a_fresh_clone_and_measure_what_their_cards_say(
+def test_published_models_load_from_a_fresh_clone_and_their_cards_state_what_the_files_hold(
         clone: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(clone)
     for entry in list_hub(clone / "hub"):
@@ -76,11 +76,56 @@ def test_published_models_load_from_a_fresh_clone_and_measure_what_their_cards_s
         card = (clone / "hub" / entry.path / F.CARD_FILE).read_text()
         assert f"| {m['top1']:.2f} % |" in card and f"{m['file_bytes']:,} bytes" in card
         assert f"{m['bops_searched_g']:.4f} G" in card and f"{m['bops_total_g']:.4f} G" in card
-        assert m["dataset"] == "cifar10_embedded", "a published model is trained on the embedded data"
-        top1, n = _embedded_top1(model, m["dataset"], m["eval_split"], config["input_size"][-1],
-                                 config["mean"], config["std"])
+        lic = config.get("weights_license")
+        if lic is not None:     # weights derived from licensed ones carry their license and notice on the card
+            assert f"license: {lic['license']}" in card and (lic["notice"] or "").strip()[:60] in card
+
+
+def test_models_on_the_embedded_data_measure_what_their_cards_say(clone: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(clone)
+    on_embedded = [e for e in list_hub(clone / "hub") if e.dataset == "cifar10_embedded"]
+    assert on_embedded, "hub/ keeps at least one model a fresh clone can measure (on the embedded data)"
+    for entry in on_embedded:
+        model = gmpq.from_pretrained(f"hub/{entry.path}")
+        config, m = model.gmpq_config, model.gmpq_config["metrics"]
+        top1, n = _top1(model, m["dataset"], m["eval_split"], config["input_size"][-1], config["mean"], config["std"])
         assert n == m["eval_samples"]
         assert abs(top1 - m["top1"]) <= 100.0 / n + 1e-9    # at most one image apart (batch-size rounding)
+
+
+@pytest.mark.slow
+def test_models_on_the_full_cifar10_measure_what_their_cards_say_and_onnx_agrees(
+        clone: Path, shared_cifar10: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The CIFAR ResNet models: their card's top-1 on the 10,000 test images again, and ONNX Runtime's top-1 classes
+    agree with gmpq's on at least 99.5 % of them."""
+    pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
+
+    from gmpq.data import ImageDataset, build_transform, get_dataset_spec, load_split
+
+    monkeypatch.chdir(clone)
+    on_shared = [e for e in list_hub(clone / "hub") if e.dataset == "cifar10"]
+    assert on_shared, "hub/ publishes CIFAR ResNet models fine-tuned on the full CIFAR-10"
+    spec = get_dataset_spec("cifar10")
+    for entry in on_shared:
+        model = gmpq.from_pretrained(f"hub/{entry.path}")
+        config, m = model.gmpq_config, model.gmpq_config["metrics"]
+        assert (m["eval_split"], m["eval_samples"]) == ("test", 10_000)
+        data = ImageDataset(load_split(spec, "test", path=str(shared_cifar10)),
+                            build_transform(spec.family, 32, config["mean"], config["std"], train=False))
+        session = ort.InferenceSession(str(gmpq.export_onnx(model, tmp_path / entry.path).path),
+                                       providers=["CPUExecutionProvider"])
+        correct = agree = total = 0
+        with torch.no_grad():
+            for x, y in DataLoader(data, batch_size=500):
+                ours = model(x).argmax(1)
+                theirs = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]).argmax(1)
+                correct += int((ours == y).sum())
+                agree += int((ours == theirs).sum())
+                total += len(x)
+        assert total == 10_000 and 100.0 * correct / total == pytest.approx(m["top1"], abs=0.01 + 1e-9)
+        assert agree / total >= 0.995, f"{entry.path}: ONNX Runtime agrees with gmpq on {agree} of {total} images"
 
 
 def test_gmpq_evaluate_runs_on_the_published_model(clone: Path, monkeypatch: pytest.MonkeyPatch,

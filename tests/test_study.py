@@ -321,8 +321,7 @@ def test_proxied_study_runs_every_deployment_and_reports_transfer(tmp_path) -> N
 
 def test_ptq_reconstruct_needs_gmpq_ptq(tmp_path) -> None:
     import gmpq
-    from gmpq.study.deploy import PTQConfig
-    from gmpq.study.deploy import _quantize
+    from gmpq.study.deploy import PTQConfig, _quantize
 
     model = gmpq.create_model("mobilenetv2_050_cifar", num_classes=10)
     policy = gmpq.uniform_policy(model, w_bits=4, a_bits=4)

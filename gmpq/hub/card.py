@@ -57,7 +57,8 @@ def render_card(config: Mapping[str, Any], policy: Policy, repo_id: str, has_fig
     prov = config.get("provenance") or {}
     provenance = "\n".join(f"- {k}: {_value(v)}" for k, v in prov.items() if v is not None) or "- not recorded"
     tags = ["gmpq", "quantization", "mixed-precision", "timm", "image-classification"]
-    front = ["---", "library_name: gmpq", "license: apache-2.0", "pipeline_tag: image-classification",
+    license_id, license_lines = license_section(config)
+    front = ["---", "library_name: gmpq", f"license: {license_id}", "pipeline_tag: image-classification",
              "tags:", *[f"- {t}" for t in tags]]
     if dataset:
         front += ["datasets:", f"- {dataset}"]
@@ -79,6 +80,9 @@ def render_card(config: Mapping[str, Any], policy: Policy, repo_id: str, has_fig
         top1_row,
         f"| BOPs, searched layers ({size}x{size}) | {_num(m.get('bops_searched_g'), '.4f', ' G')} |",
         f"| BOPs, all layers ({size}x{size}) | {_num(m.get('bops_total_g'), '.4f', ' G')} |",
+        *([f"| BOPs of the float network (W32/A32), searched / all layers | {m['float_bops_searched_g']:.2f} G / "
+           f"{m['float_bops_total_g']:.2f} G (this model: {m['bops_total_g'] / m['float_bops_total_g']:.4f} of it) |"]
+          if m.get("float_bops_total_g") and m.get("bops_total_g") is not None else []),
         f"| mean bits of searched layers, W / A | {_num(m.get('mean_w_bits'), '.2f')} / "
         f"{_num(m.get('mean_a_bits'), '.2f')} |",
         f"| {F.WEIGHTS_FILE} | {m['file_bytes']:,} bytes ({layout}) |",
@@ -95,6 +99,9 @@ def render_card(config: Mapping[str, Any], policy: Policy, repo_id: str, has_fig
         "Provenance:", "", provenance, "",
         *[line for file, caption in (config.get("figures") or {}).items()
           for line in (f"![{caption}]({file})", "", f"*{caption}*", "")],
+        *(["## Reproduce", "", "Made with (gmpq checkout, the data where the recipe points):", "", "```bash",
+            str(config["command"]), f"gmpq evaluate {repo_id}   # measures the top-1 above again", "```", ""]
+          if config.get("command") else []),
         "## Usage", "",
         "```python",
         "import torch, gmpq",
@@ -109,9 +116,23 @@ def render_card(config: Mapping[str, Any], policy: Policy, repo_id: str, has_fig
         f"tensors (BN, biases) in float32 (gmpq export format {config['format_version']}).",
         f"- `{F.POLICY_FILE}`: per-layer weight/activation bits.",
         f"- `{F.CONFIG_FILE}`: architecture, model arguments, input size, normalisation, metrics, file hashes.",
-        "",
+        "", *license_lines,
     ]
     return "\n".join(lines)
+
+
+def license_section(config: Mapping[str, Any]) -> tuple[str, list[str]]:
+    """The card's license id and its "License" section: the license of the float weights the model was made from
+    (with the notice they require, which must travel with every copy), else gmpq's Apache-2.0."""
+    lic = config.get("weights_license") or {}
+    if not lic.get("license"):
+        return "apache-2.0", []
+    lines = ["## License", "",
+             f"The weights are derived from `{lic.get('source')}`, licensed {lic['license']}; the notice below "
+             "travels with every copy of them (gmpq itself is Apache-2.0).", ""]
+    if lic.get("notice"):
+        lines += ["```", str(lic["notice"]).strip(), "```", ""]
+    return str(lic["license"]), lines
 
 
 def _comparison_lines(rows: list[Mapping[str, Any]], m: Mapping[str, Any]) -> list[str]:

@@ -274,6 +274,7 @@ def save_pretrained(
     eval_samples: int | None = None, bops_input_size: int | None = None, description: str | None = None,
     repo_id: str | None = None, card: bool = True, figures: Mapping[str, str | os.PathLike] | None = None,
     comparison: Sequence[Mapping[str, Any]] = (), data: Mapping[str, Any] | None = None,
+    weights_license: Mapping[str, Any] | None = None, command: str | None = None,
 ) -> ExportReport:
     """Export a quantized ``model`` to ``save_dir``; return what was written and measured.
 
@@ -296,6 +297,10 @@ def save_pretrained(
             the budget, with its share of it).
         data: the training data section (dataset, path, splits, input size), recorded so that ``gmpq evaluate``
             finds the data the model was made for.
+        weights_license: the license of the float weights the model was made from (``{"license", "source",
+            "notice"}``, :func:`gmpq.train.checkpoint.checkpoint_license`; default: what a loaded model directory
+            recorded): the card's license, with the notice those weights require.
+        command: the command that made the model, for the card's "Reproduce" section.
     """
     if format not in F.LAYOUTS:
         raise ModelError(f"unknown export format {format!r}; choose one of {', '.join(F.LAYOUTS)}")
@@ -312,6 +317,10 @@ def save_pretrained(
     report = ExportReport(out, format, written.weights.stat().st_size, written.packed_bytes, written.extras_bytes,
                           fp32_safetensors_bytes(model), size, bops.bops_searched_g, bops.bops_total_g)
     w_mean, a_mean = policy.mean_bits
+    float_bops = {kept: sum(layer.macs for layer in bops.layers if kept or not layer.kept) * QF.FLOAT_BITS ** 2 / 1e9
+                  for kept in (False, True)}
+    if weights_license is None:
+        weights_license = (getattr(model, "gmpq_config", None) or {}).get("weights_license")
     config.update({
         "weights": format, "name": name or out.resolve().name,
         **({"data": dict(data)} if data is not None else {}),
@@ -323,8 +332,11 @@ def save_pretrained(
             "file_bytes": report.file_bytes, "packed_bytes": written.packed_bytes,
             "extras_bytes": written.extras_bytes, "fp32_bytes": report.fp32_bytes, "ratio_fp32": report.ratio_fp32,
             "overhead": report.overhead,
+            "float_bops_searched_g": float_bops[False], "float_bops_total_g": float_bops[True],
         },
         "description": description,
+        **({"weights_license": dict(weights_license)} if weights_license else {}),
+        **({"command": command} if command else {}),
         "comparison": [dict(row) for row in comparison],
         "figures": _copy_figures(figures or {}, out),
         "provenance": policy.provenance,

@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 from gmpq.errors import ModelError
+from gmpq.hub.card import license_section
 from gmpq.hub.export import check_calibrated, weight_codes
 from gmpq.hub.onnx_graph import INPUT_NAME, OUTPUT_NAME, consumers_of, require_onnx
 from gmpq.hub.onnx_runtime import kernel_report
@@ -493,8 +494,9 @@ def render_card(export: OnnxExport, model: nn.Module, policy: Policy, kernels: l
     integer = [k for k in kernels if k.integer]
     norm = (f"normalised with mean ({', '.join(f'{v:g}' for v in mean)}) and std "
             f"({', '.join(f'{v:g}' for v in std)})" if mean and std else "normalised as in training")
+    license_id, license_lines = license_section(config)
     lines = [
-        "---", "library_name: onnx", "license: apache-2.0", "pipeline_tag: image-classification",
+        "---", "library_name: onnx", f"license: {license_id}", "pipeline_tag: image-classification",
         "tags:", "- gmpq", "- onnx", "- quantization", "- mixed-precision", "---", "",
         f"# {name} (ONNX)", "",
         f"`{_arch(model)}` ({getattr(model, 'num_classes', '?')} classes) quantized by gmpq with a mixed-precision "
@@ -534,7 +536,7 @@ def render_card(export: OnnxExport, model: nn.Module, policy: Policy, kernels: l
         lines.append(f"| `{r.name}` | {r.op} | {_bits(r.w_bits)} | {_bits(r.a_bits)} | {r.weight} | "
                      f"{r.activation}{' (bounded)' if r.bounded else ''} | {kernel} |")
     lines += ["", f"Made with gmpq {__version__} from the policy in the graph's `gmpq.policy` metadata "
-                  f"({len(policy.layers)} searched and {len(policy.kept)} kept layers).", ""]
+                  f"({len(policy.layers)} searched and {len(policy.kept)} kept layers).", "", *license_lines]
     return "\n".join(lines)
 
 

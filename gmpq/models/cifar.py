@@ -36,6 +36,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 #: The weights shipped inside the package (each with its license notice and a README saying how it was made).
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+#: The license notice that must travel with every copy of these pretrained weights and of models made from them.
+WEIGHT_NOTICES = {name: WEIGHTS_DIR / "LICENSE-resnet-cifar10.txt"
+                  for name in ("resnet20_cifar.jpeg_ft", "resnet20_cifar.orig", "resnet56_cifar.orig")}
 #: CIFAR ResNet depth -> one-line description.
 RESNET_DEPTHS = {20: "0.27 M params, 40.6 M MACs", 32: "0.46 M params, 68.9 M MACs", 44: "0.66 M params, 97.2 M MACs",
                  56: "0.85 M params, 125.5 M MACs", 110: "1.73 M params, 252.9 M MACs"}

@@ -19,6 +19,7 @@ from gmpq.policy import LayerBits, Policy, as_policy
 from gmpq.quant import QuantMixin
 from gmpq.rundir import RunDir, StageDir
 from gmpq.train import write_metrics_json
+from gmpq.train.checkpoint import checkpoint_license
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -77,12 +78,19 @@ def accuracy(result: dict[str, float]) -> dict[str, float]:
     return {"top1": result["top1"], "top5": result["top5"], "loss": result["loss"]}
 
 
-def data_extra(recipe: Recipe) -> dict[str, Any]:
-    """What a stage's model directory records of its training data (``gmpq evaluate`` of the directory reads it)."""
+def model_dir_extra(recipe: Recipe, weights_from: str | None) -> dict[str, Any]:
+    """What a stage's model directory records beside its tensors: its training data (``gmpq evaluate`` of the
+    directory reads it) and the license of the weights it was trained from (``weights_from``), which its exports'
+    cards carry on."""
     d = recipe.data
-    return {"recipe_name": recipe.name,
-            "data": {"dataset": d.dataset, "path": d.path, "train_split": d.train_split, "eval_split": d.eval_split,
-                     "input_size": d.input_size}}
+    extra: dict[str, Any] = {
+        "recipe_name": recipe.name,
+        "data": {"dataset": d.dataset, "path": d.path, "train_split": d.train_split, "eval_split": d.eval_split,
+                 "input_size": d.input_size}}
+    license_ = checkpoint_license(weights_from)
+    if license_ is not None:
+        extra["weights_license"] = license_
+    return extra
 
 
 def report_init(accelerator: Accelerator, source: str, report: dict[str, list[str]]) -> None:

@@ -21,8 +21,8 @@ from gmpq.quant import QuantMixin, calibrate
 from gmpq.rundir import RunDir
 from gmpq.stages.common import (
     accuracy,
-    data_extra,
     finish,
+    model_dir_extra,
     model_size_mb,
     policy_bops,
     read_metrics,
@@ -90,7 +90,8 @@ def finetune(recipe: Recipe, policy: Policy | str | os.PathLike | None = None) -
         result = fit(model, loaders.train, loaders.eval, cfg, accelerator, stage, resume=recipe.resume,
                      loss_fn=loss_fn, stage="finetune", extra_modules=[teacher] if teacher is not None else [])
         if accelerator.is_main_process:
-            write_model_dir(model, stage.model, input_size=loaders.input_size, extra=data_extra(recipe))
+            write_model_dir(model, stage.model, input_size=loaders.input_size,
+                            extra=model_dir_extra(recipe, float_source))
         w_mean, a_mean = pol.mean_bits
         metrics = {
             **accuracy(result.final), "stage": "finetune", "arch": recipe.model.arch, "precision": "quantized",

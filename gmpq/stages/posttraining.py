@@ -24,8 +24,8 @@ from gmpq.ptq import ptq as post_training_quantize
 from gmpq.rundir import RunDir
 from gmpq.stages.common import (
     accuracy,
-    data_extra,
     finish,
+    model_dir_extra,
     model_size_mb,
     policy_bops,
     read_metrics,
@@ -83,7 +83,8 @@ def ptq(recipe: Recipe, policy: Policy | str | os.PathLike | None = None) -> dic
                                  desc="ptq eval")
         if accelerator.is_main_process:
             pol.save(stage.policy)
-            write_model_dir(qmodel, stage.model, input_size=loaders.input_size, extra=data_extra(recipe))
+            write_model_dir(qmodel, stage.model, input_size=loaders.input_size,
+                            extra=model_dir_extra(recipe, float_source))
             if report.blocks:
                 plot_ptq(report, stage.path / FIGURE, title=f"{recipe.name}: post-training reconstruction")
         w_mean, a_mean = pol.mean_bits

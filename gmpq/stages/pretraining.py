@@ -13,7 +13,15 @@ from typing import TYPE_CHECKING, Any
 from gmpq.hub import write_model_dir
 from gmpq.models import create_model
 from gmpq.rundir import RunDir
-from gmpq.stages.common import accuracy, data_extra, deploy_macs, finish, model_size_mb, read_metrics, report_init
+from gmpq.stages.common import (
+    accuracy,
+    deploy_macs,
+    finish,
+    model_dir_extra,
+    model_size_mb,
+    read_metrics,
+    report_init,
+)
 from gmpq.train import (
     build_dataloaders,
     fit,
@@ -45,7 +53,9 @@ def pretrain(recipe: Recipe) -> dict[str, Any]:
         result = fit(model, loaders.train, loaders.eval, recipe.pretrain, accelerator, stage, resume=recipe.resume,
                      stage="pretrain")
         if accelerator.is_main_process:
-            write_model_dir(model, stage.model, input_size=loaders.input_size, extra=data_extra(recipe))
+            weights_from = recipe.model.checkpoint or (f"timm:{recipe.model.arch}" if recipe.model.pretrained else None)
+            write_model_dir(model, stage.model, input_size=loaders.input_size,
+                            extra=model_dir_extra(recipe, weights_from))
         metrics = {
             **accuracy(result.final), "stage": "pretrain", "arch": recipe.model.arch, "precision": "float",
             "epochs": recipe.pretrain.epochs, "resumed_from_epoch": result.resumed_from,

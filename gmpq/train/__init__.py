@@ -22,7 +22,7 @@ A stage (:mod:`gmpq.stages`) is a function over these blocks::
     result = fit(model, loaders.train, loaders.eval, recipe.pretrain, accelerator, RunDir.of(recipe).pretrain)
 """
 
-from gmpq.train.checkpoint import CheckpointManager, find_model_dir, init_from_checkpoint
+from gmpq.train.checkpoint import CheckpointManager, checkpoint_license, find_model_dir, init_from_checkpoint
 from gmpq.train.engine import (
     FitResult,
     LoopConfig,
@@ -48,7 +48,7 @@ from gmpq.train.runlog import MetricsLogger, environment, prepare_output_dir, wr
 __all__ = [
     "CheckpointManager", "FitResult", "Loaders", "LoopConfig", "MetricsLogger", "Progress", "ScheduledOptimizer",
     "StepOutput", "SupervisedStep", "TrainingStep", "build_dataloaders", "build_optimizer", "build_scheduler",
-    "calibration_batches", "cross_entropy_loss", "distillation_loss", "environment", "evaluate", "find_model_dir",
+    "calibration_batches", "checkpoint_license", "cross_entropy_loss", "distillation_loss", "environment", "evaluate", "find_model_dir",
     "fit", "init_from_checkpoint", "labelled_batches", "lr_factor", "make_accelerator", "optimizer_steps_per_epoch",
     "prepare_output_dir", "process_state", "write_metrics_json", "write_run_info",
 ]

@@ -140,6 +140,33 @@ def init_from_checkpoint(model: nn.Module, source: str) -> dict[str, list[str]]:
     return {"skipped_shape": skipped, "missing": missing}
 
 
+def checkpoint_license(source: str | None) -> dict[str, Any] | None:
+    """The license of the weights ``source`` (as :func:`init_from_checkpoint` takes it) holds, for the model cards of
+    everything made from them: ``{"license", "source", "notice"}`` (the notice text to carry along, or None).
+
+    ``timm:<name>`` and Hub ids of timm's registry (``timm/<name>``) give their pretrained configuration's license
+    (and the notice gmpq ships beside its own weights); a gmpq model directory gives what its config.json recorded
+    (the license of the weights it was trained from). Anything else: None (not known).
+    """
+    if not source:
+        return None
+    if source.startswith(("timm:", "timm/", "hf-hub:timm/")):
+        import timm
+
+        from gmpq.models.cifar import WEIGHT_NOTICES
+
+        name = source.removeprefix("hf-hub:").removeprefix("timm:").removeprefix("timm/")
+        cfg = timm.models.get_pretrained_cfg(name) if timm.is_model(name) else None
+        if cfg is None or not cfg.license:
+            return None
+        full = f"{cfg.architecture}.{cfg.tag}" if cfg.tag else name
+        notice = WEIGHT_NOTICES.get(full)
+        return {"license": cfg.license, "source": source, "notice": notice.read_text() if notice else None}
+    path = Path(source).expanduser()
+    model_dir = find_model_dir(path) if path.is_dir() else None
+    return read_config(model_dir).get("weights_license") if model_dir is not None else None
+
+
 def _state_dict_from(source: str, arch: str | None = None) -> dict[str, torch.Tensor]:
     """The float state dict ``source`` names; a gmpq model directory of another backbone than ``arch`` (compared
     without pretrained tags and CIFAR variants: ``resnet18`` initialises ``resnet18_cifar``) is refused."""

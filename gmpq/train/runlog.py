@@ -17,6 +17,7 @@ import io
 import json
 import os
 import platform
+import shlex
 import shutil
 import sys
 import time
@@ -68,6 +69,14 @@ def write_metrics_json(directory: str | os.PathLike | StageDir, metrics: dict[st
     return path
 
 
+def command_line() -> str | None:
+    """The gmpq command this process runs (``gmpq run quickstart seed=1``), None when it is not the gmpq CLI."""
+    prog = Path(sys.argv[0]).name if sys.argv else ""
+    if prog not in ("gmpq", "cli.py", "__main__.py") or (prog != "gmpq" and "gmpq" not in Path(sys.argv[0]).parts):
+        return None
+    return shlex.join(["gmpq", *sys.argv[1:]])
+
+
 def environment(accelerator: Accelerator | None = None) -> dict[str, Any]:
     """Versions, device, world size and mixed precision of this run."""
     import accelerate
@@ -83,6 +92,7 @@ def environment(accelerator: Accelerator | None = None) -> dict[str, Any]:
         "python": sys.version.split()[0], "platform": platform.platform(),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "cuda_available": torch.cuda.is_available(),
+        "command": command_line(),
     }
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
