@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from gmpq.errors import GmpqError, StorageError
@@ -57,6 +59,65 @@ def ensure_directory(path: str | os.PathLike) -> Path:
         raise StorageError(f"cannot create the directory {str(p)!r}: {str(blocker)!r} is a file; choose another "
                            "output path or move the file away") from None
     return p
+
+
+@contextmanager
+def replaced_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Build the new version of the directory ``path`` in a staging copy beside it (its current files copied in),
+    then swap it in: a kill at any moment leaves the previous directory or the new one, each complete.
+
+    The swap is two renames: ``path`` -> ``.NAME.old-PID``, staging -> ``path``. A kill between them leaves only the
+    old copy, which the next call (or :func:`restore_replaced_directory`) renames back. A failure inside the block
+    removes the staging copy and leaves ``path`` untouched; staging copies of killed processes are removed.
+    """
+    target = Path(path)
+    ensure_directory(target.parent)
+    restore_replaced_directory(target)
+    for stale in target.parent.glob(f".{target.name}.new-*"):
+        if not _pid_alive(stale.name.rsplit("-", 1)[-1]):
+            shutil.rmtree(stale, ignore_errors=True)
+    staging = target.parent / f".{target.name}.new-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        if target.is_dir():
+            shutil.copytree(target, staging, symlinks=True)
+        else:
+            staging.mkdir()
+        yield staging
+        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        if target.exists():
+            os.rename(target, old)
+        os.rename(staging, target)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        if _is_out_of_space(e):
+            raise StorageError(f"no space left on device while writing {target}; free some space on its device (or "
+                               "write somewhere else) and run it again") from None
+        raise
+
+
+def restore_replaced_directory(path: str | os.PathLike) -> bool:
+    """Put back the previous version of ``path`` that a swap of :func:`replaced_directory` killed between its two
+    renames left as ``.NAME.old-PID``; True when it did."""
+    target = Path(path)
+    if target.exists():
+        return False
+    olds = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if not olds:
+        return False
+    os.rename(olds[-1], target)
+    return True
+
+
+def _pid_alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -38,7 +38,7 @@ from gmpq.models import default_input_size, model_signature, quantizable_layers
 from gmpq.policy import Policy
 from gmpq.quant import ActQuantizer, QuantMixin, WeightQuantizer
 from gmpq.quant import functional as QF
-from gmpq.utils import atomic_write, atomic_write_text, ensure_directory
+from gmpq.utils import atomic_write, atomic_write_text, ensure_directory, replaced_directory
 from gmpq.version import __version__
 
 
@@ -280,8 +280,8 @@ def save_pretrained(
 
     Args:
         model: a model quantized by gmpq (it carries ``gmpq_policy``) whose quantizers are calibrated.
-        save_dir: the export directory (created; gmpq's files in it are replaced atomically, one by one, and
-            config.json — which records the other files' SHA-256 — last).
+        save_dir: the export directory (created; the new export is built in a copy beside it and swapped in, so a
+            kill at any moment leaves the previous export or the new one complete; other files in it are kept).
         format: ``"packed"`` (integer codes packed to their bit width) or ``"float"`` (dequantized float weights).
         name: model name for the card (default: the directory name).
         dataset, top1, eval_split, eval_samples: the measured top-1 accuracy (percent) of this model, the dataset
@@ -309,44 +309,45 @@ def save_pretrained(
     policy = _check_exportable(model)
     _check_figures(figures or {})
     out = Path(save_dir)
-    config = model_config(model)
-    written = _write_tensors(model, out, format, dequantize=True)
+    with replaced_directory(out) as staging:  # a killed export leaves the previous one complete
+        config = model_config(model)
+        written = _write_tensors(model, staging, format, dequantize=True)
 
-    size = bops_input_size or default_input_size(model)
-    bops = count_bops(model, size)
-    report = ExportReport(out, format, written.weights.stat().st_size, written.packed_bytes, written.extras_bytes,
-                          fp32_safetensors_bytes(model), size, bops.bops_searched_g, bops.bops_total_g)
-    w_mean, a_mean = policy.mean_bits
-    float_bops = {kept: sum(layer.macs for layer in bops.layers if kept or not layer.kept) * QF.FLOAT_BITS ** 2 / 1e9
-                  for kept in (False, True)}
-    if weights_license is None:
-        weights_license = (getattr(model, "gmpq_config", None) or {}).get("weights_license")
-    config.update({
-        "weights": format, "name": name or out.resolve().name,
-        **({"data": dict(data)} if data is not None else {}),
-        "metrics": {
-            "dataset": dataset, "top1": top1, "eval_split": eval_split, "eval_samples": eval_samples,
-            "bops_input_size": size, "bops_searched_g": bops.bops_searched_g, "bops_total_g": bops.bops_total_g,
-            "mean_w_bits": None if math.isnan(w_mean) else w_mean,
-            "mean_a_bits": None if math.isnan(a_mean) else a_mean,
-            "file_bytes": report.file_bytes, "packed_bytes": written.packed_bytes,
-            "extras_bytes": written.extras_bytes, "fp32_bytes": report.fp32_bytes, "ratio_fp32": report.ratio_fp32,
-            "overhead": report.overhead,
-            "float_bops_searched_g": float_bops[False], "float_bops_total_g": float_bops[True],
-        },
-        "description": description,
-        **({"weights_license": dict(weights_license)} if weights_license else {}),
-        **({"command": command} if command else {}),
-        "comparison": [dict(row) for row in comparison],
-        "figures": _copy_figures(figures or {}, out),
-        "provenance": policy.provenance,
-        "files": written.files(),
-    })
-    if card:
-        from gmpq.hub.card import write_card
+        size = bops_input_size or default_input_size(model)
+        bops = count_bops(model, size)
+        report = ExportReport(out, format, written.weights.stat().st_size, written.packed_bytes, written.extras_bytes,
+                              fp32_safetensors_bytes(model), size, bops.bops_searched_g, bops.bops_total_g)
+        w_mean, a_mean = policy.mean_bits
+        float_bops = {kept: sum(layer.macs for layer in bops.layers if kept or not layer.kept) * QF.FLOAT_BITS ** 2 / 1e9
+                      for kept in (False, True)}
+        if weights_license is None:
+            weights_license = (getattr(model, "gmpq_config", None) or {}).get("weights_license")
+        config.update({
+            "weights": format, "name": name or out.resolve().name,
+            **({"data": dict(data)} if data is not None else {}),
+            "metrics": {
+                "dataset": dataset, "top1": top1, "eval_split": eval_split, "eval_samples": eval_samples,
+                "bops_input_size": size, "bops_searched_g": bops.bops_searched_g, "bops_total_g": bops.bops_total_g,
+                "mean_w_bits": None if math.isnan(w_mean) else w_mean,
+                "mean_a_bits": None if math.isnan(a_mean) else a_mean,
+                "file_bytes": report.file_bytes, "packed_bytes": written.packed_bytes,
+                "extras_bytes": written.extras_bytes, "fp32_bytes": report.fp32_bytes, "ratio_fp32": report.ratio_fp32,
+                "overhead": report.overhead,
+                "float_bops_searched_g": float_bops[False], "float_bops_total_g": float_bops[True],
+            },
+            "description": description,
+            **({"weights_license": dict(weights_license)} if weights_license else {}),
+            **({"command": command} if command else {}),
+            "comparison": [dict(row) for row in comparison],
+            "figures": _copy_figures(figures or {}, staging),
+            "provenance": policy.provenance,
+            "files": written.files(),
+        })
+        if card:
+            from gmpq.hub.card import write_card
 
-        write_card(out, config, policy, repo_id=repo_id or os.fspath(save_dir))
-    atomic_write_text(out / F.CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+            write_card(staging, config, policy, repo_id=repo_id or os.fspath(save_dir))
+        atomic_write_text(staging / F.CONFIG_FILE, json.dumps(config, indent=2) + "\n")
     if (out.parent / INDEX_FILE).is_file():
         update_index(out.parent)
     return report

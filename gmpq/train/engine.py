@@ -29,9 +29,9 @@ from __future__ import annotations
 import math
 import os
 import time
-from datetime import timedelta
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
