@@ -3,6 +3,7 @@ figure on their cards is what the loaded model measures again here."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -96,36 +97,21 @@ def test_models_on_the_embedded_data_measure_what_their_cards_say(clone: Path,
 
 @pytest.mark.slow
 def test_models_on_the_full_cifar10_measure_what_their_cards_say_and_onnx_agrees(
-        clone: Path, shared_cifar10: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+        clone: Path, shared_cifar10: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The CIFAR ResNet models: their card's top-1 on the 10,000 test images again, and ONNX Runtime's top-1 classes
-    agree with gmpq's on at least 99.5 % of them."""
+    agree with gmpq's on at least 99.5 % of them (``tools/onnx_agreement.py``)."""
     pytest.importorskip("onnxruntime")
-    import onnxruntime as ort
-
-    from gmpq.data import ImageDataset, build_transform, get_dataset_spec, load_split
-
+    spec = importlib.util.spec_from_file_location("onnx_agreement", REPO / "tools" / "onnx_agreement.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
     monkeypatch.chdir(clone)
     on_shared = [e for e in list_hub(clone / "hub") if e.dataset == "cifar10"]
     assert on_shared, "hub/ publishes CIFAR ResNet models fine-tuned on the full CIFAR-10"
-    spec = get_dataset_spec("cifar10")
     for entry in on_shared:
-        model = gmpq.from_pretrained(f"hub/{entry.path}")
-        config, m = model.gmpq_config, model.gmpq_config["metrics"]
-        assert (m["eval_split"], m["eval_samples"]) == ("test", 10_000)
-        data = ImageDataset(load_split(spec, "test", path=str(shared_cifar10)),
-                            build_transform(spec.family, 32, config["mean"], config["std"], train=False))
-        session = ort.InferenceSession(str(gmpq.export_onnx(model, tmp_path / entry.path).path),
-                                       providers=["CPUExecutionProvider"])
-        correct = agree = total = 0
-        with torch.no_grad():
-            for x, y in DataLoader(data, batch_size=500):
-                ours = model(x).argmax(1)
-                theirs = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]).argmax(1)
-                correct += int((ours == y).sum())
-                agree += int((ours == theirs).sum())
-                total += len(x)
-        assert total == 10_000 and 100.0 * correct / total == pytest.approx(m["top1"], abs=0.01 + 1e-9)
-        assert agree / total >= 0.995, f"{entry.path}: ONNX Runtime agrees with gmpq on {agree} of {total} images"
+        got = tool.agreement(f"hub/{entry.path}", str(shared_cifar10), None)
+        assert (got["split"], got["images"]) == ("test", 10_000)
+        assert got["gmpq_top1"] == pytest.approx(got["card_top1"], abs=0.01 + 1e-9)
+        assert got["agreement"] >= 99.5, f"{entry.path}: ONNX Runtime agrees with gmpq on {got['agreement']} %"
 
 
 def test_gmpq_evaluate_runs_on_the_published_model(clone: Path, monkeypatch: pytest.MonkeyPatch,
