@@ -7,13 +7,9 @@ A searched layer computes ``op(x_mix, W_mix)`` with (see :mod:`gmpq.quant.mixed`
 
 Written with autograd, each candidate keeps its clamp/round/scale intermediates for the backward pass: about 6K
 extra tensors of the size of the input, and 7K elementwise passes over it. The custom autograd functions here store
-only ``x`` and ``W`` (which the float layer stores anyway) and ``W_mix`` (one weight-sized tensor per layer, in the
-operand dtype), and *recompute* ``x_mix`` in the backward pass. There, the convolution's input gradient comes first
-(from the stored ``W_mix``), then one kernel over ``x`` gives ``x_mix`` and all gradients of the activation mixture at
-once (on the torch backends; the forward and backward kernels on Triton), then the weight gradient (from ``x_mix``)
-and one kernel over ``W`` gives the weight mixture's gradients: each tensor is read once per direction, not twice.
-Gradients of the probabilities are computed only when they are needed (not for a fixed-bit quantizer's constant
-``p = [1]``, which saves one reduction per tensor). The gradients are those autograd gives for the
+only ``x`` and ``W`` (which the float layer stores anyway) and *recompute* ``x_mix`` and ``W_mix`` in the backward
+pass, where one kernel per tensor gives all gradients at once (the probabilities' gradients only where they are
+needed: not for a fixed-bit quantizer's constant ``p = [1]``). The gradients are those autograd gives for the
 straight-through estimator of :mod:`gmpq.quant.functional` (ties at the clipping boundaries split the gradient in
 half, as ``torch.minimum``/``torch.maximum`` do)::
 
@@ -85,35 +81,19 @@ def act_mix_backward(x: torch.Tensor, grad: torch.Tensor, probs: torch.Tensor, c
                      levels: torch.Tensor, signed: bool, k: int, need_probs: bool = True,
                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Gradients of ``act_mix_forward`` w.r.t. ``x``, ``probs`` (``None`` unless ``need_probs``: a fixed-bit
-    quantizer's constant ``[1.]`` needs none, which saves a reduction per candidate) and the clips (see the module
+    quantizer's constant ``[1.]`` needs none, which saves one reduction per candidate) and the clips (see the module
     docstring)."""
-    return _act_mix_grads(x, grad, probs, clip, levels, signed, k, need_probs, False)[1:]
-
-
-def act_mix_recompute_backward(x: torch.Tensor, grad: torch.Tensor, probs: torch.Tensor, clip: torch.Tensor,
-                               levels: torch.Tensor, signed: bool, k: int, need_probs: bool = True,
-                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """``(x_mix, *act_mix_backward(...))`` in one pass over ``x``: the mixture a layer's backward needs for its
-    weight gradient, recomputed from the clamp and rounding the gradients compute anyway (bit-identical to
-    :func:`act_mix_forward`)."""
-    return _act_mix_grads(x, grad, probs, clip, levels, signed, k, need_probs, True)
-
-
-def _act_mix_grads(x, grad, probs, clip, levels, signed, k, need_probs, want_mix):
     dtype = torch.promote_types(x.dtype, clip.dtype)
     x, grad = x.to(dtype), grad.to(dtype)
     lower = -clip if signed else torch.zeros_like(clip)
     inv_step, step, inv_levels = levels / clip, clip / levels, 1.0 / levels
     pass_through = torch.zeros_like(x)
-    mix = torch.zeros_like(x) if want_mix else None
     grad_probs = []
     grad_clip = []
     for i in range(k):
         y = torch.minimum(torch.maximum(x, lower[i]), clip[i])
         z = y * inv_step[i]
         r = torch.round(z)
-        if want_mix:
-            mix = mix + probs[i] * (r * step[i])
         if need_probs:
             grad_probs.append((grad * (r * step[i])).sum())
         above = (x > clip[i]).to(x.dtype) + 0.5 * (x == clip[i]).to(x.dtype)
@@ -121,7 +101,7 @@ def _act_mix_grads(x, grad, probs, clip, levels, signed, k, need_probs, want_mix
         pass_through = pass_through + probs[i] * (1.0 - above - below)
         d_clip = (r - z) * inv_levels[i] + above - (1.0 if signed else 0.0) * below
         grad_clip.append(probs[i] * (grad * d_clip).sum())
-    return mix, grad * pass_through, (torch.stack(grad_probs) if need_probs else None), torch.stack(grad_clip)
+    return grad * pass_through, (torch.stack(grad_probs) if need_probs else None), torch.stack(grad_clip)
 
 
 def weight_mix_forward(w: torch.Tensor, probs: torch.Tensor, scales: torch.Tensor, gammas: torch.Tensor,
@@ -180,8 +160,7 @@ def activation_ste_mask(x: torch.Tensor, clip: torch.Tensor, signed: bool) -> to
 # ---------------------------------------------------------------------------------------------- backend selection
 
 _KERNELS = {
-    "act_fwd": act_mix_forward, "act_bwd": act_mix_backward, "act_fwd_bwd": act_mix_recompute_backward,
-    "w_fwd": weight_mix_forward, "w_bwd": weight_mix_backward,
+    "act_fwd": act_mix_forward, "act_bwd": act_mix_backward, "w_fwd": weight_mix_forward, "w_bwd": weight_mix_backward,
 }
 _backend = os.environ.get("GMPQ_FUSED_BACKEND", "auto")
 _compiled: dict[str, Callable[..., Any]] = {}
@@ -396,20 +375,6 @@ def _act_backward(x: torch.Tensor, grad: torch.Tensor, probs: torch.Tensor, clip
     return (gx.view(x.shape).to(x.dtype) if need_x else None), gp, gc
 
 
-def _act_recompute_backward(x: torch.Tensor, grad: torch.Tensor, probs: torch.Tensor, clip: torch.Tensor,
-                            bits: tuple[int, ...], signed: bool, mix_dtype: torch.dtype, need_x: bool = True,
-                            need_probs: bool = True):
-    """``(x_mix in mix_dtype, dL/dx or None, dL/dprobs or None, dL/dclip)``: one kernel on the torch backends, the
-    forward and the backward kernel on Triton."""
-    if _triton_kernels(x, grad, clip) is not None:
-        return (_act_forward(x, probs, clip, bits, signed, mix_dtype),
-                *_act_backward(x, grad, probs, clip, bits, signed, need_x, need_probs))
-    levels = act_levels(bits, signed, clip.device, clip.dtype)
-    mix, gx, gp, gc = _run("act_fwd_bwd", _flat(x, x.numel()), _flat(grad, grad.numel()), probs.detach(),
-                           clip.detach(), levels, signed, len(bits), need_probs)
-    return mix.view(x.shape).to(mix_dtype), (gx.view(x.shape).to(x.dtype) if need_x else None), gp, gc
-
-
 def _weight_forward(weight: torch.Tensor, probs: torch.Tensor, scales: torch.Tensor, bits: tuple[int, ...],
                     out_dtype: torch.dtype) -> torch.Tensor:
     rows, cols = weight.shape[0], weight[0].numel()
@@ -565,76 +530,62 @@ def mixed_linear(
                               operand_dtype(x))
 
 
-def _layer_backward(ctx, grad, x, weight, probs_a, clip, probs_w, scales, w_mix, a_bits, w_bits, signed,
-                    grad_input: Callable[[torch.Tensor], torch.Tensor],
-                    grad_weight: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]):
-    """The backward pass of ``op(x_mix, W_mix)`` from the saved ``W_mix`` (``grad_input(W_mix)`` = dL/dx_mix), the
-    activation mixture recomputed in the pass that gives its gradients, then ``grad_weight(x_mix)`` =
-    (dL/dW_mix, dL/dbias); chained back to x, W, the probabilities, clips and steps."""
-    gxm = grad_input(w_mix.to(grad.dtype))
-    x_mix, gx, gpa, gc = _act_recompute_backward(x, gxm, probs_a, clip, a_bits, signed, grad.dtype,
-                                                 ctx.needs_input_grad[0], ctx.needs_input_grad[3])
-    del gxm
-    gwm, gb = grad_weight(x_mix)
-    del x_mix
-    gw, gpw, gs = _weight_backward(weight, gwm, probs_w, scales, w_bits, ctx.needs_input_grad[5])
-    return gx, gw, gb, gpa, gc, gpw, gs
+def _mixtures(x, weight, probs_a, clip, probs_w, scales, a_bits, w_bits, signed, dtype):
+    return (_act_forward(x, probs_a, clip, a_bits, signed, dtype),
+            _weight_forward(weight, probs_w, scales, w_bits, dtype))
+
+
+def _quant_backward(ctx, x, weight, probs_a, clip, probs_w, scales, a_bits, w_bits, signed, grad_x_mix, grad_w_mix):
+    """Chain the gradients of ``x_mix`` and ``W_mix`` back to x, W, the probabilities, clips and steps."""
+    gx, gpa, gc = _act_backward(x, grad_x_mix, probs_a, clip, a_bits, signed, ctx.needs_input_grad[0],
+                                ctx.needs_input_grad[3])
+    gw, gpw, gs = _weight_backward(weight, grad_w_mix, probs_w, scales, w_bits, ctx.needs_input_grad[5])
+    return gx, gw, gpa, gc, gpw, gs
 
 
 class _MixedConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, probs_a, clip, probs_w, scales, cfg, dtype):
         a_bits, w_bits, signed, stride, padding, dilation, groups = cfg
-        w_mix = _weight_forward(weight, probs_w, scales, w_bits, dtype)
-        x_mix = _act_forward(x, probs_a, clip, a_bits, signed, dtype)
-        ctx.save_for_backward(x, weight, bias, probs_a, clip, probs_w, scales, w_mix)
+        x_mix, w_mix = _mixtures(x, weight, probs_a, clip, probs_w, scales, a_bits, w_bits, signed, dtype)
+        ctx.save_for_backward(x, weight, bias, probs_a, clip, probs_w, scales)
         ctx.cfg = cfg
         return F.conv2d(x_mix, w_mix, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, bias, probs_a, clip, probs_w, scales, w_mix = ctx.saved_tensors
+        x, weight, bias, probs_a, clip, probs_w, scales = ctx.saved_tensors
         a_bits, w_bits, signed, stride, padding, dilation, groups = ctx.cfg
-
-        def conv_backward(inp: torch.Tensor, w: torch.Tensor, mask: list[bool]):
-            return torch.ops.aten.convolution_backward(
-                grad, inp, w, None if bias is None else list(bias.shape), list(stride), list(padding),
-                list(dilation), False, [0, 0], groups, mask)
-
-        def grad_input(w: torch.Tensor) -> torch.Tensor:  # the input only gives its shape (torch.nn.grad's way)
-            return conv_backward(grad.new_empty(1).expand(x.shape), w, [True, False, False])[0]
-
-        def grad_weight(x_mix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-            _, gwm, gb = conv_backward(x_mix, grad.new_empty(1).expand(weight.shape), [False, True, bias is not None])
-            return gwm, (gb.to(bias.dtype) if bias is not None else None)
-
-        grads = _layer_backward(ctx, grad, x, weight, probs_a, clip, probs_w, scales, w_mix, a_bits, w_bits, signed,
-                                grad_input, grad_weight)
-        return *grads, None, None
+        x_mix, w_mix = _mixtures(x, weight, probs_a, clip, probs_w, scales, a_bits, w_bits, signed, grad.dtype)
+        gxm, gwm, gb = torch.ops.aten.convolution_backward(
+            grad, x_mix, w_mix, None if bias is None else list(bias.shape),
+            list(stride), list(padding), list(dilation), False, [0, 0], groups, [True, True, bias is not None],
+        )
+        del x_mix, w_mix
+        gx, gw, gpa, gc, gpw, gs = _quant_backward(ctx, x, weight, probs_a, clip, probs_w, scales, a_bits, w_bits,
+                                                   signed, gxm, gwm)
+        return gx, gw, (gb.to(bias.dtype) if bias is not None else None), gpa, gc, gpw, gs, None, None
 
 
 class _MixedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, probs_a, clip, probs_w, scales, cfg, dtype):
         a_bits, w_bits, signed = cfg
-        w_mix = _weight_forward(weight, probs_w, scales, w_bits, dtype)
-        x_mix = _act_forward(x, probs_a, clip, a_bits, signed, dtype)
-        ctx.save_for_backward(x, weight, bias, probs_a, clip, probs_w, scales, w_mix)
+        x_mix, w_mix = _mixtures(x, weight, probs_a, clip, probs_w, scales, a_bits, w_bits, signed, dtype)
+        ctx.save_for_backward(x, weight, bias, probs_a, clip, probs_w, scales)
         ctx.cfg = cfg
         return F.linear(x_mix, w_mix, bias)
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, bias, probs_a, clip, probs_w, scales, w_mix = ctx.saved_tensors
+        x, weight, bias, probs_a, clip, probs_w, scales = ctx.saved_tensors
         a_bits, w_bits, signed = ctx.cfg
+        x_mix, w_mix = _mixtures(x, weight, probs_a, clip, probs_w, scales, a_bits, w_bits, signed, grad.dtype)
         g2 = grad.reshape(-1, grad.shape[-1])
-
-        def grad_input(w: torch.Tensor) -> torch.Tensor:
-            return (g2 @ w).view(*grad.shape[:-1], weight.shape[1])
-
-        def grad_weight(x_mix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-            return g2.t() @ x_mix.reshape(-1, x_mix.shape[-1]), (g2.sum(0).to(bias.dtype) if bias is not None else None)
-
-        grads = _layer_backward(ctx, grad, x, weight, probs_a, clip, probs_w, scales, w_mix, a_bits, w_bits, signed,
-                                grad_input, grad_weight)
-        return *grads, None, None
+        gxm = (g2 @ w_mix).view(*grad.shape[:-1], weight.shape[1])
+        gwm = g2.t() @ x_mix.reshape(-1, x_mix.shape[-1])
+        gb = g2.sum(0).to(bias.dtype) if bias is not None else None
+        del x_mix, w_mix
+        gx, gw, gpa, gc, gpw, gs = _quant_backward(ctx, x, weight, probs_a, clip, probs_w, scales, a_bits, w_bits,
+                                                   signed, gxm, gwm)
+        return gx, gw, gb, gpa, gc, gpw, gs, None, None
