@@ -1,6 +1,10 @@
 """The ``gmpq`` command. Thin: every verb parses its arguments and calls a public Python function.
 
-Any :class:`gmpq.GmpqError` (bad input) becomes one line on stderr and exit code 2.
+Any :class:`gmpq.GmpqError` (bad input) becomes one line on stderr and exit code 2. A stop from outside is one line
+saying how to continue: Ctrl-C (SIGINT) exits 130, SIGTERM (a scheduler's or torchrun's stop) exits 143 — 128 plus
+the signal's number, as a shell reports a process killed by it; files being written are left as they were before. A
+distributed run whose other process died or hung (a collective failed or timed out after ``dist_timeout_s``) is one
+line and exit code 3.
 """
 
 from __future__ import annotations
@@ -8,7 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 
 from gmpq.errors import GmpqError, ModelError, RunError
@@ -296,6 +302,9 @@ def cmd_study(args: argparse.Namespace) -> int:
              + (f"  {result.figure}" if result.figure is not None else ""))
     if args.pack:
         _say(f"  packed finished cells into {args.pack}")
+    if result.failed:
+        _say(f"  {len(result.failed)} cell(s) failed: {', '.join(result.failed)} (errors in results.csv); exit 1")
+        return 1
     return 0
 
 
@@ -393,17 +402,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Exit code of a distributed run that lost one of its processes (an environment fault, not bad input).
+EXIT_LOST_PROCESS = 3
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is so that it unwinds like Ctrl-C (temporary files removed, locks released)."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+#: What rerunning an interrupted verb takes (default: the same command).
+_RESUME_HINT = {name: "rerun the same command with resume=true to continue from the last checkpoint"
+                for name in ("run", "pretrain", "search", "finetune", "ptq")}
+_RESUME_HINT["study"] = "rerun the same command to continue (finished cells are kept, the interrupted one resumes)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    hint = _RESUME_HINT.get(args.command, "rerun the same command")
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         return args.handler(args)
     except GmpqError as e:
         print(f"gmpq: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("gmpq: interrupted", file=sys.stderr)
+        print(f"gmpq: interrupted (Ctrl-C); {hint}", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"gmpq: terminated (SIGTERM); {hint}", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    except RuntimeError as e:
+        from gmpq.train.engine import lost_process_message
+
+        message = lost_process_message(e)
+        if message is None:
+            raise
+        print(f"gmpq: error: {message}; {hint}", file=sys.stderr)
+        return EXIT_LOST_PROCESS
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -36,9 +36,14 @@ class RunError(GmpqError, ValueError):
     """A run directory or one of its records (metrics.json, search_log.jsonl) that is missing or malformed."""
 
 
+class BusyError(RunError):
+    """A run directory held by another running gmpq process."""
+
+
 class CheckpointError(GmpqError, ValueError):
     """A checkpoint or exported model that is missing, truncated, tampered with or of an unknown format."""
 
 
 class StorageError(GmpqError, OSError):
-    """A file could not be written because its device is full (or the user's disk quota is exhausted)."""
+    """A file could not be written because its device is full (or the user's disk quota is exhausted), or a directory
+    could not be created because a file is in its place."""

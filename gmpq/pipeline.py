@@ -88,7 +88,7 @@ def uniform_recipe(recipe: Recipe, side: str = "below") -> Recipe:
 
 def run(recipe: Recipe) -> RunResult:
     """Run the whole pipeline of ``recipe`` (see the module docstring); return the summary."""
-    state = process_state()
+    state = process_state(recipe.dist_timeout_s)
     check_recipe_budget(recipe)
     staged = _staged(recipe)
     out = RunDir.of(recipe)

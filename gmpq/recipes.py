@@ -263,6 +263,9 @@ class Recipe:
     output_dir: str | None = _f(None, doc="run directory; None = runs/<name>")
     resume: bool = _f(False, doc="continue from the last checkpoint in the output directory")
     force: bool = _f(False, doc="overwrite an output directory holding a finished or different run")
+    dist_timeout_s: float = _f(600.0, gt=0, doc="seconds a process of a distributed run (torchrun) waits in a "
+                                                "collective for the others: a hung process then stops the run "
+                                                "with one line (exit 3) instead of hanging it")
     model: ModelConfig = _f(factory=ModelConfig)
     data: DataConfig = _f(factory=DataConfig)
     pretrain: TrainConfig = _f(factory=TrainConfig)

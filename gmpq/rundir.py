@@ -22,7 +22,7 @@ A stage directory::
     metrics.json                              the stage's final numbers, written last: the stage is finished
 
 **Ownership.** A process that works in a run directory holds an exclusive ``flock`` on its ``.gmpq.lock``
-(:meth:`RunDir.claim`); a second process is refused with a :class:`~gmpq.errors.RunError` naming the holder (its pid,
+(:meth:`RunDir.claim`); a second process is refused with a :class:`~gmpq.errors.BusyError` (a ``RunError``) naming the holder (its pid,
 host, command and start time). The operating system releases the lock when the holder exits, however it exits, so
 the file a killed run leaves behind blocks nothing: ``resume=true`` continues that run. The processes of one
 distributed job (``torchrun`` / ``accelerate launch``) share the directory: the job's rank 0 holds the lock for all
@@ -43,7 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gmpq.errors import RunError
+from gmpq.errors import BusyError
+from gmpq.utils import ensure_directory
 
 try:
     import fcntl
@@ -229,7 +230,7 @@ class RunDir:
         if fcntl is None or int(os.environ.get("RANK", "0")) != 0:
             yield self
             return
-        self.root.mkdir(parents=True, exist_ok=True)
+        ensure_directory(self.root)
         key = self.lock_file.resolve()
         held = _HELD.get(key)
         if held is not None:
@@ -259,7 +260,7 @@ def _acquire(lock: Path) -> int:
     except BlockingIOError:
         holder = _describe_holder(fd)
         os.close(fd)
-        raise RunError(f"output directory {str(lock.parent)!r} is in use by another gmpq process ({holder}); wait "
+        raise BusyError(f"output directory {str(lock.parent)!r} is in use by another gmpq process ({holder}); wait "
                        "for it to finish, stop it, or choose another output_dir") from None
     except BaseException:
         os.close(fd)

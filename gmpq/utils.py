@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gmpq.errors import GmpqError, StorageError
+from gmpq.faults import fault_point
 
 #: errno values of a full device or an exhausted quota.
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
@@ -22,13 +23,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     did the writing, and leaves nothing half-written.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    ensure_directory(target.parent)
     tmp: Path | None = None
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         os.close(fd)
         tmp = Path(tmp_name)
         write(tmp)
+        fault_point("write", target.name)
         # mkstemp creates 0600 and some writers (safetensors) re-create the file: give it open()'s permissions
         tmp.chmod(0o666 & ~_umask())
         with open(tmp, "rb") as f:
@@ -42,6 +44,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
                                "write somewhere else) and run it again") from None
         raise
     return target
+
+
+def ensure_directory(path: str | os.PathLike) -> Path:
+    """Create the directory ``path`` with its parents; a file where a directory must be (``path`` itself or one of
+    its parents) raises :class:`~gmpq.errors.StorageError` naming that file."""
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((q for q in (p, *p.parents) if q.exists() and not q.is_dir()), p)
+        raise StorageError(f"cannot create the directory {str(p)!r}: {str(blocker)!r} is a file; choose another "
+                           "output path or move the file away") from None
+    return p
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -98,9 +98,20 @@ def load_split(spec: DatasetSpec, split: str, path: str | None = None, max_sampl
         num_classes, names = label_feature.num_classes, list(label_feature.names)
     else:
         num_classes, names = spec.num_classes or int(max(ds["label"])) + 1, None
+    _check_labels(ds, num_classes, split, spec.name, source)
     if classes is not None:
         num_classes, names = classes, names[:classes] if names else None
     return ClassificationSplit(ds, num_classes, names, source)
+
+
+def _check_labels(ds: datasets.Dataset, num_classes: int, split: str, name: str, source: str) -> None:
+    """Every label in ``0..num_classes-1``; else :class:`DatasetError` naming the first row outside."""
+    labels = np.asarray(ds["label"])
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        raise DatasetError(f"split {split!r} of dataset {name!r} ({source}): row {int(bad[0])} has label "
+                           f"{int(labels[bad[0]])}, outside the {num_classes} classes 0..{num_classes - 1} "
+                           f"({bad.size} such rows); fix the labels or the dataset's class count")
 
 
 def _first_classes(ds: datasets.Dataset, classes: int, name: str) -> datasets.Dataset:
@@ -152,6 +163,12 @@ def _load_local(spec: DatasetSpec, split: str, root: Path) -> tuple[datasets.Dat
             )
     split_dir = root / split
     if split_dir.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in split_dir.rglob("*")):
+        empty = sorted(d for d in split_dir.iterdir() if d.is_dir() and not any(
+            p.suffix.lower() in IMAGE_SUFFIXES for p in d.rglob("*")))
+        if empty:
+            raise DatasetError(f"imagefolder {str(root)!r} split {split!r}: class folder {str(empty[0])!r} holds no "
+                               f"image ({len(empty)} such folders); the class numbering would shift without it: add "
+                               "its images or remove the folder")
         try:
             ds = datasets.load_dataset("imagefolder", data_dir=str(root), split=split)
         except (ValueError, datasets.exceptions.DatasetsError) as e:

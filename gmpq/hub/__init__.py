@@ -13,12 +13,12 @@ models only.
 from gmpq.hub.export import ExportReport, push_to_hub, save_pretrained, write_model_dir
 from gmpq.hub.format import is_model_dir
 from gmpq.hub.index import HubEntry, list_hub, update_index
-from gmpq.hub.load import from_pretrained, load_model_dir, read_state_dict, resolve_model_dir
+from gmpq.hub.load import check_finite, from_pretrained, load_model_dir, read_state_dict, resolve_model_dir
 from gmpq.hub.onnx_export import OnnxExport, export_onnx
 from gmpq.hub.packing import pack_codes, packed_nbytes, unpack_codes
 
 __all__ = [
     "ExportReport", "HubEntry", "OnnxExport", "export_onnx", "from_pretrained", "is_model_dir", "list_hub",
-    "load_model_dir", "pack_codes", "packed_nbytes", "push_to_hub", "read_state_dict", "resolve_model_dir",
+    "check_finite", "load_model_dir", "pack_codes", "packed_nbytes", "push_to_hub", "read_state_dict", "resolve_model_dir",
     "save_pretrained", "unpack_codes", "update_index", "write_model_dir",
 ]

@@ -38,7 +38,7 @@ from gmpq.models import default_input_size, model_signature, quantizable_layers
 from gmpq.policy import Policy
 from gmpq.quant import ActQuantizer, QuantMixin, WeightQuantizer
 from gmpq.quant import functional as QF
-from gmpq.utils import atomic_write, atomic_write_text
+from gmpq.utils import atomic_write, atomic_write_text, ensure_directory
 from gmpq.version import __version__
 
 
@@ -198,7 +198,7 @@ def _write_tensors(model: nn.Module, out: Path, layout: str, dequantize: bool) -
     else:
         tensors, packed_bytes = _float_tensors(state, layers if dequantize else {}), 0
     extras_bytes = sum(t.numel() * t.element_size() for t in tensors.values()) - packed_bytes
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_directory(out)
     weights = atomic_write(out / F.WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     return _Written(weights, None if policy is None else policy.save(out / F.POLICY_FILE), packed_bytes, extras_bytes)
 

@@ -96,6 +96,7 @@ def load_model_dir(directory: str | os.PathLike) -> nn.Module:
     with torch.random.fork_rng(devices=[]):  # a fresh init that the loaded weights replace: leave the caller's RNG
         model = _rebuild(root, config, policy)
     state = _read_state(root / F.WEIGHTS_FILE, config, model)
+    check_finite(state, root / F.WEIGHTS_FILE)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -117,9 +118,22 @@ def read_state_dict(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
         with safe_open(str(path), framework="pt") as f:
             if config["format_version"]:
                 _check_format(path, f.metadata() or {}, "float")
-            return {key: f.get_tensor(key) for key in f.keys()}
+            state = {key: f.get_tensor(key) for key in f.keys()}
     except SafetensorError as e:
         raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
+    check_finite(state, path)
+    return state
+
+
+def check_finite(state: Mapping[str, torch.Tensor], source: str | os.PathLike) -> Mapping[str, torch.Tensor]:
+    """``state`` when every floating-point tensor in it is finite; else :class:`CheckpointError` naming the first
+    tensor holding NaN or Inf (the weights of a diverged run: nothing trained from them is meaningful)."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            kind = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
+            raise CheckpointError(f"{source}: tensor {name!r} holds {kind} values (weights of a diverged run?); "
+                                  "use another checkpoint")
+    return state
 
 
 def _read_policy(root: Path) -> Policy:

@@ -55,6 +55,7 @@ from gmpq.quant import QuantMixin, calibrate, fold_weight_transform
 from gmpq.quant import functional as QF
 from gmpq.quant.rounding import LearnedRounding
 from gmpq.recipes import PtqConfig
+from gmpq.utils import atomic_write
 
 #: The file in ``state_dir`` holding a reconstruction's progress.
 STATE_FILE = "ptq_state.pt"
@@ -235,10 +236,7 @@ def _load_state(path: Path, fingerprint: str) -> dict[str, Any] | None:
 
 
 def _save_state(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def _reconstruct(float_model: nn.Module, qmodel: nn.Module, x: torch.Tensor, cfg: PtqConfig, seed: int,

@@ -163,6 +163,10 @@ class StudyConfig:
         """The cell's ``study_cell.json`` (device, wall time), written after its run: the cell is finished."""
         return self.cell_dir(run_id) / "study_cell.json"
 
+    def cell_failure(self, run_id: str) -> Path:
+        """The cell's ``study_cell_failed.json`` (the error of its last attempt), removed when the cell finishes."""
+        return self.cell_dir(run_id) / "study_cell_failed.json"
+
     def cell_finished(self, run_id: str) -> bool:
         """Whether the cell wrote its ``study_cell.json`` and every deployment's final numbers."""
         from gmpq.rundir import RunDir
@@ -187,7 +191,7 @@ class StudyConfig:
         """A hash of what determines every cell's result: the base recipe (without run-directory keys) and the
         target float model's training. The grid itself (strategies, budgets, seeds) may grow between runs."""
         recipe = self.recipe.to_dict()
-        for key in ("output_dir", "resume", "force", "name"):
+        for key in ("output_dir", "resume", "force", "name", "dist_timeout_s"):
             recipe.pop(key, None)
         if recipe["data"].get("subset_seed") is None:  # unset, it changes nothing: older studies keep their print
             recipe["data"].pop("subset_seed", None)

@@ -47,14 +47,16 @@ def _figure_file(study: StudyConfig, deploy: str) -> str:
     return FIGURE_FILE if deploy == ("qat" if "qat" in study.deploy else study.deploy[0]) else f"study_{deploy}.png"
 
 
-def write_report(study: StudyConfig, rows: list[dict[str, Any]], total_cells: int) -> tuple[Path, Path | None]:
+def write_report(study: StudyConfig, rows: list[dict[str, Any]], total_cells: int,
+                 failed: list[dict[str, Any]] = ()) -> tuple[Path, Path | None]:
     """Write ``results.csv``, ``summary.md``, ``study.png`` and, where gmpq and edmips both ran, one figure per budget
-    of their policies side by side (``policies_b<budget>.png``); return the summary's and study.png's paths."""
+    of their policies side by side (``policies_b<budget>.png``); return the summary's and study.png's paths.
+    ``failed`` (:func:`~gmpq.study.results.failed_rows`) are listed in results.csv and the summary."""
     directory = study.directory
-    atomic_write_text(directory / RESULTS_FILE, results_csv(rows))
+    atomic_write_text(directory / RESULTS_FILE, results_csv(rows, failed))
     float_line = study.float_top1()
     attribution = attribution_effect(study, _deployed(rows, study.deploy[0]))
-    text = summary_markdown(study, rows, total_cells, float_line) + _attribution_markdown(attribution)
+    text = summary_markdown(study, rows, total_cells, float_line, failed) + _attribution_markdown(attribution)
     if study.proxies:
         text += proxies_markdown(study, rows)
     text += references_markdown(study)
@@ -146,7 +148,7 @@ def _finetune_length(r: Any) -> str:
 
 
 def summary_markdown(study: StudyConfig, rows: list[dict[str, Any]], total_cells: int,
-                     float_line: float | None) -> str:
+                     float_line: float | None, failed: list[dict[str, Any]] = ()) -> str:
     """The text of ``summary.md`` (module docstring): the header, then per deployment the per-budget table and every
     cell."""
     r = study.recipe
@@ -186,6 +188,9 @@ def summary_markdown(study: StudyConfig, rows: list[dict[str, Any]], total_cells
         "not evaluated yet",
         f"- cells finished: {cells_done} of {total_cells}; seeds {study.seeds}; devices: {', '.join(devices) or '–'}",
     ]
+    if failed:
+        lines.append(f"- cells failed: {len(failed)} (not in the statistics; rerunning the study retries them): "
+                     + "; ".join(f"`{f['run_id']}` {f['error']}" for f in failed))
     order = {s: i for i, s in enumerate(_strategy_order(study))}
     titled = bool(study.proxies) or study.deploy != ["qat"]
     for deploy in study.deploy:

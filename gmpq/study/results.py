@@ -16,7 +16,7 @@ from gmpq.study.deploy import ptq_stage
 
 RESULT_COLUMNS = ("strategy", "proxy", "deploy", "budget_g", "seed", "bops_searched_g", "budget_fraction",
                   "mean_w_bits", "mean_a_bits", "top1", "top5", "search_s", "finetune_s", "cell_s", "alpha_entropy",
-                  "proxy_holdout_top1", "device", "run_id")
+                  "proxy_holdout_top1", "device", "run_id", "error")
 
 
 def finished_cell_dirs(directory: str | os.PathLike) -> list[Path]:
@@ -60,11 +60,23 @@ def collect_rows(study: StudyConfig, grid: list[Cell]) -> list[dict[str, Any]]:
     return rows
 
 
-def results_csv(rows: list[dict[str, Any]]) -> str:
+def failed_rows(study: StudyConfig, grid: list[Cell]) -> list[dict[str, Any]]:
+    """One row per unfinished grid cell whose last attempt failed: its strategy, budget, seed and ``error``."""
+    rows = []
+    for cell in grid:
+        if study.cell_finished(cell.run_id) or not study.cell_failure(cell.run_id).exists():
+            continue
+        rows.append({"strategy": cell.strategy, "proxy": cell.proxy, "budget_g": cell.budget_g, "seed": cell.seed,
+                     "run_id": cell.run_id, "error": _json(study.cell_failure(cell.run_id)).get("error")})
+    return rows
+
+
+def results_csv(rows: list[dict[str, Any]], failed: list[dict[str, Any]] = ()) -> str:
+    """``results.csv``: the finished rows, then the failed cells (their ``error`` column set, no results)."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, lineterminator="\n")
     writer.writeheader()
-    for row in rows:
+    for row in [*rows, *failed]:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else ("" if v is None else v)) for k, v in row.items()})
     return buf.getvalue()
 

@@ -16,7 +16,10 @@ Layout of the study directory::
 Both float models are trained once per study with the base recipe's seed and shared by every cell and seed, so a
 cell differs from its neighbours only by strategy, budget and seed. A finished cell (its ``metrics.json`` exists) is
 never run again; an interrupted one resumes from its last checkpoint; a killed study resumes by running the same
-command. ``cells="A:B"`` or ``shard="K/N"`` run a slice, so that several short leases (on several machines) add up to
+command. A cell that fails (a diverged search or fine-tuning, an error in its data) is recorded — its
+``study_cell_failed.json``, the ``error`` column of results.csv, a line of summary.md — and the other cells go on
+(on one process; under torchrun the error stops every rank); rerunning the study retries it. A cell held by another
+running process (:class:`~gmpq.errors.BusyError`) stops the call with that one line. ``cells="A:B"`` or ``shard="K/N"`` run a slice, so that several short leases (on several machines) add up to
 one study: :mod:`gmpq.study.archive` packs finished cells and unpacks them elsewhere.
 """
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,7 +37,8 @@ from typing import Any
 import yaml
 from tqdm.auto import tqdm
 
-from gmpq.errors import RecipeError, RunError
+from gmpq.errors import BusyError, RecipeError, RunError
+from gmpq.faults import fault_point
 from gmpq.pipeline import run as run_pipeline
 from gmpq.pipeline import target_recipe
 from gmpq.recipes import Recipe
@@ -44,19 +49,21 @@ from gmpq.study.config import TARGET, Cell, StudyConfig, load_study
 from gmpq.study.deploy import post_training, ptq_stage
 from gmpq.study.grid import expand_grid
 from gmpq.study.report import write_report
-from gmpq.study.results import collect_rows
+from gmpq.study.results import collect_rows, failed_rows
 from gmpq.train.engine import process_state
 from gmpq.utils import atomic_write_text
 
 
 @dataclass
 class StudyResult:
-    """What a study call left behind: its directory, the result rows of every finished cell, what this call ran."""
+    """What a study call left behind: its directory, the result rows of every finished cell, what this call ran, the
+    cells whose last attempt failed."""
 
     directory: Path
     rows: list[dict[str, Any]]
     total_cells: int
     ran: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
     float_top1: float | None = None
     summary: Path | None = None
     figure: Path | None = None
@@ -76,7 +83,7 @@ def run_study(study: StudyConfig | str | os.PathLike, overrides: Sequence[str] =
         study = load_study(study, list(overrides))
     elif overrides:
         raise RecipeError("overrides apply to a STUDY.yaml path; pass them to load_study for a StudyConfig")
-    state = process_state()
+    state = process_state(study.recipe.dist_timeout_s)
     directory = study.directory
     grid = expand_grid(study)
     runs = _unique_runs(grid)
@@ -87,21 +94,36 @@ def run_study(study: StudyConfig | str | os.PathLike, overrides: Sequence[str] =
             unpack_study(study, archive)
     state.wait_for_everyone()
     ran: list[str] = []
+    failed: list[str] = []
     if not report_only:
         proxy_models, target_model = _float_models(study)
         todo = [c for c in selected if not study.cell_finished(c.run_id)]
         bar = tqdm(todo, desc=f"study {study.name}", unit="cell", disable=not state.is_local_main_process)
         for cell in bar:
             bar.set_postfix_str(cell.run_id)
-            _run_cell(study, cell, proxy_models.get(cell.proxy, target_model), target_model, state.is_main_process)
-            ran.append(cell.run_id)
+            try:
+                _run_cell(study, cell, proxy_models.get(cell.proxy, target_model), target_model,
+                          state.is_main_process)
+            except BusyError:
+                raise
+            except Exception as e:
+                if state.num_processes > 1:  # the other ranks are in the cell's collectives: stop them all
+                    raise
+                error = _record_failure(study, cell, e)
+                failed.append(cell.run_id)
+                tqdm.write(f"study: cell {cell.run_id} failed ({error}); recorded in results.csv, the other cells "
+                           "go on", file=sys.stderr)
+            else:
+                ran.append(cell.run_id)
             state.wait_for_everyone()
             if state.is_main_process:
-                write_report(study, collect_rows(study, grid), len(grid))
+                write_report(study, collect_rows(study, grid), len(grid), failed_rows(study, grid))
+            fault_point("cell")
     rows = collect_rows(study, grid)
-    result = StudyResult(directory, rows, len(grid), ran, float_top1=study.float_top1())
+    result = StudyResult(directory, rows, len(grid), ran, float_top1=study.float_top1(),
+                         failed=[r["run_id"] for r in failed_rows(study, grid)])
     if state.is_main_process:
-        result.summary, result.figure = write_report(study, rows, len(grid))
+        result.summary, result.figure = write_report(study, rows, len(grid), failed_rows(study, grid))
         if pack is not None:
             pack_study(study, pack, with_models=pack_models)
     state.wait_for_everyone()
@@ -251,9 +273,20 @@ def _run_cell(study: StudyConfig, cell: Cell, proxy_model: str, target_model: st
         with RunDir.of(recipe).claim():
             post_training(target_recipe(recipe), str(RunDir.of(recipe).policy), study.ptq, ptq_stage(recipe))
     if main:
+        study.cell_failure(cell.run_id).unlink(missing_ok=True)
         info = {"run_id": cell.run_id, "device": device_name(), "cell_s": time.perf_counter() - t0,
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
         atomic_write_text(study.cell_info(cell.run_id), json.dumps(info, indent=1) + "\n")
+
+
+def _record_failure(study: StudyConfig, cell: Cell, error: Exception) -> str:
+    """Write the cell's ``study_cell_failed.json`` (its error in one line); return that line."""
+    text = str(error).strip().splitlines()
+    line = f"{type(error).__name__}: {text[0] if text else ''}".strip()
+    atomic_write_text(study.cell_failure(cell.run_id),
+                      json.dumps({"run_id": cell.run_id, "error": line,
+                                  "failed": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1) + "\n")
+    return line
 
 
 def device_name() -> str:

@@ -23,7 +23,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from gmpq.errors import CheckpointError
-from gmpq.hub import is_model_dir, read_state_dict
+from gmpq.faults import fault_point
+from gmpq.hub import check_finite, is_model_dir, read_state_dict
 from gmpq.hub.format import is_quantized, read_config
 from gmpq.rundir import RunDir, StageDir
 from gmpq.utils import atomic_write_text
@@ -83,6 +84,7 @@ class CheckpointManager:
             for old in self.epochs()[: -self.keep]:
                 shutil.rmtree(self.path(old), ignore_errors=True)
         acc.wait_for_everyone()
+        fault_point("checkpoint")
         return final
 
     def load_latest(self) -> dict[str, Any] | None:
@@ -121,7 +123,8 @@ def init_from_checkpoint(model: nn.Module, source: str) -> dict[str, list[str]]:
     with another class count or the 3x3 stem of a CIFAR variant) are skipped and reported; a source sharing no weight
     with the model raises :class:`CheckpointError`.
     """
-    state = _state_dict_from(source)
+    state = _state_dict_from(source, getattr(model, "gmpq_arch", None))
+    check_finite(state, source)
     own = model.state_dict()
     loaded, skipped = {}, []
     for name, tensor in state.items():
@@ -164,12 +167,20 @@ def checkpoint_license(source: str | None) -> dict[str, Any] | None:
     return read_config(model_dir).get("weights_license") if model_dir is not None else None
 
 
-def _state_dict_from(source: str) -> dict[str, torch.Tensor]:
+def _state_dict_from(source: str, arch: str | None = None) -> dict[str, torch.Tensor]:
+    """The float state dict ``source`` names; a gmpq model directory of another backbone than ``arch`` (compared
+    without pretrained tags and CIFAR variants: ``resnet18`` initialises ``resnet18_cifar``) is refused."""
     if source.startswith("timm:"):
         return _timm_pretrained_state(source.removeprefix("timm:"))
     path = Path(source).expanduser()
     model_dir = find_model_dir(path, quantized=False) if path.is_dir() else None
     if model_dir is not None:
+        from gmpq.models import base_arch
+
+        theirs = str(read_config(model_dir).get("arch") or "")
+        if arch is not None and theirs and base_arch(theirs.split(".")[0]) != base_arch(arch.split(".")[0]):
+            raise CheckpointError(f"checkpoint {source!r} holds a {theirs!r} model, not {arch!r}; give a checkpoint of "
+                                  f"{arch!r} in model.checkpoint (or set model.arch={theirs})")
         return read_state_dict(model_dir)
     if path.is_dir():
         raise CheckpointError(f"{source!r} is a directory without a float gmpq model (a model directory, or a run or "

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from datetime import timedelta
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -43,6 +44,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from gmpq.errors import RecipeError
+from gmpq.faults import fault_point
 from gmpq.rundir import StageDir
 from gmpq.train.checkpoint import CheckpointManager
 from gmpq.train.runlog import MetricsLogger
@@ -64,14 +66,32 @@ class LoopConfig(Protocol):
     grad_accum: int
 
 
-def process_state() -> PartialState:
+def process_state(timeout_s: float | None = None) -> PartialState:
     """This process's rank and world size, set up the way :func:`make_accelerator` sets it up.
 
     Call this (not a bare ``PartialState()``) before the first accelerator of a process exists: the state is a
     process-wide singleton, and one made without ``cpu=True`` on a machine without CUDA ignores torchrun's
-    ``WORLD_SIZE`` — every later accelerator would then run as an independent single process.
+    ``WORLD_SIZE`` — every later accelerator would then run as an independent single process. ``timeout_s`` (a
+    recipe's ``dist_timeout_s``) bounds every collective of a distributed run; the first call of a process sets it.
     """
-    return PartialState(cpu=not torch.cuda.is_available())
+    kwargs = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
+    return PartialState(cpu=not torch.cuda.is_available(), **kwargs)
+
+
+def lost_process_message(error: BaseException) -> str | None:
+    """One line for an error of a collective whose peer died or hung (gloo / NCCL: connection reset or closed, a
+    timeout) in a distributed run; None for any other error."""
+    import torch.distributed as dist
+
+    text = str(error)
+    markers = ("gloo", "nccl", "connection reset", "connection closed", "timed out", "timeout", "broken pipe",
+               "pair closure")
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1) or \
+            not any(m in text.lower() for m in markers):
+        return None
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
+    return (f"process {dist.get_rank()} of {dist.get_world_size()} lost contact with another process of this "
+            f"distributed run ({first[:200]}); the launcher (torchrun) names the process that failed")
 
 
 def make_accelerator(recipe: Recipe, train_cfg: TrainConfig | None = None) -> Accelerator:
@@ -83,6 +103,7 @@ def make_accelerator(recipe: Recipe, train_cfg: TrainConfig | None = None) -> Ac
     this process is reset (accelerate's ``_reset_state``; the process group is kept), so that stages with different
     precision or accumulation settings can run one after another in one process.
     """
+    process_state(recipe.dist_timeout_s)
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     cuda = torch.cuda.is_available()
@@ -381,6 +402,11 @@ def fit(model: nn.Module, train_loader: DataLoader, eval_loader: DataLoader | No
             row.update({"eval_top1": final["top1"], "eval_top5": final["top5"], "eval_loss": final["loss"],
                         "eval_samples": final["num_samples"]})
         row.update(step.epoch_summary())
+        converted = _take_converted(train_loader)
+        if converted:
+            row["images_converted_to_rgb"] = converted
+            accelerator.print(f"{stage} epoch {epoch + 1}: {converted} training images were not RGB (grayscale, RGBA, "
+                              "palette, CMYK) and were converted to RGB")
         row["epoch_s"] = time.perf_counter() - t0
         history.append(row)
         checkpoints.save(epoch + 1, {"epoch": epoch + 1, "history": history, "step": step.state_dict()})
@@ -424,6 +450,7 @@ def _train_epoch(model: nn.Module, loader: DataLoader, slots: list[ScheduledOpti
         if accelerator.sync_gradients:
             done += 1
             step.on_step_end(out, Progress(done, progress.total_steps, progress.epoch, progress.steps_per_epoch))
+            fault_point("step")
         n = labels.numel()
         if sums is None:
             names = list(out.metrics)
@@ -445,6 +472,12 @@ def _train_epoch(model: nn.Module, loader: DataLoader, slots: list[ScheduledOpti
 def _eval_of(row: dict[str, Any]) -> dict[str, float]:
     return {"top1": row["eval_top1"], "top5": row["eval_top5"], "loss": row["eval_loss"],
             "num_samples": row["eval_samples"]}
+
+
+def _take_converted(loader: DataLoader) -> int:
+    """Images of ``loader``'s dataset converted to RGB since the last call (on this process; 0 for other datasets)."""
+    take = getattr(loader.dataset, "take_converted", None)
+    return int(take()) if take is not None else 0
 
 
 def _set_epoch(loader: DataLoader, epoch: int) -> None:

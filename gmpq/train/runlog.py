@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from gmpq.errors import RecipeError
 from gmpq.rundir import StageDir
-from gmpq.utils import atomic_write_text
+from gmpq.utils import atomic_write_text, ensure_directory
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -134,7 +134,7 @@ def prepare_output_dir(directory: str | os.PathLike | StageDir, resume: bool, fo
     if accelerator is not None:
         accelerator.wait_for_everyone()
     if _is_main(accelerator):
-        out.mkdir(parents=True, exist_ok=True)
+        ensure_directory(out)
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return finished and resume and not force
