@@ -43,3 +43,9 @@ def test_compare_only_picks_the_last_run_of_the_same_kind(tmp_path):
     out = subprocess.run([sys.executable, str(TOOL), "--compare-only", "--threads", "1", "--record", str(record)],
                          capture_output=True, text=True)
     assert out.returncode == 0 and "no earlier run" in out.stdout
+
+
+def test_every_listed_benchmark_exists():
+    assert set(bench_record.BENCHMARKS) == {"step", "ptq"}
+    for tool, _ in bench_record.BENCHMARKS.values():
+        assert (TOOL.parent / tool).is_file(), tool

@@ -8,9 +8,10 @@ comparison with the last recorded run on the same kind of machine and flag every
 
 A benchmark is a tool in ``tools/`` that prints one JSON object with ``results`` (one record per step kind, each
 with ``time_ratio`` and optionally ``memory_ratio``, ``float_step_s``, ``step_s``, ``float_peak_mb``, ``peak_mb``):
-``bench_search_step.py`` (the GMPQ search step and the W4A4 QAT step against a float step). The post-training
-reconstruction's benchmark joins by adding one entry to :data:`BENCHMARKS` (its tool, its arguments) once the tool
-exists (``tools/bench_ptq.py``); a listed tool that does not exist yet is skipped with one line.
+``bench_search_step.py`` (the GMPQ search step and the W4A4 QAT step against a float step) and ``bench_ptq.py`` (one
+post-training reconstruction iteration of a block against a float training iteration of that block; its steps are
+recorded as ``ptq:<block>``). Another benchmark joins by adding one entry to :data:`BENCHMARKS` (its tool, its
+arguments); a listed tool that does not exist is skipped with one line.
 
 A record line: ``commit`` (and ``dirty``: uncommitted changes), ``date`` (UTC), ``machine`` (``cpu`` model from
 /proc/cpuinfo, ``threads``, ``device``), ``torch``, ``load_avg`` before/after, ``note``, and ``steps``: one entry per
@@ -35,10 +36,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORD = ROOT / "benchmarks" / "record.jsonl"
-#: name -> (tool in tools/, extra arguments). The post-training reconstruction's benchmark goes here, e.g.
-#: "ptq": ("bench_ptq.py", []), once branch ptq's tool prints the same ``results`` JSON.
+#: name -> (tool in tools/, extra arguments); each tool prints the ``results`` JSON of the module docstring.
 BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "step": ("bench_search_step.py", ["--step", "gmpq", "qat"]),
+    "ptq": ("bench_ptq.py", []),
 }
 RATIOS = ("time_ratio", "memory_ratio")
 FIELDS = RATIOS + ("float_step_s", "step_s", "float_peak_mb", "peak_mb", "targets")

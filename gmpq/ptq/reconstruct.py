@@ -278,67 +278,97 @@ def _reconstruct(float_model: nn.Module, qmodel: nn.Module, x: torch.Tensor, cfg
     return results, resumed
 
 
+class BlockFit:
+    """The learned rounding and activation steps of one block while it is fitted (the module docstring's
+    objective): made on the block's quantized layers (``(name, layer)`` pairs), it puts a :class:`LearnedRounding`
+    in place of each quantized weight's quantizer and, with ``qdrop``, QDrop around each activation quantizer;
+    :meth:`step` is one reconstruction iteration; :meth:`close` fixes the rounding (the hard codes written back as
+    the weights) and puts the layers' own quantizers back. ``active`` is False when the block has nothing to fit
+    (then nothing was changed)."""
+
+    def __init__(self, layers: Sequence[tuple[str, nn.Module]], cfg: PtqConfig, seed: int,
+                 device: torch.device) -> None:
+        self.cfg = cfg
+        self.layers = list(layers)
+        self.rounding = [(layer, LearnedRounding(_plain_weight(layer), layer.wq.scale, layer.w_bits))
+                         for _, layer in self.layers if layer.w_bits != QF.FLOAT_BITS]
+        self.acts = [layer for _, layer in self.layers if layer.a_bits != QF.FLOAT_BITS]
+        self.active = bool(self.rounding) or bool(self.acts and cfg.act_lr > 0)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.originals = {id(layer): (layer.wq, layer.aq) for _, layer in self.layers}
+        self.warmup = int(cfg.warmup * cfg.iters)
+        if not self.active:
+            return
+        groups: list[dict[str, Any]] = []
+        for layer, r in self.rounding:
+            layer.wq = r
+        if self.rounding:
+            groups.append({"params": [r.v for _, r in self.rounding], "lr": cfg.lr, "kind": "round"})
+        for layer in self.acts:
+            if cfg.act_lr > 0:
+                layer.aq.clip.requires_grad_(True)
+                levels = QF.act_levels(layer.aq.bits, bool(layer.aq.signed))
+                groups.append({"params": [layer.aq.clip], "lr": cfg.act_lr * levels, "kind": "act"})
+            if cfg.qdrop > 0:
+                layer.aq = _QDrop(layer.aq, cfg.qdrop, self.generator)
+        self.optimizer = torch.optim.Adam(groups)
+        self.base_lrs = [g["lr"] for g in groups]
+
+    def step(self, module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, it: int) -> torch.Tensor:
+        """Iteration ``it`` (of ``cfg.iters``) on a random batch of the block's ``inputs`` and float ``targets``;
+        returns the batch's reconstruction error (detached)."""
+        cfg = self.cfg
+        idx = torch.randint(len(inputs), (cfg.batch_size,), generator=self.generator, device=inputs.device)
+        rec = _output_error(module(inputs[idx]).float(), targets[idx])
+        loss = rec
+        if it >= self.warmup and self.rounding:
+            progress_frac = (it - self.warmup) / max(1, cfg.iters - self.warmup)
+            beta = cfg.beta[1] + 0.5 * (cfg.beta[0] - cfg.beta[1]) * (1 + math.cos(math.pi * progress_frac))
+            loss = loss + cfg.reg_weight * sum(r.regulariser(beta) for _, r in self.rounding)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        for g, lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            if g["kind"] == "act":
+                g["lr"] = 0.5 * lr * (1 + math.cos(math.pi * (it + 1) / cfg.iters))
+        for layer in self.acts:  # a clip stays positive
+            aq = self.originals[id(layer)][1]
+            aq.clip.data.clamp_(min=1e-6)
+        return rec.detach()
+
+    def close(self) -> None:
+        """Fix the rounding and restore the layers' quantizers (see the class docstring)."""
+        if not self.active:
+            return
+        for layer, r in self.rounding:
+            with torch.no_grad():
+                layer.weight.copy_(r.hard_weight())
+        for _, layer in self.layers:
+            layer.wq, layer.aq = self.originals[id(layer)]
+            layer.aq.clip.requires_grad_(False)
+
+
 def _fit_block(qmodel: nn.Module, block: Block, module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
                cfg: PtqConfig, seed: int, progress: bool, desc: str) -> BlockResult:
     """Fit the rounding and activation steps of ``block`` (module docstring), then fix the rounding."""
     t0 = time.perf_counter()
     bs = cfg.calibration_batch_size
-    layers = [(name, qmodel.get_submodule(name)) for name in block.layers]
     nearest = _error(module, inputs, targets, bs)
-    rounding = [(layer, LearnedRounding(_plain_weight(layer), layer.wq.scale, layer.w_bits))
-                for _, layer in layers if layer.w_bits != QF.FLOAT_BITS]
-    acts = [layer for _, layer in layers if layer.a_bits != QF.FLOAT_BITS]
-    if not rounding and not (acts and cfg.act_lr > 0):
+    fit = BlockFit([(name, qmodel.get_submodule(name)) for name in block.layers], cfg, seed, inputs.device)
+    if not fit.active:
         return BlockResult(block.name, list(block.layers), 0, nearest, nearest, time.perf_counter() - t0)
-    generator = torch.Generator(device=inputs.device).manual_seed(seed)
-    originals = {id(layer): (layer.wq, layer.aq) for _, layer in layers}
-    groups: list[dict[str, Any]] = []
-    for layer, r in rounding:
-        layer.wq = r
-    if rounding:
-        groups.append({"params": [r.v for _, r in rounding], "lr": cfg.lr, "kind": "round"})
-    for layer in acts:
-        if cfg.act_lr > 0:
-            layer.aq.clip.requires_grad_(True)
-            levels = QF.act_levels(layer.aq.bits, bool(layer.aq.signed))
-            groups.append({"params": [layer.aq.clip], "lr": cfg.act_lr * levels, "kind": "act"})
-        if cfg.qdrop > 0:
-            layer.aq = _QDrop(layer.aq, cfg.qdrop, generator)
-    optimizer = torch.optim.Adam(groups)
-    base_lrs = [g["lr"] for g in groups]
-    warmup = int(cfg.warmup * cfg.iters)
     curve: list[tuple[int, float]] = []
     every = max(1, cfg.iters // _CURVE_POINTS)
     bar = tqdm(range(cfg.iters), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     try:
         for it in bar:
-            idx = torch.randint(len(inputs), (cfg.batch_size,), generator=generator, device=inputs.device)
-            rec = _output_error(module(inputs[idx]).float(), targets[idx])
-            loss = rec
-            if it >= warmup and rounding:
-                progress_frac = (it - warmup) / max(1, cfg.iters - warmup)
-                beta = cfg.beta[1] + 0.5 * (cfg.beta[0] - cfg.beta[1]) * (1 + math.cos(math.pi * progress_frac))
-                loss = loss + cfg.reg_weight * sum(r.regulariser(beta) for _, r in rounding)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            for g, lr in zip(optimizer.param_groups, base_lrs, strict=True):
-                if g["kind"] == "act":
-                    g["lr"] = 0.5 * lr * (1 + math.cos(math.pi * (it + 1) / cfg.iters))
-            for layer in acts:  # a clip stays positive
-                aq = originals[id(layer)][1]
-                aq.clip.data.clamp_(min=1e-6)
+            rec = fit.step(module, inputs, targets, it)
             if it % every == 0 or it == cfg.iters - 1:
-                curve.append((it, float(rec.detach())))
-                bar.set_postfix(rec=f"{float(rec.detach()):.4g}")
+                curve.append((it, float(rec)))
+                bar.set_postfix(rec=f"{float(rec):.4g}")
     finally:
         bar.close()
-        for layer, r in rounding:
-            with torch.no_grad():
-                layer.weight.copy_(r.hard_weight())
-        for _, layer in layers:
-            layer.wq, layer.aq = originals[id(layer)]
-            layer.aq.clip.requires_grad_(False)
+        fit.close()
     learned = _error(module, inputs, targets, bs)
     return BlockResult(block.name, list(block.layers), cfg.iters, nearest, learned, time.perf_counter() - t0, curve)
 

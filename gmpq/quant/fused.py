@@ -8,7 +8,8 @@ A searched layer computes ``op(x_mix, W_mix)`` with (see :mod:`gmpq.quant.mixed`
 Written with autograd, each candidate keeps its clamp/round/scale intermediates for the backward pass: about 6K
 extra tensors of the size of the input, and 7K elementwise passes over it. The custom autograd functions here store
 only ``x`` and ``W`` (which the float layer stores anyway) and *recompute* ``x_mix`` and ``W_mix`` in the backward
-pass, where one kernel per tensor gives all gradients at once. The gradients are those autograd gives for the
+pass, where one kernel per tensor gives all gradients at once (the probabilities' gradients only where they are
+needed: not for a fixed-bit quantizer's constant ``p = [1]``). The gradients are those autograd gives for the
 straight-through estimator of :mod:`gmpq.quant.functional` (ties at the clipping boundaries split the gradient in
 half, as ``torch.minimum``/``torch.maximum`` do)::
 
@@ -77,8 +78,11 @@ def act_mix_forward(x: torch.Tensor, probs: torch.Tensor, clip: torch.Tensor, le
 
 
 def act_mix_backward(x: torch.Tensor, grad: torch.Tensor, probs: torch.Tensor, clip: torch.Tensor,
-                     levels: torch.Tensor, signed: bool, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of ``act_mix_forward`` w.r.t. ``x``, ``probs`` and the clips (see the module docstring)."""
+                     levels: torch.Tensor, signed: bool, k: int, need_probs: bool = True,
+                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Gradients of ``act_mix_forward`` w.r.t. ``x``, ``probs`` (``None`` unless ``need_probs``: a fixed-bit
+    quantizer's constant ``[1.]`` needs none, which saves one reduction per candidate) and the clips (see the module
+    docstring)."""
     dtype = torch.promote_types(x.dtype, clip.dtype)
     x, grad = x.to(dtype), grad.to(dtype)
     lower = -clip if signed else torch.zeros_like(clip)
@@ -90,13 +94,14 @@ def act_mix_backward(x: torch.Tensor, grad: torch.Tensor, probs: torch.Tensor, c
         y = torch.minimum(torch.maximum(x, lower[i]), clip[i])
         z = y * inv_step[i]
         r = torch.round(z)
-        grad_probs.append((grad * (r * step[i])).sum())
+        if need_probs:
+            grad_probs.append((grad * (r * step[i])).sum())
         above = (x > clip[i]).to(x.dtype) + 0.5 * (x == clip[i]).to(x.dtype)
         below = (x < lower[i]).to(x.dtype) + 0.5 * (x == lower[i]).to(x.dtype)
         pass_through = pass_through + probs[i] * (1.0 - above - below)
         d_clip = (r - z) * inv_levels[i] + above - (1.0 if signed else 0.0) * below
         grad_clip.append(probs[i] * (grad * d_clip).sum())
-    return grad * pass_through, torch.stack(grad_probs), torch.stack(grad_clip)
+    return grad * pass_through, (torch.stack(grad_probs) if need_probs else None), torch.stack(grad_clip)
 
 
 def weight_mix_forward(w: torch.Tensor, probs: torch.Tensor, scales: torch.Tensor, gammas: torch.Tensor,
@@ -114,10 +119,10 @@ def weight_mix_forward(w: torch.Tensor, probs: torch.Tensor, scales: torch.Tenso
 
 def weight_mix_backward(
     w: torch.Tensor, grad: torch.Tensor, probs: torch.Tensor, scales: torch.Tensor, gammas: torch.Tensor,
-    qmax: tuple[int, ...],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of ``weight_mix_forward`` w.r.t. ``w`` [C, M], ``probs`` [K] and ``scales`` [K, C] (LSQ's gradient
-    scale applied)."""
+    qmax: tuple[int, ...], need_probs: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Gradients of ``weight_mix_forward`` w.r.t. ``w`` [C, M], ``probs`` [K] (``None`` unless ``need_probs``) and
+    ``scales`` [K, C] (LSQ's gradient scale applied)."""
     dtype = torch.promote_types(w.dtype, scales.dtype)
     w, grad = w.to(dtype), grad.to(dtype)
     eff = effective_scales(scales, gammas)
@@ -128,11 +133,13 @@ def weight_mix_backward(
         s = eff[j].unsqueeze(1)
         z = w / s
         r = torch.round(torch.clamp(z, -q, q))
-        grad_probs.append((grad * (r * s)).sum())
+        if need_probs:
+            grad_probs.append((grad * (r * s)).sum())
         inside = ((z > -q) & (z < q)).to(w.dtype)  # torch.clamp passes no gradient at its bounds
         pass_through = pass_through + probs[j] * inside
         grad_scales.append(probs[j] * (grad * torch.where(inside > 0, r - z, r)).sum(dim=1))
-    return grad * pass_through, torch.stack(grad_probs), torch.stack(grad_scales) * gammas[:, None]
+    return (grad * pass_through, (torch.stack(grad_probs) if need_probs else None),
+            torch.stack(grad_scales) * gammas[:, None])
 
 
 def effective_scales(scales: torch.Tensor, gammas: torch.Tensor) -> torch.Tensor:
@@ -364,8 +371,8 @@ def _act_backward(x: torch.Tensor, grad: torch.Tensor, probs: torch.Tensor, clip
         if grads is not None:
             return grads
     gx, gp, gc = _run("act_bwd", _flat(x, x.numel()), _flat(grad, grad.numel()), probs.detach(), clip.detach(),
-                      levels, signed, len(bits))
-    return (gx.view(x.shape).to(x.dtype) if need_x else None), (gp if need_probs else None), gc
+                      levels, signed, len(bits), need_probs)
+    return (gx.view(x.shape).to(x.dtype) if need_x else None), gp, gc
 
 
 def _weight_forward(weight: torch.Tensor, probs: torch.Tensor, scales: torch.Tensor, bits: tuple[int, ...],
@@ -396,8 +403,8 @@ def _weight_backward(weight: torch.Tensor, grad: torch.Tensor, probs: torch.Tens
         if grads is not None:
             return _as_layout(grads[0], w), grads[1], grads[2]
     gw, gp, gs = _run("w_bwd", _flat(weight, rows, cols), _flat(grad, rows, cols), probs.detach(), scales.detach(),
-                      gammas, qmax)
-    return gw.view(weight.shape).to(weight.dtype), (gp if need_probs else None), gs
+                      gammas, qmax, need_probs)
+    return gw.view(weight.shape).to(weight.dtype), gp, gs
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
