@@ -7,6 +7,7 @@ import os
 import pickle
 import shutil
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -186,9 +187,10 @@ def test_export_on_a_full_disk_keeps_the_previous_export(float_export: Path, tmp
 
 # ---------------------------------------------------------------------------------------------- study archives
 def smoke_study(tmp_path: Path):
-    from tests.test_study import SMOKE
     import json
+
     from gmpq.study import study_from_dict
+    from tests.test_study import SMOKE
     data = json.loads(json.dumps(SMOKE))
     data["output_dir"] = str(tmp_path / "out")
     return study_from_dict(data)
@@ -250,9 +252,8 @@ def recipe_file(tmp_path: Path, out: Path, *extra: str) -> Path:
     return path
 
 
-def gmpq_child(args: list[str], fault: str | None = None, timeout: float = 600) -> "subprocess.CompletedProcess[str]":
+def gmpq_child(args: list[str], fault: str | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     """``python -m gmpq.cli ARGS`` in a child process (``GMPQ_FAULT=fault`` when given)."""
-    import subprocess
     import sys
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     env.pop("GMPQ_FAULT", None)
@@ -422,7 +423,7 @@ def test_a_failed_cell_is_recorded_the_others_finish_and_a_busy_cell_is_refused(
     assert [(r["run_id"], r["error"][:23], bool(r["top1"])) for r in rows] == [
         (second, "", True), (first, "RecipeError: finetune 1", False)]
     summary = (study.directory / "summary.md").read_text()
-    assert "cells finished: 1 of 2" in summary and f"cells failed: 1 (not in the statistics" in summary
+    assert "cells finished: 1 of 2" in summary and "cells failed: 1 (not in the statistics" in summary
     assert "| 1 |" in summary  # n per budget and strategy
     # rerunning the study retries the failed cell; its record goes once it finishes
     monkeypatch.setattr(runner, "run_pipeline", real)
@@ -786,9 +787,8 @@ def test_sigterm_during_an_export_leaves_nothing_and_the_rerun_loads(tmp_path: P
 
 # ------------------------------------------------------------------------------------------ torchrun (2 processes)
 def torchrun_child(args: list[str], fault: str | None = None, rank: int | None = None,
-                   timeout: float = 400) -> "subprocess.CompletedProcess[str]":
+                   timeout: float = 400) -> subprocess.CompletedProcess[str]:
     """``torchrun --standalone --nproc_per_node 2 -m gmpq.cli ARGS`` on the CPU (gloo), a fault armed on ``rank``."""
-    import subprocess
     import sys
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "OMP_NUM_THREADS": "1"}
