@@ -52,8 +52,8 @@ def float_checkpoints(tmp_path_factory) -> dict[str, str]:
     return out
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if n.startswith("resnet50_") and
-                                              not n.endswith("_cifar10") else []) for n in PAPER])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if n.startswith("resnet50_") else [])
+                                  for n in PAPER])
 def test_paper_recipe_smoke_runs_every_stage_on_stand_in_data(name, float_checkpoints, tmp_path) -> None:
     recipe = load_recipe(RECIPES / f"{name}.yaml")
     target_arch = recipe.target.arch

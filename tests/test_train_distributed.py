@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from gmpq.stages import finetune, pretrain
@@ -39,6 +40,7 @@ def torchrun(args: list[str]) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
 def test_the_whole_pipeline_runs_unchanged_on_two_processes(tmp_path):
     """``gmpq run`` under torchrun: every stage on 2 processes, one export, one summary printed (by rank 0)."""
     quickstart = Path(__file__).resolve().parents[1] / "recipes" / "quickstart_mobilenet.yaml"
