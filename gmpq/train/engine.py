@@ -90,8 +90,11 @@ def lost_process_message(error: BaseException) -> str | None:
             not any(m in text.lower() for m in markers):
         return None
     first = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
-    return (f"process {dist.get_rank()} of {dist.get_world_size()} lost contact with another process of this "
-            f"distributed run ({first[:200]}); the launcher (torchrun) names the process that failed")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    # with two processes the lost one is the other; with more, only the launcher knows which one failed
+    peer = f"process {1 - rank} (its only peer)" if world == 2 else "another process"
+    return (f"process {rank} of {world} lost contact with {peer} of this distributed run ({first[:200]}); the "
+            "launcher (torchrun) names the process that failed")
 
 
 def make_accelerator(recipe: Recipe, train_cfg: TrainConfig | None = None) -> Accelerator:
