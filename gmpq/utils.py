@@ -70,7 +70,7 @@ def replaced_directory(path: str | os.PathLike) -> Iterator[Path]:
     old copy, which the next call (or :func:`restore_replaced_directory`) renames back. A failure inside the block
     removes the staging copy and leaves ``path`` untouched; staging copies of killed processes are removed.
     """
-    target = Path(path)
+    target = Path(os.path.abspath(path))  # "." or "out/" name a directory too
     ensure_directory(target.parent)
     restore_replaced_directory(target)
     for stale in target.parent.glob(f".{target.name}.new-*"):
@@ -91,6 +91,8 @@ def replaced_directory(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, StorageError) and str(staging) in str(e):  # name the file where the user looks for it
+            raise StorageError(str(e).replace(str(staging), str(target))) from None
         if _is_out_of_space(e):
             raise StorageError(f"no space left on device while writing {target}; free some space on its device (or "
                                "write somewhere else) and run it again") from None
