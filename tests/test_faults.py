@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import shutil
+import signal
 import stat
 import subprocess
 from pathlib import Path
@@ -234,6 +235,10 @@ def faults(monkeypatch: pytest.MonkeyPatch):
     """Arm the fault hook in this process: ``faults("step:6:TERM")``."""
     from gmpq import faults as hook
 
+    # a process started in the background by a non-interactive shell (`cmd &`) inherits SIGINT ignored, and Python
+    # then installs no KeyboardInterrupt handler: give this test process the interactive default while armed
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+
     def arm(spec: str | None) -> None:
         hook._REACHED.clear()
         if spec is None:
@@ -242,6 +247,7 @@ def faults(monkeypatch: pytest.MonkeyPatch):
             monkeypatch.setenv("GMPQ_FAULT", spec)
     yield arm
     hook._REACHED.clear()
+    signal.signal(signal.SIGINT, previous)
 
 
 def recipe_file(tmp_path: Path, out: Path, *extra: str) -> Path:
