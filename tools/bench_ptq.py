@@ -46,7 +46,6 @@ from gmpq.ptq.blocks import capture  # noqa: E402
 from gmpq.ptq.reconstruct import BlockFit, _output_error  # noqa: E402
 from gmpq.quant import QuantMixin, calibrate, fused  # noqa: E402
 from gmpq.recipes import PtqConfig  # noqa: E402
-from gmpq.utils import atomic_write_text  # noqa: E402
 
 DEFAULT_BLOCKS = ("layer1.0", "layer3.0")
 
@@ -122,16 +121,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="images per iteration (default: PtqConfig's)")
     parser.add_argument("--repeats", type=int, default=5, help="timed pairs (ABBA order)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed iterations of each kind first")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
-    parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
-    parser.add_argument("--out", default=None, help="also write the JSON to this file (after every record)")
-    parser.add_argument("--quiet", action="store_true", help="print only one summary line per record (stderr)")
+    steps.add_run_arguments(parser)
     args = parser.parse_args()
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = steps.run_device(parser, args)
     cfg = PtqConfig()
     if args.batch:
         cfg = dataclasses.replace(cfg, batch_size=args.batch)
@@ -152,15 +144,8 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001 — record it and go on with the other blocks
             record = {"step": name, "arch": args.arch, "error": f"{type(e).__name__}: {e}",
                       "traceback": traceback.format_exc(limit=8)}
-        output["results"].append(record)
-        summary = {k: record.get(k) for k in ("step", "arch", "time_ratio", "memory_ratio", "float_step_s",
-                                              "step_s", "error")}
-        print(json.dumps(summary), file=sys.stderr, flush=True)
-        if "traceback" in record:
-            print(record["traceback"], file=sys.stderr, flush=True)
-        output["load_avg_after"] = os.getloadavg()
-        if args.out:
-            atomic_write_text(args.out, json.dumps(output, indent=2) + "\n")
+        steps.add_record(output, record, args, ("step", "arch", "time_ratio", "memory_ratio", "float_step_s",
+                                                "step_s", "error"))
     if not args.quiet:
         print(json.dumps(output, indent=2))
 

@@ -307,6 +307,38 @@ def environment(device: torch.device) -> dict[str, Any]:
     return env
 
 
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every step benchmark takes: threads, memory on/off, where the JSON goes (shared with
+    ``tools/bench_ptq.py``)."""
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
+    parser.add_argument("--out", default=None, help="also write the JSON to this file (after every record)")
+    parser.add_argument("--quiet", action="store_true", help="print only one summary line per record (stderr)")
+
+
+def run_device(parser: argparse.ArgumentParser, args: argparse.Namespace) -> torch.device:
+    """``args.device``, refused when it is CUDA without a device; sets ``args.threads``."""
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return device
+
+
+def add_record(output: dict[str, Any], record: dict[str, Any], args: argparse.Namespace,
+               summary_keys: Iterable[str]) -> None:
+    """Append ``record`` to ``output["results"]``, print its summary line (and traceback) on stderr and, with
+    ``--out``, write everything so far: a run stopped early keeps what it measured."""
+    output["results"].append(record)
+    print(json.dumps({k: record.get(k) for k in summary_keys}), file=sys.stderr, flush=True)
+    if "traceback" in record:
+        print(record["traceback"], file=sys.stderr, flush=True)
+    output["load_avg_after"] = os.getloadavg()
+    if args.out:
+        atomic_write_text(args.out, json.dumps(output, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -319,17 +351,10 @@ def main() -> None:
     parser.add_argument("--qat-bits", type=int, default=4, help="bits of the QAT step's searched layers")
     parser.add_argument("--repeats", type=int, default=None, help="timed pairs (ABBA order; default 5 CPU, 10 CUDA)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each kind first")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     parser.add_argument("--backend", choices=fused.BACKENDS, default="auto", help="fused-kernel backend")
-    parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
-    parser.add_argument("--out", default=None, help="also write the JSON to this file (after every record)")
-    parser.add_argument("--quiet", action="store_true", help="print only one summary line per record (stderr)")
+    add_run_arguments(parser)
     args = parser.parse_args()
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = run_device(parser, args)
     fused.set_backend(args.backend)
     if args.repeats is None:
         args.repeats = 10 if device.type == "cuda" else 5
@@ -350,16 +375,9 @@ def main() -> None:
             gc.collect()  # the previous configuration's models and optimizers go before the next one's
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            output["results"].append(record)
-            summary = {k: record.get(k) for k in ("step", "arch", "precision", "float32", "time_ratio",
-                                                  "memory_ratio", "float_step_s", "step_s", "error")}
-            print(json.dumps(summary), file=sys.stderr, flush=True)
-            if "traceback" in record:
-                print(record["traceback"], file=sys.stderr, flush=True)
-            output["load_avg_after"] = os.getloadavg()
             output["environment"]["backend"] = fused.get_backend(device)  # a Triton failure switches it
-            if args.out:  # after every record: a run stopped early keeps what it measured
-                atomic_write_text(args.out, json.dumps(output, indent=2) + "\n")
+            add_record(output, record, args, ("step", "arch", "precision", "float32", "time_ratio", "memory_ratio",
+                                              "float_step_s", "step_s", "error"))
     if not args.quiet:
         print(json.dumps(output, indent=2))
 
