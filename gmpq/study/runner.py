@@ -94,7 +94,6 @@ def run_study(study: StudyConfig | str | os.PathLike, overrides: Sequence[str] =
             unpack_study(study, archive)
     state.wait_for_everyone()
     ran: list[str] = []
-    failed: list[str] = []
     if not report_only:
         proxy_models, target_model = _float_models(study)
         todo = [c for c in selected if not study.cell_finished(c.run_id)]
@@ -110,7 +109,6 @@ def run_study(study: StudyConfig | str | os.PathLike, overrides: Sequence[str] =
                 if state.num_processes > 1:  # the other ranks are in the cell's collectives: stop them all
                     raise
                 error = _record_failure(study, cell, e)
-                failed.append(cell.run_id)
                 tqdm.write(f"study: cell {cell.run_id} failed ({error}); recorded in results.csv, the other cells "
                            "go on", file=sys.stderr)
             else:
@@ -119,11 +117,11 @@ def run_study(study: StudyConfig | str | os.PathLike, overrides: Sequence[str] =
             if state.is_main_process:
                 write_report(study, collect_rows(study, grid), len(grid), failed_rows(study, grid))
             fault_point("cell")
-    rows = collect_rows(study, grid)
+    rows, failures = collect_rows(study, grid), failed_rows(study, grid)
     result = StudyResult(directory, rows, len(grid), ran, float_top1=study.float_top1(),
-                         failed=[r["run_id"] for r in failed_rows(study, grid)])
+                         failed=[r["run_id"] for r in failures])
     if state.is_main_process:
-        result.summary, result.figure = write_report(study, rows, len(grid), failed_rows(study, grid))
+        result.summary, result.figure = write_report(study, rows, len(grid), failures)
         if pack is not None:
             pack_study(study, pack, with_models=pack_models)
     state.wait_for_everyone()
