@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ def _figure_file(study: StudyConfig, deploy: str) -> str:
 
 
 def write_report(study: StudyConfig, rows: list[dict[str, Any]], total_cells: int,
-                 failed: list[dict[str, Any]] = ()) -> tuple[Path, Path | None]:
+                 failed: Sequence[dict[str, Any]] = ()) -> tuple[Path, Path | None]:
     """Write ``results.csv``, ``summary.md``, ``study.png`` and, where gmpq and edmips both ran, one figure per budget
     of their policies side by side (``policies_b<budget>.png``); return the summary's and study.png's paths.
     ``failed`` (:func:`~gmpq.study.results.failed_rows`) are listed in results.csv and the summary."""
@@ -148,7 +149,7 @@ def _finetune_length(r: Any) -> str:
 
 
 def summary_markdown(study: StudyConfig, rows: list[dict[str, Any]], total_cells: int,
-                     float_line: float | None, failed: list[dict[str, Any]] = ()) -> str:
+                     float_line: float | None, failed: Sequence[dict[str, Any]] = ()) -> str:
     """The text of ``summary.md`` (module docstring): the header, then per deployment the per-budget table and every
     cell."""
     r = study.recipe

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,7 @@ def failed_rows(study: StudyConfig, grid: list[Cell]) -> list[dict[str, Any]]:
     return rows
 
 
-def results_csv(rows: list[dict[str, Any]], failed: list[dict[str, Any]] = ()) -> str:
+def results_csv(rows: list[dict[str, Any]], failed: Sequence[dict[str, Any]] = ()) -> str:
     """``results.csv``: the finished rows, then the failed cells (their ``error`` column set, no results)."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, lineterminator="\n")
