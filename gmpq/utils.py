@@ -42,8 +42,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         if tmp is not None:
             tmp.unlink(missing_ok=True)
         if _is_out_of_space(e):
-            raise StorageError(f"no space left on device while writing {target}; free some space on its device (or "
-                               "write somewhere else) and run it again") from None
+            raise _no_space(target) from None
         raise
     return target
 
@@ -94,8 +93,7 @@ def replaced_directory(path: str | os.PathLike) -> Iterator[Path]:
         if isinstance(e, StorageError) and str(staging) in str(e):  # name the file where the user looks for it
             raise StorageError(str(e).replace(str(staging), str(target))) from None
         if _is_out_of_space(e):
-            raise StorageError(f"no space left on device while writing {target}; free some space on its device (or "
-                               "write somewhere else) and run it again") from None
+            raise _no_space(target) from None
         raise
 
 
@@ -143,6 +141,11 @@ def read_user_text(path: str | os.PathLike, what: str, error: type[GmpqError]) -
     except UnicodeDecodeError as e:
         raise error(f"{what} {str(p)!r} is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); is it the "
                     "right file?") from None
+
+
+def _no_space(target: Path) -> StorageError:
+    return StorageError(f"no space left on device while writing {target}; free some space on its device (or write "
+                        "somewhere else) and run it again")
 
 
 def _is_out_of_space(error: BaseException) -> bool:
