@@ -218,7 +218,9 @@ def _float_models(study: StudyConfig) -> tuple[dict[str, str], str]:
             proxies[""] = _pretrained(proxy_float_recipe(study))
     recipe = target_float_recipe(study)
     target = study.recipe.target.checkpoint
-    if target is None and study.target_float is not None:
+    if target is not None and not Path(target).is_dir():  # timm:NAME, a Hub id or a state-dict file: made a model
+        target = _pretrained(recipe.override(["pretrain.epochs=0"]))  # directory once (no training), as given
+    elif target is None and study.target_float is not None:
         target = _pretrained(study.target_float.override([f"output_dir={study.target_float_dir}", "resume=true",
                                                           "force=false"]))
     elif target is None:
