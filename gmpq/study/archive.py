@@ -4,13 +4,14 @@ GPU time comes in short leases on fresh machines: each lease runs a slice of the
 packs what it finished (``--pack cells.tar.gz``), and the next lease (or the CPU machine that writes the report)
 unpacks it (``--unpack cells.tar.gz``) before running, so that several leases add up to one study.
 
-An archive holds ``study_archive.json`` (the study's name, fingerprint and finished run ids), ``study.yaml``, the
-two float models (their model directories and metrics: every cell must start from the *same* float models) and the
-finished cells' records (metrics, policies, logs, figures, recipes) — not training checkpoints, and not the cells'
-fine-tuned weights unless asked (``with_models``). Unpacking refuses an archive of another study (fingerprint),
-refuses float models that differ from the ones already in the directory, never overwrites a finished cell, and
-replaces an unfinished local copy of a cell the archive has finished. Archives are written atomically and
-extracted with tarfile's ``data`` filter (no absolute paths, links out of the directory or device files).
+An archive holds ``study_archive.json`` (the study's name, fingerprint and finished run ids), ``study.yaml``, every
+float model (each proxy's and the target's model directory and metrics, :meth:`StudyConfig.float_dirs`: every cell
+must start from the *same* float models) and the finished cells' records (metrics, policies, logs, figures, recipes)
+— not training checkpoints, and not the cells' fine-tuned weights unless asked (``with_models``). Unpacking refuses
+an archive of another study (fingerprint), refuses float models that differ from the ones already in the directory,
+never overwrites a finished cell, and replaces an unfinished local copy of a cell the archive has finished. Archives
+are written atomically and extracted with tarfile's ``data`` filter (no absolute paths, links out of the directory
+or device files).
 """
 
 from __future__ import annotations
@@ -51,9 +52,9 @@ def pack_study(study: StudyConfig, path: str | os.PathLike, with_models: bool = 
     found = study.cells_dir.glob("*") if study.cells_dir.is_dir() else []
     cells = sorted(p.name for p in found if study.cell_finished(p.name))
     members: list[Path] = [study.study_file] if study.study_file.exists() else []
-    for sub in (study.proxy_float_dir.name, study.target_float_dir.name):
-        if (d / sub).is_dir():
-            members += _files(d / sub, d, with_models=True)
+    for sub in study.float_dirs():
+        if sub.is_dir():
+            members += _files(sub, d, with_models=True)
     for run_id in cells:
         members += _files(study.cell_dir(run_id), d, with_models)
     manifest = {"name": study.name, "fingerprint": study.fingerprint(), "cells": cells}
@@ -98,8 +99,8 @@ def unpack_study(study: StudyConfig, path: str | os.PathLike) -> list[str]:
             raise RunError(f"cannot extract study archive {str(archive)!r}: {e}") from None
         d = study.directory
         d.mkdir(parents=True, exist_ok=True)
-        for sub in (study.proxy_float_dir.name, study.target_float_dir.name):
-            _merge_float(tmp / sub, d / sub, archive)
+        for sub in study.float_dirs():
+            _merge_float(tmp / sub.name, sub, archive)
         added = []
         for run_id in manifest.get("cells", []):
             dst = study.cell_dir(run_id)

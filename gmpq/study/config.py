@@ -151,6 +151,12 @@ class StudyConfig:
     def target_float_dir(self) -> Path:
         return self.directory / "target_float"
 
+    def float_dirs(self) -> list[Path]:
+        """Every shared float run of the study (the proxy's or each named proxy's, the target's): what every cell
+        starts from, so an archive carries them."""
+        named = [self.named_proxy_float_dir(name) for name, proxy in self.proxies.items() if proxy.trains_float]
+        return [self.proxy_float_dir, *named, self.target_float_dir]
+
     @property
     def cells_dir(self) -> Path:
         return self.directory / "cells"
