@@ -15,6 +15,7 @@ strategy and proxy, and the study's ``references`` (published figures) as a tabl
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -58,6 +59,7 @@ def write_report(study: StudyConfig, rows: list[dict[str, Any]], total_cells: in
     float_line = study.float_top1()
     attribution = attribution_effect(study, _deployed(rows, study.deploy[0]))
     text = summary_markdown(study, rows, total_cells, float_line, failed) + _attribution_markdown(attribution)
+    text += _loss_terms_markdown(search_loss_terms(study, _deployed(rows, study.deploy[0])))
     if study.proxies:
         text += proxies_markdown(study, rows)
     text += references_markdown(study)
@@ -116,6 +118,49 @@ def _attribution_markdown(effect: list[dict[str, Any]]) -> str:
     for e in effect:
         lines.append(f"| {e['budget_g']:g} | {e['proxy'] or '–'} | {e['seed']} | {e['differ']} of {e['layers']} | "
                      f"{e['mean_abs_dw']:.2f} | {e['mean_abs_da']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def search_loss_terms(study: StudyConfig, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The supernet searches' loss terms at their last epoch (``search_log.jsonl``), per budget and strategy@proxy
+    as mean over seeds: cross-entropy, lambda_attr * L_attr, the budget term, the architecture logits' mean entropy
+    and expected BOPs over the budget. A collapsed search (entropy near 0, E[BOPs] off the budget) decodes its
+    policy from residual probabilities, whatever the other terms say."""
+    from gmpq.rundir import RunDir
+
+    out = []
+    for (budget, strategy), cells in sorted(_by(rows).items()):
+        terms = []
+        for r in cells.values():
+            stage = RunDir(study.cell_dir(r["run_id"])).search
+            log = stage.path / "search_log.jsonl"
+            if not log.exists():
+                break  # a score + decode strategy: no supernet, no loss terms
+            last = json.loads(log.read_text().splitlines()[-1])
+            lam = float(json.loads(stage.policy.read_text())["provenance"].get("lambda_attr") or 0.0)
+            terms.append((last["loss_ce"], lam * last["loss_attr"], last["loss_complexity"], last["alpha_entropy"],
+                          last["expected_bops_g"] / last["budget_g"], last["epoch"]))
+        if terms:
+            mean = [sum(t[i] for t in terms) / len(terms) for i in range(5)]
+            out.append({"budget_g": budget, "strategy": strategy, "n": len(terms), "epoch": terms[0][5],
+                        "ce": mean[0], "attr": mean[1], "complexity": mean[2], "entropy": mean[3],
+                        "bops_ratio": mean[4]})
+    return out
+
+
+def _loss_terms_markdown(terms: list[dict[str, Any]]) -> str:
+    if not terms:
+        return ""
+    lines = ["", "## The search's loss terms", "",
+             "At the last search epoch, mean over seeds: cross-entropy, lambda_attr * L_attr, the budget term, the "
+             "mean entropy of the architecture logits' softmax (nats; a uniform one over 4 bits is 1.39) and the "
+             "expected BOPs over the budget. An entropy near 0 with expected BOPs off the budget is a collapsed "
+             "search: its policy is decoded from residual probabilities.", "",
+             "| budget G | strategy | n | epoch | CE | λ·L_attr | budget term | entropy | E[BOPs] / budget |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for t in terms:
+        lines.append(f"| {t['budget_g']:g} | {t['strategy']} | {t['n']} | {t['epoch']} | {t['ce']:.3f} | "
+                     f"{t['attr']:.3f} | {t['complexity']:+.3f} | {t['entropy']:.4f} | {t['bops_ratio']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
