@@ -156,6 +156,7 @@ def test_smoke_study_runs_resumes_slices_and_travels_as_an_archive(tmp_path, cap
     assert rows["gmpq"]["alpha_entropy"] is not None and rows["gmpq"]["proxy_holdout_top1"] is not None
     summary = (out / "summary.md").read_text()
     assert "| 0.21 | gmpq | 1 |" in summary and "uniform_above" in summary and "float target model: top-1" in summary
+    assert "## The search's loss terms" in summary and "| 0.21 | gmpq | 1 | 1 |" in summary
     assert (out / "study.png").stat().st_size > 10_000
     assert len((out / "results.csv").read_text().splitlines()) == 4
 
@@ -314,9 +315,22 @@ def test_proxied_study_runs_every_deployment_and_reports_transfer(tmp_path) -> N
     assert (out / "policies_b0.21_ood.png").exists()
     header = (out / "results.csv").read_text().splitlines()[0]
     assert header.startswith("strategy,proxy,deploy,budget_g")
+    # an archive carries every float model, the out-of-domain proxy's included
+    run_study(path, report_only=True, pack=tmp_path / "cells.tar.gz")
+    with tarfile.open(tmp_path / "cells.tar.gz") as tar:
+        names = tar.getnames()
+    assert "proxy_float_ood/pretrain/model/model.safetensors" in names
+    assert "target_float/pretrain/model/model.safetensors" in names
     # a cell whose PTQ stage is missing is not finished: only its PTQ runs again
     (out / "cells" / "random_b0.21_s0" / "ptq" / "metrics.json").unlink()
     assert run_study(path).ran == ["random_b0.21_s0"]
+
+
+def test_float_dirs_name_every_shared_float_run(tmp_path) -> None:
+    study = load_study(_write(tmp_path, {**json.loads(json.dumps(PROXIED)), "output_dir": str(tmp_path / "out")}))
+    names = [d.name for d in study.float_dirs()]
+    assert names[0] == "proxy_float" and names[-1] == "target_float"
+    assert names == ["proxy_float", "proxy_float_ood", "target_float"]  # the other proxies use the target's
 
 
 def test_ptq_reconstruct_needs_gmpq_ptq(tmp_path) -> None:
@@ -374,3 +388,27 @@ def test_resnet20_cifar10_jpeg_study_runs_every_cell_kind_on_a_few_batches(tmp_p
     for text in ("against the oracle's", "| qat | hawq | ood |", "## Where the bits went", "| ompq@oracle | 1 |",
                  "| LQ-Nets | 2/2, 3/3 | 90.2, 91.6 |", "first 20 classes"):
         assert text in summary, text
+
+
+def test_a_given_timm_target_checkpoint_is_made_a_model_directory_once(tmp_path) -> None:
+    """``target.checkpoint=timm:NAME.TAG`` (or a Hub id): the study writes it once as the float reference's model
+    directory, untrained, and evaluates that directory; the float weights are exactly the shipped ones."""
+    from gmpq.hub.load import load_model_dir
+    from gmpq.models import create_model
+    from gmpq.study.runner import _float_models
+    from gmpq.train.checkpoint import init_from_checkpoint
+
+    data = _study(tmp_path, target_pretrain={"epochs": 5})
+    r = data["recipe"]
+    r["model"].update(arch="resnet20_cifar", deploy_arch="resnet20_cifar", checkpoint="timm:resnet20_cifar.jpeg_ft")
+    r["target"]["checkpoint"] = "timm:resnet20_cifar.jpeg_ft"
+    _, target = _float_models(load_study(_write(tmp_path, data)))
+    assert target == str(tmp_path / "out" / "target_float" / "pretrain" / "model")
+    made = json.loads((tmp_path / "out" / "target_float" / "pretrain" / "metrics.json").read_text())
+    assert made["epochs"] == 0  # taken as given: target_pretrain is not used
+    assert (tmp_path / "out" / "target_float" / "evaluate" / "metrics.json").exists()
+    shipped = create_model("resnet20_cifar", num_classes=10)
+    init_from_checkpoint(shipped, "timm:resnet20_cifar.jpeg_ft")
+    written = load_model_dir(target)
+    for (name, a), b in zip(shipped.state_dict().items(), written.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
