@@ -291,11 +291,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_study(args: argparse.Namespace) -> int:
     """``gmpq study STUDY.yaml [key=value ...]``: strategies x budgets x seeds, proxy search, target fine-tuning."""
     from gmpq.study import run_study
+    from gmpq.study.results import finished_cells
 
     result = run_study(args.study, args.overrides, cells=args.cells, shard=args.shard, report_only=args.report,
                        unpack=args.unpack or (), pack=args.pack, pack_models=args.pack_models)
-    finished = len({row["run_id"] for row in result.rows})  # a cell deployed twice has two rows
-    _say(f"study {result.directory}: {finished} of {result.total_cells} cells finished"
+    _say(f"study {result.directory}: {finished_cells(result.rows)} of {result.total_cells} cells finished"
          + (f" ({len(result.ran)} run now)" if result.ran else "")
          + (f"; float target top-1 {result.float_top1:.2f} %" if result.float_top1 is not None else ""))
     if result.summary is not None:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from gmpq.study.config import StudyConfig
-from gmpq.study.results import results_csv
+from gmpq.study.results import finished_cells, results_csv
 from gmpq.study.stats import PairedDifference, paired_difference, spread
 from gmpq.utils import atomic_write_text
 
@@ -105,20 +105,25 @@ def attribution_effect(study: StudyConfig, rows: list[dict[str, Any]]) -> list[d
     return out
 
 
-def _attribution_markdown(effect: list[dict[str, Any]]) -> str:
-    if not effect:
+def _section(title: str, intro: str, columns: list[str], rows: list[str]) -> str:
+    """A summary section: its heading, one paragraph and a table of ``columns`` with ``rows`` (formatted cells
+    joined by `` | ``); empty without rows."""
+    if not rows:
         return ""
-    lines = ["", "## What the attribution loss changes in the policy", "",
-             "gmpq and edmips run the same search, with and without the attribution loss, from the same float model, "
-             "data order and seed. Per budget and seed: searched layers whose (w, a) differ, and the mean absolute "
-             "difference in weight / activation bits over the searched layers (`policies_b<budget>.png`: the first "
-             "seed's two policies).", "",
-             "| budget G | proxy | seed | layers that differ | mean abs Δ W bits | mean abs Δ A bits |",
-             "|---|---|---|---|---|---|"]
-    for e in effect:
-        lines.append(f"| {e['budget_g']:g} | {e['proxy'] or '–'} | {e['seed']} | {e['differ']} of {e['layers']} | "
-                     f"{e['mean_abs_dw']:.2f} | {e['mean_abs_da']:.2f} |")
-    return "\n".join(lines) + "\n"
+    lines = ["", f"## {title}", "", intro, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + [f"| {row} |" for row in rows]) + "\n"
+
+
+def _attribution_markdown(effect: list[dict[str, Any]]) -> str:
+    return _section(
+        "What the attribution loss changes in the policy",
+        "gmpq and edmips run the same search, with and without the attribution loss, from the same float model, "
+        "data order and seed. Per budget and seed: searched layers whose (w, a) differ, and the mean absolute "
+        "difference in weight / activation bits over the searched layers (`policies_b<budget>.png`: the first "
+        "seed's two policies).",
+        ["budget G", "proxy", "seed", "layers that differ", "mean abs Δ W bits", "mean abs Δ A bits"],
+        [f"{e['budget_g']:g} | {e['proxy'] or '–'} | {e['seed']} | {e['differ']} of {e['layers']} | "
+         f"{e['mean_abs_dw']:.2f} | {e['mean_abs_da']:.2f}" for e in effect])
 
 
 def search_loss_terms(study: StudyConfig, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -138,30 +143,27 @@ def search_loss_terms(study: StudyConfig, rows: list[dict[str, Any]]) -> list[di
                 break  # a score + decode strategy: no supernet, no loss terms
             last = json.loads(log.read_text().splitlines()[-1])
             lam = float(json.loads(stage.policy.read_text())["provenance"].get("lambda_attr") or 0.0)
-            terms.append((last["loss_ce"], lam * last["loss_attr"], last["loss_complexity"], last["alpha_entropy"],
-                          last["expected_bops_g"] / last["budget_g"], last["epoch"]))
+            terms.append({"ce": last["loss_ce"], "attr": lam * last["loss_attr"],
+                          "complexity": last["loss_complexity"], "entropy": last["alpha_entropy"],
+                          "bops_ratio": last["expected_bops_g"] / last["budget_g"], "epoch": last["epoch"]})
         if terms:
-            mean = [sum(t[i] for t in terms) / len(terms) for i in range(5)]
-            out.append({"budget_g": budget, "strategy": strategy, "n": len(terms), "epoch": terms[0][5],
-                        "ce": mean[0], "attr": mean[1], "complexity": mean[2], "entropy": mean[3],
-                        "bops_ratio": mean[4]})
+            mean = {k: sum(t[k] for t in terms) / len(terms) for k in ("ce", "attr", "complexity", "entropy",
+                                                                    "bops_ratio")}
+            out.append({"budget_g": budget, "strategy": strategy, "n": len(terms), "epoch": terms[0]["epoch"],
+                        **mean})
     return out
 
 
 def _loss_terms_markdown(terms: list[dict[str, Any]]) -> str:
-    if not terms:
-        return ""
-    lines = ["", "## The search's loss terms", "",
-             "At the last search epoch, mean over seeds: cross-entropy, lambda_attr * L_attr, the budget term, the "
-             "mean entropy of the architecture logits' softmax (nats; a uniform one over 4 bits is 1.39) and the "
-             "expected BOPs over the budget. An entropy near 0 with expected BOPs off the budget is a collapsed "
-             "search: its policy is decoded from residual probabilities.", "",
-             "| budget G | strategy | n | epoch | CE | λ·L_attr | budget term | entropy | E[BOPs] / budget |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for t in terms:
-        lines.append(f"| {t['budget_g']:g} | {t['strategy']} | {t['n']} | {t['epoch']} | {t['ce']:.3f} | "
-                     f"{t['attr']:.3f} | {t['complexity']:+.3f} | {t['entropy']:.4f} | {t['bops_ratio']:.2f} |")
-    return "\n".join(lines) + "\n"
+    return _section(
+        "The search's loss terms",
+        "At the last search epoch, mean over seeds: cross-entropy, lambda_attr * L_attr, the budget term, the mean "
+        "entropy of the architecture logits' softmax (nats; a uniform one over 4 bits is 1.39) and the expected BOPs "
+        "over the budget. An entropy near 0 with expected BOPs off the budget is a collapsed search: its policy is "
+        "decoded from residual probabilities.",
+        ["budget G", "strategy", "n", "epoch", "CE", "λ·L_attr", "budget term", "entropy", "E[BOPs] / budget"],
+        [f"{t['budget_g']:g} | {t['strategy']} | {t['n']} | {t['epoch']} | {t['ce']:.3f} | {t['attr']:.3f} | "
+         f"{t['complexity']:+.3f} | {t['entropy']:.4f} | {t['bops_ratio']:.2f}" for t in terms])
 
 
 def _by(rows: list[dict[str, Any]]) -> dict[tuple[float, str], dict[int, dict[str, Any]]]:
@@ -200,7 +202,7 @@ def summary_markdown(study: StudyConfig, rows: list[dict[str, Any]], total_cells
     r = study.recipe
     t = r.target
     devices = sorted({row["device"] for row in rows if row.get("device")})
-    cells_done = len({row["run_id"] for row in rows})
+    cells_done = finished_cells(rows)
     lines = [f"# Study `{study.name}`", ""]
     if study.description:
         lines += [study.description.strip(), ""]

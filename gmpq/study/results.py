@@ -72,6 +72,11 @@ def failed_rows(study: StudyConfig, grid: list[Cell]) -> list[dict[str, Any]]:
     return rows
 
 
+def finished_cells(rows: Sequence[dict[str, Any]]) -> int:
+    """How many cells ``rows`` come from: a cell deployed twice (PTQ and QAT) has two rows."""
+    return len({row["run_id"] for row in rows})
+
+
 def results_csv(rows: list[dict[str, Any]], failed: Sequence[dict[str, Any]] = ()) -> str:
     """``results.csv``: the finished rows, then the failed cells (their ``error`` column set, no results)."""
     buf = io.StringIO()
