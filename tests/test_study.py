@@ -222,6 +222,42 @@ def test_attribution_effect_counts_the_layers_gmpq_and_edmips_decode_differently
     assert (tmp_path / "out" / "policies_b0.21.png").stat().st_size > 5_000
 
 
+def test_a_rerun_of_some_strategies_borrows_the_other_cells_as_baselines(tmp_path) -> None:
+    from gmpq.study.archive import float_weights_digest
+    from gmpq.study.baselines import borrow_baselines
+
+    base = _write(tmp_path, _study(tmp_path, strategies=["uniform"], output_dir=str(tmp_path / "base")))
+    run_study(base)
+    rerun = _study(tmp_path, strategies=["gmpq"], seeds=[0], output_dir=str(tmp_path / "rerun"),
+                   baselines=str(tmp_path / "base"))
+    rerun["recipe"]["search"]["lr_alpha"] = 0.3
+    result = run_study(_write(tmp_path, rerun, "rerun.yaml"))
+    assert result.ran == ["gmpq_b0.21_s0"] and [r["strategy"] for r in result.rows] == ["gmpq"]
+    for name in ("proxy_float", "target_float"):  # started from the baseline study's float models, not its own
+        assert float_weights_digest(tmp_path / "rerun" / name) == float_weights_digest(tmp_path / "base" / name)
+    summary = (tmp_path / "rerun" / "summary.md").read_text()
+    assert "cells finished: 1 of 1" in summary
+    assert "2 finished cells borrowed from study `smoke`" in summary and "`search.lr_alpha` 0.3 here, 3.0 there" in summary
+    gmpq_row = next(line for line in summary.splitlines() if line.startswith("| 0.21 | gmpq | 1 |"))
+    assert "(n=1)" in gmpq_row.split("|")[7] and "| 0.21 | uniform_below † | 1 |" in summary
+    csv_rows = (tmp_path / "rerun" / "results.csv").read_text().splitlines()
+    assert csv_rows[0].endswith(",error,borrowed_from") and sum(str(tmp_path / "base") in r for r in csv_rows) == 2
+
+    # not comparable: other fine-tuning, other float weights, its own directory
+    finetune = {**rerun["recipe"]["finetune"], "max_steps": 2}
+    other = study_from_dict({**rerun, "recipe": {**rerun["recipe"], "finetune": finetune}})
+    with pytest.raises(RecipeError, match=r"recipe\.finetune\.max_steps is 2 here and 1 there"):
+        borrow_baselines(other)
+    weights = tmp_path / "base" / "target_float" / "pretrain" / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\1")
+    with pytest.raises(RecipeError, match="other float weights"):
+        borrow_baselines(study_from_dict(rerun))
+    with pytest.raises(RecipeError, match="own directory"):
+        borrow_baselines(study_from_dict({**rerun, "baselines": str(tmp_path / "rerun")}))
+    with pytest.raises(RecipeError, match="'baselines' must be the path"):
+        study_from_dict({**rerun, "baselines": 3})
+
+
 # ------------------------------------------------------------------------------------------------ proxies and PTQ
 #: A study with named proxies and both deployments, small enough for the suite (the embedded subset throughout).
 PROXIED = {

@@ -7,6 +7,7 @@
 * :mod:`gmpq.study.stats` — means, standard deviations, paired differences with 95 % t-intervals over seeds.
 * :mod:`gmpq.study.report` — ``results.csv``, ``summary.md``, ``study.png``.
 * :mod:`gmpq.study.archive` — pack finished cells, merge archives (studies that span several GPU leases).
+* :mod:`gmpq.study.baselines` — borrow another study's cells as baselines (a rerun of some strategies).
 
 ``gmpq study STUDY.yaml`` is :func:`run_study`; ``gmpq.run_study`` is the same call.
 """

@@ -25,6 +25,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+import torch
+
 from gmpq.errors import RunError
 from gmpq.study.config import StudyConfig
 from gmpq.utils import atomic_write
@@ -119,7 +121,7 @@ def _merge_float(src: Path, dst: Path, archive: Path) -> None:
     """Take the archive's float model directory unless the study has one; if both exist, they must be identical."""
     if not src.is_dir():
         return
-    mine, theirs = _weights(dst), _weights(src)
+    mine, theirs = float_weights_digest(dst), float_weights_digest(src)
     if mine is not None and theirs is not None and mine != theirs:
         raise RunError(f"the float model in {str(dst)!r} differs from the one in {str(archive)!r}: cells trained from "
                        f"different float models are not comparable; unpack into a fresh study directory")
@@ -129,9 +131,16 @@ def _merge_float(src: Path, dst: Path, archive: Path) -> None:
         shutil.move(str(src), str(dst))
 
 
-def _weights(root: Path) -> str | None:
-    """SHA-256 of the float model's weights under ``root`` (its pretrain model), None without one."""
+def float_weights_digest(root: Path) -> str | None:
+    """SHA-256 of the float model's tensors under ``root`` (its pretrain model: names, dtypes, shapes and values in
+    name order, so that two saves of the same weights agree whatever the file's metadata order), None without one."""
+    from safetensors.torch import load_file
+
     files = sorted(root.glob("*/model/model.safetensors")) if root.is_dir() else []
     if not files:
         return None
-    return hashlib.sha256(files[0].read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    for name, tensor in sorted(load_file(files[0]).items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

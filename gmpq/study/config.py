@@ -27,6 +27,8 @@ Optional keys for a study with several proxies and two deployments (``resnet20_c
     ptq: {method: bn, calibration_images: 1024}               # see gmpq.study.deploy
     target_float: resnet20_cifar10_float   # a pretrain recipe that makes the target float model once per study
     references: [{method: ..., paper: ..., bits: ..., top1: ..., float_top1: ..., training: ...}]  # published figures
+    baselines: runs/studies/<other>   # borrow that study's cells of the strategies this one does not run
+                                      # (a rerun of some strategies with other search settings: gmpq.study.baselines)
 
 A proxy's ``data`` and ``search`` mappings replace those keys of the base recipe for its cells. ``random`` and
 ``uniform`` read no proxy data and run once per budget and seed. Without ``proxies`` the base recipe's data is the
@@ -62,7 +64,7 @@ TARGET = "target"
 #: The resolved study a study directory holds (see :attr:`StudyConfig.study_file`).
 STUDY_FILE = "study.yaml"
 STUDY_KEYS = ("name", "description", "strategies", "budgets", "seeds", "recipe", "target_pretrain", "output_dir",
-              "proxies", "deploy", "ptq", "target_float", "references")
+              "proxies", "deploy", "ptq", "target_float", "references", "baselines")
 #: Strategies that read no proxy data: one cell per budget and seed, whatever the proxies.
 PROXY_FREE = ("random", UNIFORM, TARGET)
 #: How a cell's policy is deployed on the target: ``qat`` (fine-tuning, the pipeline's) and ``ptq`` (post-training).
@@ -127,6 +129,7 @@ class StudyConfig:
     ptq: PTQConfig = field(default_factory=PTQConfig)
     target_float: Recipe | None = None
     references: list[dict[str, Any]] = field(default_factory=list)
+    baselines: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -193,9 +196,9 @@ class StudyConfig:
         path = RunDir(self.target_float_dir).evaluate.metrics
         return float(json.loads(path.read_text())["top1"]) if path.exists() else None
 
-    def fingerprint(self) -> str:
-        """A hash of what determines every cell's result: the base recipe (without run-directory keys) and the
-        target float model's training. The grid itself (strategies, budgets, seeds) may grow between runs."""
+    def fingerprint_content(self) -> dict[str, Any]:
+        """What determines every cell's result: the base recipe (without run-directory keys) and the target float
+        model's training, with the proxies, deployments and post-training settings where set."""
         recipe = self.recipe.to_dict()
         for key in ("output_dir", "resume", "force", "name", "dist_timeout_s"):
             recipe.pop(key, None)
@@ -205,7 +208,12 @@ class StudyConfig:
         for key in ("proxies", "deploy", "ptq", "target_float"):  # only where set: older studies keep their print
             if key in self.extra:
                 content[key] = self.extra[key]
-        blob = json.dumps(content, sort_keys=True, default=str)
+        return json.loads(json.dumps(content, default=str))
+
+    def fingerprint(self) -> str:
+        """A hash of :meth:`fingerprint_content`. The grid itself (strategies, budgets, seeds) may grow between runs,
+        and ``baselines`` (borrowed rows, :mod:`gmpq.study.baselines`) changes only the report."""
+        blob = json.dumps(self.fingerprint_content(), sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
@@ -310,10 +318,16 @@ def study_from_dict(data: dict[str, Any], base_dir: str | os.PathLike = ".", rec
     references = _references(data.get("references"))
     if references:
         extra["references"] = references
+    baselines = data.get("baselines")
+    if baselines is not None:
+        if not isinstance(baselines, str) or not baselines:
+            raise RecipeError(f"study key 'baselines' must be the path of another study's output directory, got "
+                              f"{baselines!r}")
+        extra["baselines"] = baselines
     study = StudyConfig(name=name, strategies=strategies, budgets=budgets, seeds=seeds, recipe=recipe,
                         target_pretrain=dict(target_pretrain), description=str(data.get("description") or ""),
                         output_dir=data.get("output_dir"), source=source, proxies=proxies, deploy=deploy, ptq=ptq,
-                        target_float=target_float, references=references, extra=extra)
+                        target_float=target_float, references=references, baselines=baselines, extra=extra)
     check_protocol(study)
     return study
 

@@ -22,8 +22,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from gmpq.study.baselines import Borrowed, borrow_baselines
 from gmpq.study.config import StudyConfig
-from gmpq.study.results import finished_cells, results_csv
+from gmpq.study.results import finished_cells, results_csv, row_cell_dir
 from gmpq.study.stats import PairedDifference, paired_difference, spread
 from gmpq.utils import atomic_write_text
 
@@ -34,6 +35,10 @@ ORACLE = "oracle"
 #: Strategies whose transfer (proxy against oracle) the summary reports.
 TRANSFER_STRATEGIES = ("gmpq", "edmips", "hawq", "ompq")
 DEPLOY_NAMES = {"qat": "QAT (fine-tuning with distillation)", "ptq": "PTQ (post-training)"}
+#: Table order of strategies a study did not run itself (borrowed rows).
+_CANONICAL_ORDER = ("gmpq", "edmips", "hawq", "ompq", "target", "random", "uniform_below", "uniform_above")
+#: The mark of a borrowed row's strategy in the tables.
+BORROWED_MARK = " †"
 
 
 def label(row: dict[str, Any]) -> str:
@@ -53,12 +58,17 @@ def write_report(study: StudyConfig, rows: list[dict[str, Any]], total_cells: in
                  failed: Sequence[dict[str, Any]] = ()) -> tuple[Path, Path | None]:
     """Write ``results.csv``, ``summary.md``, ``study.png`` and, where gmpq and edmips both ran, one figure per budget
     of their policies side by side (``policies_b<budget>.png``); return the summary's and study.png's paths.
-    ``failed`` (:func:`~gmpq.study.results.failed_rows`) are listed in results.csv and the summary."""
+    ``failed`` (:func:`~gmpq.study.results.failed_rows`) are listed in results.csv and the summary; rows borrowed
+    from ``study.baselines`` (:mod:`gmpq.study.baselines`) join every table, marked."""
     directory = study.directory
+    borrowed = borrow_baselines(study)
+    if borrowed is not None:
+        rows = [*rows, *borrowed.rows]
     atomic_write_text(directory / RESULTS_FILE, results_csv(rows, failed))
     float_line = study.float_top1()
     attribution = attribution_effect(study, _deployed(rows, study.deploy[0]))
-    text = summary_markdown(study, rows, total_cells, float_line, failed) + _attribution_markdown(attribution)
+    text = summary_markdown(study, rows, total_cells, float_line, failed, borrowed)
+    text += _attribution_markdown(attribution)
     text += _loss_terms_markdown(search_loss_terms(study, _deployed(rows, study.deploy[0])))
     if study.proxies:
         text += proxies_markdown(study, rows)
@@ -89,8 +99,8 @@ def attribution_effect(study: StudyConfig, rows: list[dict[str, Any]]) -> list[d
         proxy = strategy.partition("@")[2]
         others = table[(budget, strategy.replace("gmpq", "edmips", 1))]
         for seed in sorted(set(cells) & set(others)):
-            g = Policy.load(RunDir(study.cell_dir(cells[seed]["run_id"])).policy)
-            e = Policy.load(RunDir(study.cell_dir(others[seed]["run_id"])).policy)
+            g = Policy.load(RunDir(row_cell_dir(study, cells[seed])).policy)
+            e = Policy.load(RunDir(row_cell_dir(study, others[seed])).policy)
             diff = [n for n in g.layers if (g.layers[n].w_bits, g.layers[n].a_bits) !=
                     (e.layers[n].w_bits, e.layers[n].a_bits)]
             dw = sum(abs(g.layers[n].w_bits - e.layers[n].w_bits) for n in g.layers) / len(g.layers)
@@ -137,7 +147,7 @@ def search_loss_terms(study: StudyConfig, rows: list[dict[str, Any]]) -> list[di
     for (budget, strategy), cells in sorted(_by(rows).items()):
         terms = []
         for r in cells.values():
-            stage = RunDir(study.cell_dir(r["run_id"])).search
+            stage = RunDir(row_cell_dir(study, r)).search
             log = stage.path / "search_log.jsonl"
             if not log.exists():
                 break  # a score + decode strategy: no supernet, no loss terms
@@ -196,7 +206,8 @@ def _finetune_length(r: Any) -> str:
 
 
 def summary_markdown(study: StudyConfig, rows: list[dict[str, Any]], total_cells: int,
-                     float_line: float | None, failed: Sequence[dict[str, Any]] = ()) -> str:
+                     float_line: float | None, failed: Sequence[dict[str, Any]] = (),
+                     borrowed: Borrowed | None = None) -> str:
     """The text of ``summary.md`` (module docstring): the header, then per deployment the per-budget table and every
     cell."""
     r = study.recipe
@@ -236,10 +247,12 @@ def summary_markdown(study: StudyConfig, rows: list[dict[str, Any]], total_cells
         "not evaluated yet",
         f"- cells finished: {cells_done} of {total_cells}; seeds {study.seeds}; devices: {', '.join(devices) or '–'}",
     ]
+    if borrowed is not None:
+        lines.append(_borrowed_line(borrowed))
     if failed:
         lines.append(f"- cells failed: {len(failed)} (not in the statistics; rerunning the study retries them): "
                      + "; ".join(f"`{f['run_id']}` {f['error']}" for f in failed))
-    order = {s: i for i, s in enumerate(_strategy_order(study))}
+    order = {s: i for i, s in enumerate(_strategy_order(study, rows))}
     titled = bool(study.proxies) or study.deploy != ["qat"]
     for deploy in study.deploy:
         lines += _budget_table(study, _deployed(rows, deploy), order,
@@ -250,7 +263,7 @@ def summary_markdown(study: StudyConfig, rows: list[dict[str, Any]], total_cells
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in sorted(rows, key=lambda x: (x["budget_g"], order.get(label(x), 99), x["seed"], x.get("deploy", ""))):
         lines.append(
-            f"| {row['budget_g']:g} | {label(row)} | {row.get('deploy', 'qat')} | {row['seed']} | {row['top1']:.2f} | "
+            f"| {row['budget_g']:g} | {_shown(row)} | {row.get('deploy', 'qat')} | {row['seed']} | {row['top1']:.2f} | "
             f"{row['top5']:.2f} | {row['bops_searched_g']:.4f} | {100 * row['budget_fraction']:.1f} | "
             f"{row['mean_w_bits']:.2f} / {row['mean_a_bits']:.2f} | {_opt(row.get('proxy_holdout_top1'))} | "
             f"{_opt(row.get('alpha_entropy'), 3)} | {_opt(row.get('search_s'), 0)} | {_opt(row.get('cell_s'), 0)} | "
@@ -295,7 +308,7 @@ def _budget_table(study: StudyConfig, rows: list[dict[str, Any]], order: dict[st
         search_s = f"{spread(searched).mean:.0f}" if searched else "–"
         w_bits = _pm([c["mean_w_bits"] for c in cells.values()])
         a_bits = _pm([c["mean_a_bits"] for c in cells.values()])
-        lines.append(f"| {budget:g} | {strategy} | {len(cells)} | {_pm(list(top1.values()))} | {_pm(bops, 3)} "
+        lines.append(f"| {budget:g} | {_shown(next(iter(cells.values())))} | {len(cells)} | {_pm(list(top1.values()))} | {_pm(bops, 3)} "
                      f"({100 * spread(bops).mean / budget:.0f} %) | {w_bits} / {a_bits} | {' | '.join(diffs)} | "
                      f"{search_s} |")
     return lines
@@ -353,12 +366,12 @@ def proxies_markdown(study: StudyConfig, rows: list[dict[str, Any]]) -> str:
               "Wall time of the search stage per cell (seconds, mean ± sd over budgets and seeds; one CPU thread "
               "unless the device column says otherwise).", "",
               "| strategy | cells | search s |", "|---|---|---|"]
-    order = {s: i for i, s in enumerate(_strategy_order(study))}
+    order = {s: i for i, s in enumerate(_strategy_order(study, rows))}
     cost: dict[str, list[float]] = defaultdict(list)
     for r in _deployed(rows, study.deploy[0]):
         if r.get("search_s") is not None:
-            cost[label(r)].append(r["search_s"])
-    for name in sorted(cost, key=lambda k: order.get(k, 99)):
+            cost[_shown(r)].append(r["search_s"])
+    for name in sorted(cost, key=lambda k: order.get(k.removesuffix(BORROWED_MARK), 99)):
         lines.append(f"| {name} | {len(cost[name])} | {_pm(cost[name], 0)} |")
     return "\n".join(lines) + "\n"
 
@@ -368,7 +381,7 @@ def _bits_tables(study: StudyConfig, rows: list[dict[str, Any]], budgets: list[f
     from gmpq.policy import Policy
     from gmpq.rundir import RunDir
 
-    order = {s: i for i, s in enumerate(_strategy_order(study))}
+    order = {s: i for i, s in enumerate(_strategy_order(study, rows))}
     lines = ["", "## Where the bits went", "",
              "Weight / activation bits of each searched layer in each strategy's policy (the first seed), per budget."]
     for budget in budgets:
@@ -378,10 +391,10 @@ def _bits_tables(study: StudyConfig, rows: list[dict[str, Any]], budgets: list[f
         if not chosen:
             continue
         names = sorted(chosen, key=lambda k: order.get(k, 99))
-        policies = {n: Policy.load(RunDir(study.cell_dir(chosen[n]["run_id"])).policy) for n in names}
+        policies = {n: Policy.load(RunDir(row_cell_dir(study, chosen[n])).policy) for n in names}
         layers = list(next(iter(policies.values())).layers)
         lines += ["", f"### {budget:g} G (seed {min(c['seed'] for c in chosen.values())})", "",
-                  "| layer | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+                  "| layer | " + " | ".join(_shown(chosen[n]) for n in names) + " |", "|---|" + "---|" * len(names)]
         for layer in layers:
             cells = [f"{p.layers[layer].w_bits}/{p.layers[layer].a_bits}" if layer in p.layers else "–"
                      for p in policies.values()]
@@ -408,8 +421,9 @@ def _opt(value: Any, digits: int = 2) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-def _strategy_order(study: StudyConfig) -> list[str]:
-    """Row labels in table order: each strategy (per proxy where it reads one), uniform as its two sides."""
+def _strategy_order(study: StudyConfig, rows: Sequence[dict[str, Any]] = ()) -> list[str]:
+    """Row labels in table order: each strategy (per proxy where it reads one), uniform as its two sides; then the
+    labels of ``rows`` the study does not run (borrowed ones), in :data:`_CANONICAL_ORDER`."""
     from gmpq.study.config import PROXY_FREE
 
     out = []
@@ -420,22 +434,46 @@ def _strategy_order(study: StudyConfig) -> list[str]:
             out += [f"{s}@{p}" for p in study.proxies]
         else:
             out.append(s)
-    return out
+    rank = {s: i for i, s in enumerate(_CANONICAL_ORDER)}
+    others = {label(r) for r in rows} - set(out)
+    return out + sorted(others, key=lambda k: (rank.get(k.partition("@")[0], len(rank)), k))
+
+
+def _shown(row: dict[str, Any]) -> str:
+    """A row's label as the tables show it: marked when it was borrowed from another study."""
+    return label(row) + (BORROWED_MARK if row.get("borrowed_from") else "")
+
+
+def _borrowed_line(borrowed: Borrowed) -> str:
+    """The header line of borrowed rows: where from, which strategies, the search settings that differ."""
+    cells = len({r["run_id"] for r in borrowed.rows})
+    names = sorted({label(r) for r in borrowed.rows})
+    differs = "; ".join(f"`{k}` {here!r} here, {there!r} there"
+                        for k, (here, there) in borrowed.search_differences.items()) or "none"
+    return (f"- rows marked †: {cells} finished cells borrowed from study `{borrowed.study.name}` "
+            f"(`{borrowed.study.directory}`): {', '.join(names) or 'none yet'}; the same float models, recipe, "
+            f"deployments and target, the search settings aside ({differs})")
 
 
 def plot_study(study: StudyConfig, rows: list[dict[str, Any]], path: Path, float_line: float | None,
                deploy: str = "qat") -> Path:
-    """``study.png``: target top-1 against searched BOPs; per strategy and budget the mean over seeds with ±1 sd
-    error bars, each seed as a small dot; the float model as a horizontal line, the budgets as dotted lines."""
+    """``study.png``: target top-1 against searched BOPs; per strategy (a colour) and proxy (a marker) and budget the
+    mean over seeds with ±1 sd error bars, each seed as a small dot; the float model as a horizontal line, the budgets
+    as dotted lines."""
     from gmpq.viz._render import new_figure, save_figure
     from gmpq.viz.compare import COLORS, MARKERS
 
-    strategies = [s for s in _strategy_order(study) if any(r["strategy"] == s for r in rows)]
+    present = {label(r): r for r in rows}
+    strategies = [s for s in _strategy_order(study, rows) if s in present]
+    bases = list(dict.fromkeys(s.partition("@")[0] for s in strategies))
+    proxies = list(dict.fromkeys(s.partition("@")[2] for s in strategies if "@" in s))
     fig = new_figure(8.0, 5.0)
     ax = fig.subplots()
     table = _by(rows)
-    for i, strategy in enumerate(strategies):
-        color, marker = COLORS[i % len(COLORS)], MARKERS[i % len(MARKERS)]
+    for strategy in strategies:
+        base, _, proxy = strategy.partition("@")
+        color = COLORS[bases.index(base) % len(COLORS)]
+        marker = MARKERS[(proxies.index(proxy) + 1) % len(MARKERS)] if proxy else MARKERS[0]
         xs, ys, xerr, yerr = [], [], [], []
         for (_budget, s), cells in sorted(table.items()):
             if s != strategy:
@@ -450,7 +488,7 @@ def plot_study(study: StudyConfig, rows: list[dict[str, Any]], path: Path, float
                 ax.annotate(f"W{first['mean_w_bits']:.0f}A{first['mean_a_bits']:.0f}", (b.mean, t.mean),
                             xytext=(6, -10), textcoords="offset points", fontsize=7, color=color)
         ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt=marker, color=color, markeredgecolor="#1a1a1a",
-                    markeredgewidth=0.5, ms=7, capsize=3, lw=1, label=strategy, zorder=3)
+                    markeredgewidth=0.5, ms=7, capsize=3, lw=1, label=_shown(present[strategy]), zorder=3)
     for budget in study.budgets:
         ax.axvline(budget, color="#9e9e9e", ls=":", lw=0.8, zorder=1)
     if float_line is not None:

@@ -17,7 +17,7 @@ from gmpq.study.deploy import ptq_stage
 
 RESULT_COLUMNS = ("strategy", "proxy", "deploy", "budget_g", "seed", "bops_searched_g", "budget_fraction",
                   "mean_w_bits", "mean_a_bits", "top1", "top5", "search_s", "finetune_s", "cell_s", "alpha_entropy",
-                  "proxy_holdout_top1", "device", "run_id", "error")
+                  "proxy_holdout_top1", "device", "run_id", "error", "borrowed_from")
 
 
 def finished_cell_dirs(directory: str | os.PathLike) -> list[Path]:
@@ -61,6 +61,13 @@ def collect_rows(study: StudyConfig, grid: list[Cell]) -> list[dict[str, Any]]:
     return rows
 
 
+def row_cell_dir(study: StudyConfig, row: dict[str, Any]) -> Path:
+    """The run directory of ``row``'s cell: in ``study``, or in the study it was borrowed from."""
+    if row.get("borrowed_from"):
+        return Path(row["borrowed_from"]) / "cells" / row["run_id"]
+    return study.cell_dir(row["run_id"])
+
+
 def failed_rows(study: StudyConfig, grid: list[Cell]) -> list[dict[str, Any]]:
     """One row per unfinished grid cell whose last attempt failed: its strategy, budget, seed and ``error``."""
     rows = []
@@ -73,12 +80,14 @@ def failed_rows(study: StudyConfig, grid: list[Cell]) -> list[dict[str, Any]]:
 
 
 def finished_cells(rows: Sequence[dict[str, Any]]) -> int:
-    """How many cells ``rows`` come from: a cell deployed twice (PTQ and QAT) has two rows."""
-    return len({row["run_id"] for row in rows})
+    """How many of the study's own cells ``rows`` come from: a cell deployed twice (PTQ and QAT) has two rows, and
+    borrowed rows (:mod:`gmpq.study.baselines`) are another study's cells."""
+    return len({row["run_id"] for row in rows if not row.get("borrowed_from")})
 
 
 def results_csv(rows: list[dict[str, Any]], failed: Sequence[dict[str, Any]] = ()) -> str:
-    """``results.csv``: the finished rows, then the failed cells (their ``error`` column set, no results)."""
+    """``results.csv``: the finished rows, then the failed cells (their ``error`` column set, no results); a borrowed
+    row names its study directory in ``borrowed_from``."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, lineterminator="\n")
     writer.writeheader()

@@ -45,6 +45,7 @@ from gmpq.recipes import Recipe
 from gmpq.rundir import RunDir
 from gmpq.stages import evaluate, pretrain, search
 from gmpq.study.archive import pack_study, unpack_study
+from gmpq.study.baselines import adopt_float_models
 from gmpq.study.config import TARGET, Cell, StudyConfig, load_study
 from gmpq.study.deploy import post_training, ptq_stage
 from gmpq.study.grid import expand_grid
@@ -92,6 +93,8 @@ def run_study(study: StudyConfig | str | os.PathLike, overrides: Sequence[str] =
         _claim_directory(study)
         for archive in unpack:
             unpack_study(study, archive)
+        if not report_only:
+            adopt_float_models(study)
     state.wait_for_everyone()
     ran: list[str] = []
     if not report_only:
