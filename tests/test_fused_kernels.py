@@ -149,6 +149,43 @@ def test_compiled_fixed_layer_matches_autograd():
 
 
 @pytest.mark.parametrize("signed", [False, True])
+def test_qdrop_kernel_matches_its_op_by_op_reference(signed):
+    """QDrop's fused kernel: the eager form's mask and values, the gradients of torch.where(keep, x, Q_a(x)) by
+    autograd, a kept fraction near p, and the end cases p = 0 (the quantizer) and p = 1 (the identity)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 8, 9, 9, generator=gen)
+    clip = torch.tensor(1.3)
+    grad = torch.randn(x.shape, generator=gen)
+    seed = torch.tensor(2**31 + 12345, dtype=torch.int64)
+
+    def run(name, p, make):
+        xx, cc = x.clone().requires_grad_(), clip.clone().requires_grad_()
+        with backend(name):
+            y = make(xx, cc, p)
+        (y * grad).sum().backward()
+        return y.detach(), xx.grad, cc.grad
+
+    def reference(xx, cc, p):
+        keep = fused.dropout_keep(xx.numel(), seed, int(p * 2**32), xx.device).view(xx.shape)
+        return torch.where(keep, xx, QF.quantize_activation(xx, cc, 3, signed))
+
+    for p in (0.0, 0.5, 1.0):
+        fused_out = run("compile", p, lambda xx, cc, p: fused.qdrop_activation(xx, cc, 3, signed, p, seed))
+        eager_out = run("eager", p, lambda xx, cc, p: fused.qdrop_activation(xx, cc, 3, signed, p, seed))
+        autograd_out = run("eager", p, reference)
+        for got in (fused_out, eager_out):
+            torch.testing.assert_close(got[0], autograd_out[0], rtol=0, atol=0)
+            torch.testing.assert_close(got[1], autograd_out[1], rtol=0, atol=1e-6)
+            torch.testing.assert_close(got[2], autograd_out[2], rtol=1e-5, atol=1e-5)
+        kept = (fused_out[0] == x) & (QF.quantize_activation(x, clip, 3, signed) != x)
+        changed = QF.quantize_activation(x, clip, 3, signed) != x
+        fraction = float(kept.sum() / changed.sum())
+        assert abs(fraction - p) < 0.05, (p, fraction)
+    other = fused.qdrop_activation(x, clip, 3, signed, 0.5, seed + 1)
+    assert not torch.equal(other, fused.qdrop_activation(x, clip, 3, signed, 0.5, seed))  # the seed draws the mask
+
+
+@pytest.mark.parametrize("signed", [False, True])
 def test_triton_kernels_match_eager_in_the_interpreter(interpreted_triton, signed):
     """The Triton kernels give the eager kernels' values: elementwise outputs bit for bit, sums to rounding."""
     t = _kernel_inputs()

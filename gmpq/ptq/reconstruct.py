@@ -51,8 +51,9 @@ from gmpq.models.adapter import PolicyLike
 from gmpq.policy import as_policy
 from gmpq.ptq.batchnorm import fold_batchnorm
 from gmpq.ptq.blocks import Block, capture, reconstruction_blocks, run_block
-from gmpq.quant import QuantMixin, calibrate, fold_weight_transform
+from gmpq.quant import QuantMixin, calibrate, fold_weight_transform, fused
 from gmpq.quant import functional as QF
+from gmpq.quant.quantizers import host_bool
 from gmpq.quant.rounding import LearnedRounding
 from gmpq.recipes import PtqConfig
 from gmpq.utils import atomic_write
@@ -182,20 +183,18 @@ def _take_images(images: torch.Tensor | Iterable[Any], wanted: int) -> torch.Ten
 
 
 class _QDrop(nn.Module):
-    """An activation quantizer that passes each element unquantized with probability ``p`` (QDrop)."""
+    """An activation quantizer that passes each element unquantized with probability ``p`` (QDrop): one fused kernel
+    (:func:`gmpq.quant.fused.qdrop_activation`) whose mask is drawn from one seed per call of ``generator``."""
 
     def __init__(self, aq: nn.Module, p: float, generator: torch.Generator) -> None:
         super().__init__()
         self.aq, self.p, self.generator = aq, p, generator
         self.bits = aq.bits
-        self.active = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q = self.aq(x)
-        if not self.active:
-            return q
-        keep = torch.rand(x.shape, generator=self.generator, device=x.device, dtype=q.dtype) < self.p
-        return torch.where(keep, x.to(q.dtype), q)
+        seed = torch.randint(2**32, (), generator=self.generator, device=self.generator.device, dtype=torch.int64)
+        aq = self.aq
+        return fused.qdrop_activation(x, aq.clip, aq.bits, host_bool(aq.signed), self.p, seed.to(x.device))
 
 
 def _output_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -142,6 +142,42 @@ def weight_mix_backward(
             torch.stack(grad_scales) * gammas[:, None])
 
 
+#: MurmurHash3's 32-bit finaliser constants and the golden-ratio increment of :func:`dropout_keep`'s counter.
+_GOLDEN, _FMIX1, _FMIX2, _MASK32 = 0x9E3779B9, 0x85EBCA6B, 0xC2B2AE35, 0xFFFFFFFF
+
+
+def dropout_keep(n: int, seed: torch.Tensor, threshold: int, device: torch.device) -> torch.Tensor:
+    """QDrop's mask over ``n`` elements without a stored tensor or a generator: element ``i`` is kept (passes
+    unquantized) where ``fmix32(i * 0x9E3779B9 + seed) < threshold`` — MurmurHash3's finaliser as a counter-based
+    generator, so ``threshold = p * 2^32`` keeps each element with probability ``p``, the kernel draws the mask in the
+    same pass as the quantizer, and the backward pass recomputes it from ``seed`` (an int64 scalar tensor)."""
+    h = (torch.arange(n, device=device, dtype=torch.int64) * _GOLDEN + seed) & _MASK32
+    h = h ^ (h >> 16)
+    h = (h * _FMIX1) & _MASK32
+    h = h ^ (h >> 13)
+    h = (h * _FMIX2) & _MASK32
+    return (h ^ (h >> 16)) < threshold
+
+
+def act_drop_forward(x: torch.Tensor, clip: torch.Tensor, levels: torch.Tensor, signed: bool, seed: torch.Tensor,
+                     threshold: int) -> torch.Tensor:
+    """QDrop around a fixed-bit activation quantizer (``x`` flat, ``clip`` and ``levels`` of one candidate): ``x``
+    where :func:`dropout_keep` keeps it, else ``Q_a(x)``."""
+    q = act_mix_forward(x, torch.ones_like(clip), clip, levels, signed, 1)
+    return torch.where(dropout_keep(x.numel(), seed, threshold, x.device), x.to(q.dtype), q)
+
+
+def act_drop_backward(x: torch.Tensor, grad: torch.Tensor, clip: torch.Tensor, levels: torch.Tensor, signed: bool,
+                      seed: torch.Tensor, threshold: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`act_drop_forward` w.r.t. ``x`` (``g`` where kept, ``g * dQ_a/dx`` elsewhere) and the clip
+    (the quantized elements' share of :func:`act_mix_backward`'s)."""
+    keep = dropout_keep(x.numel(), seed, threshold, x.device)
+    grad = grad.to(torch.promote_types(x.dtype, clip.dtype))
+    quantized = torch.where(keep, torch.zeros_like(grad), grad)
+    gx, _, gc = act_mix_backward(x, quantized, torch.ones_like(clip), clip, levels, signed, 1, need_probs=False)
+    return gx + torch.where(keep, grad, torch.zeros_like(grad)), gc
+
+
 def effective_scales(scales: torch.Tensor, gammas: torch.Tensor) -> torch.Tensor:
     """The forward value of :func:`gmpq.quant.functional.scale_grad` (may differ from ``scales`` by an ulp)."""
     scaled = scales * gammas[:, None]
@@ -161,6 +197,7 @@ def activation_ste_mask(x: torch.Tensor, clip: torch.Tensor, signed: bool) -> to
 
 _KERNELS = {
     "act_fwd": act_mix_forward, "act_bwd": act_mix_backward, "w_fwd": weight_mix_forward, "w_bwd": weight_mix_backward,
+    "drop_fwd": act_drop_forward, "drop_bwd": act_drop_backward,
 }
 _backend = os.environ.get("GMPQ_FUSED_BACKEND", "auto")
 _compiled: dict[str, Callable[..., Any]] = {}
@@ -474,6 +511,40 @@ def fake_quant_weight(weight: torch.Tensor, scale: torch.Tensor, bits: int) -> t
         return QF.quantize_weight(weight, scale, bits)
     return _MixedWeight.apply(weight, _one(scale.device, scale.dtype), scale.reshape(1, -1), (bits,),
                               operand_dtype(weight))
+
+
+def qdrop_activation(x: torch.Tensor, clip: torch.Tensor, bits: int, signed: bool, p: float,
+                     seed: torch.Tensor) -> torch.Tensor:
+    """QDrop (Wei et al. 2022) around :func:`fake_quant_activation`: each element of ``x`` passes unquantized with
+    probability ``p``, drawn by :func:`dropout_keep` from ``seed`` (an int64 scalar tensor: one draw per call). One
+    fused kernel each way that stores nothing but ``x`` (``compile`` backend, also on CUDA); the same mask and values
+    op by op under ``eager``."""
+    _check_device(_ACT[::2], x, clip)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"QDrop probability must be in [0, 1], got {p}")
+    threshold = min(int(p * 2**32), 2**32)
+    if get_backend(x.device) == "eager":
+        keep = dropout_keep(x.numel(), seed, threshold, x.device).view(x.shape)
+        return torch.where(keep, x, QF.quantize_activation(x, clip, bits, signed))
+    return _DroppedActivation.apply(x, clip.reshape(1), bits, signed, seed, threshold)
+
+
+class _DroppedActivation(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, clip, bits, signed, seed, threshold):
+        ctx.save_for_backward(x, clip, seed)
+        ctx.bits, ctx.signed, ctx.threshold = bits, signed, threshold
+        levels = act_levels((bits,), signed, clip.device, clip.dtype)
+        out = _run("drop_fwd", _flat(x, x.numel()), clip.detach(), levels, signed, seed, threshold)
+        return out.view(x.shape).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, clip, seed = ctx.saved_tensors
+        levels = act_levels((ctx.bits,), ctx.signed, clip.device, clip.dtype)
+        gx, gc = _run("drop_bwd", _flat(x, x.numel()), _flat(grad, grad.numel()), clip.detach(), levels, ctx.signed,
+                      seed, ctx.threshold)
+        return gx.view(x.shape).to(x.dtype), gc, None, None, None, None
 
 
 class _MixedActivation(torch.autograd.Function):
