@@ -102,7 +102,8 @@ class SearchSpace:
             raise ModelError(f"no bits chosen for searched layer {missing[0]!r}")
         searched = self.searched_bops_g(choices)
         return Policy(
-            arch=self.deploy_arch, input_size=self.deploy_input_size, candidate_bits=self.bits,
+            arch=self.deploy_arch, input_size=self.deploy_input_size, candidate_w_bits=self.bits,
+            candidate_a_bits=self.bits,
             layers={n: LayerBits(*choices[n]) for n in self.layers},
             kept={n: LayerBits(self.kept_bits, self.kept_bits) for n in self.kept},
             bops_searched_g=searched, bops_total_g=searched + self.kept_bops_g,
