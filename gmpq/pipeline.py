@@ -121,7 +121,8 @@ def run(recipe: Recipe) -> RunResult:
 
 
 def check_recipe_budget(recipe: Recipe) -> None:
-    """Fail before any training when ``search.budget_g`` is missing or no policy over ``search.bits`` can meet it.
+    """Fail before any training when ``search.budget_g`` is missing or no policy over the candidate bits
+    (``search.w_bits`` / ``search.a_bits``, else ``search.bits``) can meet it.
 
     The check needs only the layers' MACs on ``model.deploy_arch`` at ``model.deploy_input_size``; the classifier's
     size does not matter (it is a kept layer), so a 10-class model stands in for the dataset's.
@@ -132,8 +133,9 @@ def check_recipe_budget(recipe: Recipe) -> None:
     budget = float(recipe.require("search.budget_g", "for gmpq run (the searched-layer BOPs budget in G)"))
     deploy_arch = recipe.model.deploy_arch or base_arch(recipe.model.arch)
     macs = deployment_macs(deploy_arch, recipe.model.deploy_input_size, num_classes=10)
-    space = search_space(create_model(recipe.model.arch, num_classes=10), recipe.search.bits, recipe.model.kept_bits,
-                         macs, deploy_arch, recipe.model.deploy_input_size, bops_preset=recipe.search.bops_preset)
+    space = search_space(create_model(recipe.model.arch, num_classes=10), *recipe.search.candidates(),
+                         recipe.model.kept_bits, macs, deploy_arch, recipe.model.deploy_input_size,
+                         bops_preset=recipe.search.bops_preset)
     check_budget(space, budget)
 
 

@@ -173,7 +173,10 @@ class SearchConfig:
     bops_preset: Literal["searched", "kept8", "all"] = _f(
         "searched", doc="what the budget counts: searched layers only | + kept layers at 8/8 bits (HAWQ-V3, OMPQ) | "
                         "all layers at their bits")
-    bits: list[int] = _f(factory=lambda: [2, 3, 4, 6], doc="candidate bit widths")
+    bits: list[int] = _f(factory=lambda: [2, 3, 4, 6], doc="candidate bit widths of weights and activations")
+    w_bits: list[int] | None = _f(None, doc="candidate weight bit widths; None = bits")
+    a_bits: list[int] | None = _f(None, doc="candidate activation bit widths; None = bits (e.g. [3, 4, 6, 8]: no "
+                                            "2-bit activations)")
     epochs: int = _f(25, ge=0, doc="search epochs")
     batch_size: int | None = _f(None, gt=0, doc="search batch; None = data.batch_size")
     lr_w: float = _f(0.1, gt=0, doc="learning rate of the supernet weights (SGD)")
@@ -201,6 +204,11 @@ class SearchConfig:
     hutchinson_samples: int = _f(2, gt=0, doc="hawq: Rademacher probes per layer block and batch (the Hessian traces' "
                                              "standard errors are in scores.json)")
     ompq_beta: float = _f(1.0, gt=0, doc="ompq: beta of the layer importance exp(-beta * summed orthogonality)")
+
+    def candidates(self) -> tuple[list[int], list[int]]:
+        """The (weight, activation) candidate bit widths: ``w_bits`` and ``a_bits``, each ``bits`` where unset."""
+        return (self.bits if self.w_bits is None else self.w_bits,
+                self.bits if self.a_bits is None else self.a_bits)
 
 
 @dataclass
@@ -561,11 +569,15 @@ def _check_values(recipe: Recipe) -> None:
     bits_ok = set(range(2, 9))
     if recipe.model.kept_bits not in bits_ok | {32}:
         raise RecipeError(f"recipe key 'model.kept_bits' must be in 2..8 or 32 (float), got {recipe.model.kept_bits}")
-    if not recipe.search.bits:
-        raise RecipeError("recipe key 'search.bits' must list at least one bit width, e.g. [2, 3, 4, 6]")
-    for i, b in enumerate(recipe.search.bits):
-        if b not in bits_ok:
-            raise RecipeError(f"recipe key 'search.bits[{i}]' must be in 2..8, got {b}")
+    for key in ("bits", "w_bits", "a_bits"):
+        candidates = getattr(recipe.search, key)
+        if candidates is None:
+            continue
+        if not candidates:
+            raise RecipeError(f"recipe key 'search.{key}' must list at least one bit width, e.g. [2, 3, 4, 6]")
+        for i, b in enumerate(candidates):
+            if b not in bits_ok:
+                raise RecipeError(f"recipe key 'search.{key}[{i}]' must be in 2..8, got {b}")
     if isinstance(recipe.search.p, str) and recipe.search.p != "auto":
         raise RecipeError(f"recipe key 'search.p' must be a number or 'auto', got {recipe.search.p!r}")
     if isinstance(recipe.search.p, float) and recipe.search.p <= 0:

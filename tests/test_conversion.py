@@ -283,7 +283,7 @@ def test_a_subclass_without_an_entry_is_refused_naming_the_layer_and_its_type():
         gmpq.quantize(model, policy)
     assert "already quantized" not in str(info.value) and "register_conversion" in str(info.value)
     assert {n: type(m) for n, m in model.named_modules()} == before  # refused before anything was replaced
-    space = search_space(model, BITS, 8, gmpq.layer_macs(model, 32), "resnet18_cifar", 32)
+    space = search_space(model, BITS, BITS, 8, gmpq.layer_macs(model, 32), "resnet18_cifar", 32)
     with pytest.raises(gmpq.ModelError, match=r"layer1\.0\.conv1.*_OwnConv"):
         build_supernet(model, space)
     assert {n: type(m) for n, m in model.named_modules()} == before
@@ -330,7 +330,7 @@ def test_quantizers_follow_the_layer_device_and_dtype_on_the_meta_device(arch):
     assert isinstance(next(iter(gmpq.quantizable_layers(model).values())), QConv2d)
     assert not _off_device(model, "meta", torch.float64)
     supernet = gmpq.create_model(arch, num_classes=10, device="meta", dtype=torch.float64)
-    space = search_space(supernet, BITS, 8, gmpq.layer_macs(cpu, 32), arch, 32)
+    space = search_space(supernet, BITS, BITS, 8, gmpq.layer_macs(cpu, 32), arch, 32)
     build_supernet(supernet, space)
     assert not _off_device(supernet, "meta", torch.float64)
     fix_supernet(supernet, {name: (4, 2) for name in space.layers})
@@ -393,7 +393,8 @@ def test_cuda_supernet_search_step_with_attribution(arch):
     torch.manual_seed(0)
     model = gmpq.create_model(arch, num_classes=10, device="cuda")
     teacher = AttributionModel(copy.deepcopy(model)).eval().requires_grad_(False)
-    space = search_space(model, BITS, 8, gmpq.layer_macs(gmpq.create_model(arch, num_classes=10), 128), arch, 128)
+    space = search_space(model, BITS, BITS, 8, gmpq.layer_macs(gmpq.create_model(arch, num_classes=10), 128), arch,
+                         128)
     build_supernet(model, space)
     assert not _off_device(model, "cuda", torch.float32)
     student = AttributionModel(model)

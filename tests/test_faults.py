@@ -513,8 +513,8 @@ def test_kill_9_while_packing_leaves_the_previous_archive_and_the_repack_unpacks
 def search_budget() -> float:
     from gmpq.search import bops_range, deployment_macs, search_space
     model = gmpq.create_model("test_resnet", num_classes=10)
-    lo, hi = bops_range(search_space(model, (2, 3, 4, 6), 8, deployment_macs("test_resnet", 32, 10), "test_resnet",
-                                     32))
+    bits = (2, 3, 4, 6)
+    lo, hi = bops_range(search_space(model, bits, bits, 8, deployment_macs("test_resnet", 32, 10), "test_resnet", 32))
     return round(lo + 0.3 * (hi - lo), 6)
 
 

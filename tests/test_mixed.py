@@ -21,8 +21,8 @@ def _ready(layer: MixedConv2d | MixedLinear, x: torch.Tensor) -> None:
     layer.aq.finish_calibration()
     layer.wq.init_scale(layer.weight)
     with torch.no_grad():
-        layer.alpha_w.copy_(torch.randn(len(BITS)))
-        layer.alpha_a.copy_(torch.randn(len(BITS)))
+        layer.alpha_w.copy_(torch.randn(len(layer.alpha_w)))
+        layer.alpha_a.copy_(torch.randn(len(layer.alpha_a)))
 
 
 def _grads(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -44,10 +44,13 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize(("w_bits", "a_bits"), [(BITS, BITS), ((2, 3, 4), (3, 4, 6, 8))], ids=["shared", "separate"])
 @pytest.mark.parametrize("name,make,shape,signed", CASES, ids=[c[0] for c in CASES])
-def test_fused_layer_matches_autograd_composite(name, make, shape, signed):
-    """The fused kernels give the EdMIPS composite's output exactly and autograd's gradients for every parameter."""
-    layer = to_mixed(make(), BITS, BITS)
+def test_fused_layer_matches_autograd_composite(name, make, shape, signed, w_bits, a_bits):
+    """The fused kernels give the EdMIPS composite's output exactly and autograd's gradients for every parameter,
+    with one candidate list or with different weight and activation candidates (K_w = 3, K_a = 4)."""
+    layer = to_mixed(make(), w_bits, a_bits)
+    assert layer.alpha_w.shape == (len(w_bits),) and layer.aq.clip.shape == (len(a_bits),)
     x = torch.randn(*shape) if signed else torch.randn(*shape).relu()
     _ready(layer, x)
     assert bool(layer.aq.signed) == signed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -30,6 +31,36 @@ def test_json_round_trip(tmp_path, resnet18) -> None:
     assert loaded == policy
     assert json.loads(path.read_text())["schema_version"] == 1
     assert loaded.kept == {"conv1": gmpq.LayerBits(8, 8), "fc": gmpq.LayerBits(8, 8)}
+
+
+def test_separate_candidates_round_trip_as_schema_version_2(tmp_path, resnet18) -> None:
+    """A policy whose weight and activation candidates differ is written in version 2 with both lists; equal lists
+    keep version 1's single ``candidate_bits`` (what older gmpq reads)."""
+    policy = _policy(resnet18)
+    policy.candidate_w_bits, policy.candidate_a_bits = (2, 3, 4, 6), (3, 4, 6)
+    policy.layers = {n: gmpq.LayerBits(2, 3) for n in policy.layers}
+    data = json.loads(policy.save(tmp_path / "p.json").read_text())
+    assert data["schema_version"] == 2 and "candidate_bits" not in data
+    assert (data["candidate_w_bits"], data["candidate_a_bits"]) == ([2, 3, 4, 6], [3, 4, 6])
+    assert Policy.load(tmp_path / "p.json") == policy
+    policy.candidate_a_bits = policy.candidate_w_bits
+    assert policy.to_dict()["schema_version"] == 1 and policy.to_dict()["candidate_bits"] == [2, 3, 4, 6]
+    data["layers"]["layer1.0.conv1"] = {"w_bits": 3, "a_bits": 2}  # 2 is a weight candidate, not an activation one
+    with pytest.raises(PolicyError, match=r"'layer1.0.conv1': a_bits=2 is not one of the candidate bits \[3, 4, 6\]"):
+        Policy.from_dict(data)
+    data["candidate_bits"] = [2, 3, 4, 6]  # version 1's field in a version 2 file
+    with pytest.raises(PolicyError, match=r"unknown field\(s\) \['candidate_bits'\].*schema version 2"):
+        Policy.from_dict(data)
+
+
+def test_policy_files_of_schema_version_1_still_load() -> None:
+    """A policy written before separate candidates existed (a published hub model's): one list for both."""
+    path = Path(__file__).resolve().parents[1] / "hub" / "resnet20_cifar-gmpq-0.28g" / "policy.json"
+    data = json.loads(path.read_text())
+    assert data["schema_version"] == 1 and "candidate_w_bits" not in data
+    policy = Policy.load(path)
+    assert policy.candidate_w_bits == policy.candidate_a_bits == tuple(data["candidate_bits"])
+    assert policy.to_dict() == data  # written back exactly as it was read
 
 
 def test_apply_policy_sets_bits_per_layer(resnet18) -> None:

@@ -30,6 +30,8 @@ def test_defaults_and_name_from_file(tmp_path):
     assert r.model.kept_bits == 8 and r.model.deploy_input_size == 224 and r.model.num_classes is None
     assert r.data.dataset == "cifar10_embedded" and r.data.num_workers == 0
     assert r.search.bits == [2, 3, 4, 6] and r.search.p == 3.0 and r.search.budget_g is None
+    assert r.search.w_bits is None and r.search.a_bits is None
+    assert r.search.candidates() == ([2, 3, 4, 6], [2, 3, 4, 6])
     assert r.finetune.calibration_batches == 8 and r.finetune.distill == 0.0 and r.finetune.policy is None
     assert r.export.format == "packed"
 
@@ -46,6 +48,15 @@ def test_values_are_read_and_typed(tmp_path):
     assert r.finetune.lr == 1.0 and isinstance(r.finetune.lr, float)
     assert r.finetune.optimizer == "adamw" and r.search.p == "auto" and r.search.bits == [2, 4]
     assert r.output_dir == "out/x" and r.model.num_classes == 100
+    assert r.search.candidates() == ([2, 4], [2, 4])
+
+
+def test_weight_and_activation_candidates_default_to_search_bits(tmp_path):
+    r = load_recipe(write(tmp_path, {"model": {"arch": "a"}, "search": {"bits": [2, 4], "a_bits": [3, 4, 8]}}))
+    assert r.search.candidates() == ([2, 4], [3, 4, 8])
+    r = r.override(["search.w_bits=[2,3,4,6]"])
+    assert r.search.candidates() == ([2, 3, 4, 6], [3, 4, 8])
+    assert Recipe.from_dict(r.to_dict()).search.candidates() == ([2, 3, 4, 6], [3, 4, 8])
 
 
 @pytest.mark.parametrize("data, key, hint", [
@@ -66,6 +77,8 @@ def test_unknown_keys_name_the_dotted_key_with_a_hint(tmp_path, data, key, hint)
     ({"model": {"arch": "a"}, "data": {"batch_size": True}}, "'data.batch_size'"),
     ({"model": {"arch": "a"}, "search": {"bits": [2, "four"]}}, "'search.bits[1]'"),
     ({"model": {"arch": "a"}, "search": {"bits": 4}}, "'search.bits'"),
+    ({"model": {"arch": "a"}, "search": {"w_bits": [2, "four"]}}, "'search.w_bits'"),
+    ({"model": {"arch": "a"}, "search": {"a_bits": 4}}, "'search.a_bits'"),
     ({"model": {"arch": "a"}, "pretrain": {"lr": "fast"}}, "'pretrain.lr'"),
     ({"model": {"arch": "a"}, "data": "cifar10"}, "'data'"),
 ])
@@ -80,6 +93,9 @@ def test_wrong_types_name_the_key(tmp_path, data, key):
     ({"model": {"arch": "a"}, "finetune": {"distill": 1.5}}, "'finetune.distill' must be <= 1"),
     ({"model": {"arch": "a", "kept_bits": 9}}, "'model.kept_bits'"),
     ({"model": {"arch": "a"}, "search": {"bits": [1, 4]}}, "'search.bits[0]'"),
+    ({"model": {"arch": "a"}, "search": {"w_bits": [2, 9]}}, "'search.w_bits[1]' must be in 2..8, got 9"),
+    ({"model": {"arch": "a"}, "search": {"a_bits": [32]}}, "'search.a_bits[0]' must be in 2..8, got 32"),
+    ({"model": {"arch": "a"}, "search": {"a_bits": []}}, "'search.a_bits' must list at least one bit width"),
     ({"model": {"arch": "a"}, "search": {"p": "max"}}, "'search.p'"),
 ])
 def test_out_of_range_values(tmp_path, data, key):

@@ -43,7 +43,7 @@ def test_search_steps_under_bf16_autocast():
     [97 %, 100 %] of the budget."""
     torch.manual_seed(0)
     model = gmpq.create_model("mobilenetv2_050_cifar", num_classes=10)
-    space = search_space(model, BITS, 8, deployment_macs("mobilenetv2_050", 224, 10), "mobilenetv2_050", 224)
+    space = search_space(model, BITS, BITS, 8, deployment_macs("mobilenetv2_050", 224, 10), "mobilenetv2_050", 224)
     teacher = AttributionModel(copy.deepcopy(model)).freeze(torch.bfloat16)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     build_supernet(model, space)

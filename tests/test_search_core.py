@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import math
 import warnings
@@ -24,6 +25,7 @@ from gmpq.search import (
     SearchObjective,
     SearchSpace,
     alpha_parameters,
+    alpha_table,
     attribution_loss,
     bops_range,
     build_supernet,
@@ -57,7 +59,7 @@ def _fast_steps(model: nn.Module) -> None:
 
 def _supernet(arch: str, deploy: str, size: int = 224, num_classes: int = 10) -> tuple[nn.Module, SearchSpace]:
     model = gmpq.create_model(arch, num_classes=num_classes)
-    space = search_space(model, BITS, 8, deployment_macs(deploy, size, num_classes), deploy, size)
+    space = search_space(model, BITS, BITS, 8, deployment_macs(deploy, size, num_classes), deploy, size)
     return model, space
 
 
@@ -78,7 +80,7 @@ def test_supernet_layers_and_deployment_macs():
     with pytest.raises(gmpq.ModelError, match="float"):
         build_supernet(model, space)
     with pytest.raises(gmpq.ModelError, match="deploy arch"):
-        search_space(gmpq.create_model("resnet18_cifar", num_classes=10), BITS, 8,
+        search_space(gmpq.create_model("resnet18_cifar", num_classes=10), BITS, BITS, 8,
                      deployment_macs("mobilenetv2_050", 224, 10), "mobilenetv2_050", 224)
 
 
@@ -262,26 +264,29 @@ def test_budget_penalty_steers_expected_bops_to_the_budget():
 
 
 # ------------------------------------------------------------------------------------------------ budget decoding
-def _tiny_space(macs=(3_000_000, 1_000_000, 7_000_000)) -> SearchSpace:
+def _tiny_space(macs=(3_000_000, 1_000_000, 7_000_000), w_bits=BITS, a_bits=BITS) -> SearchSpace:
     names = tuple(f"l{i}" for i in range(len(macs)))
-    return SearchSpace("tiny", "tiny", 32, names, tuple(macs), ("stem",), (100_000,), BITS, 8)
+    return SearchSpace("tiny", "tiny", 32, names, tuple(macs), ("stem",), (100_000,), w_bits, a_bits, 8)
 
 
-def test_decode_is_the_exact_optimum():
-    """On a space small enough to enumerate, the ILP decodes the most probable policy inside the window."""
-    space = _tiny_space()
+@pytest.mark.parametrize(("w_bits", "a_bits"), [(BITS, BITS), ((2, 3, 4), (3, 4)), ((3, 8), (2, 4, 6))],
+                         ids=["shared", "fewer-activation-bits", "fewer-weight-bits"])
+def test_decode_is_the_exact_optimum(w_bits, a_bits):
+    """On a space small enough to enumerate, the ILP decodes the most probable policy inside the window, with one
+    candidate list or different ones for weights and activations."""
+    space = _tiny_space(w_bits=w_bits, a_bits=a_bits)
     rng = np.random.default_rng(0)
-    pairs = list(itertools.product(BITS, BITS))
+    pairs = list(itertools.product(w_bits, a_bits))
     lo, hi = bops_range(space)
     for trial in range(6):
-        lw = np.log(rng.dirichlet(np.ones(4), size=3))
-        la = np.log(rng.dirichlet(np.ones(4), size=3))
+        lw = np.log(rng.dirichlet(np.ones(len(w_bits)), size=3))
+        la = np.log(rng.dirichlet(np.ones(len(a_bits)), size=3))
         budget = lo + (hi - lo) * rng.uniform(0.1, 0.9)
         best_lp = -math.inf
         for combo in itertools.product(pairs, repeat=3):
             bops = sum(m * w * a for m, (w, a) in zip(space.macs, combo, strict=True)) / 1e9
             if 0.97 * budget <= bops <= budget:
-                lp = sum(lw[i, BITS.index(w)] + la[i, BITS.index(a)] for i, (w, a) in enumerate(combo))
+                lp = sum(lw[i, w_bits.index(w)] + la[i, a_bits.index(a)] for i, (w, a) in enumerate(combo))
                 best_lp = max(best_lp, lp)
         decoded = decode(space, lw, la, budget)
         assert -decoded.cost == pytest.approx(best_lp, abs=1e-9), trial
@@ -324,19 +329,72 @@ def test_infeasible_and_too_large_budgets():
         check_budget(sparse, 0.175)
 
 
+def test_separate_candidates_bound_the_budget_by_their_own_extremes():
+    """Weights over {2, 3, 4}, activations over {3, 4}: the smallest policy is W2A3, the largest W4A4, and the
+    messages name them; uniform policies are pairs of the two lists."""
+    _, space = _supernet("resnet18_cifar", "resnet18")
+    space = dataclasses.replace(space, w_bits=(2, 3, 4), a_bits=(3, 4))
+    total = sum(space.macs) / 1e9
+    lo, hi = bops_range(space)
+    assert (lo, hi) == (pytest.approx(total * 6), pytest.approx(total * 16))
+    message = r"with candidate bits \[2, 3, 4\] \(weights\) and \[3, 4\] \(activations\) the smallest policy " \
+              r"\(every searched layer at 2/3 bits\) costs"
+    with pytest.raises(gmpq.BudgetError, match=message) as info:
+        check_budget(space, 0.9 * lo)
+    assert lo <= float(str(info.value).rpartition("=")[2]) <= lo * 1.0001
+    with pytest.raises(gmpq.BudgetError, match=r"largest policy \(every searched layer at 4/4 bits\)"):
+        check_budget(space, 1.1 * hi)
+    with pytest.raises(gmpq.BudgetError, match="2/3 bits"):
+        decode_uniform(space, total * 5)  # W2A2 would fit, but 2 bits are no activation candidate
+    assert set(decode_uniform(space, total * 7.9).choices.values()) == {(2, 3)}  # 2x4 = 8 does not fit
+    assert set(decode_uniform(space, total * 8.5).choices.values()) == {(2, 4)}
+    assert set(decode_uniform(space, total * 8.5, "above").choices.values()) == {(3, 3)}
+    with pytest.raises(gmpq.BudgetError, match=r"\[2, 3, 4\] \(weights\) and \[3, 4\] \(activations\) costs more"):
+        decode_uniform(space, total * 16, "above")
+
+
+def test_separate_candidates_shape_the_supernet_and_its_expectations():
+    """alpha_w over the weight candidates, alpha_a over the activation ones; expected bits, BOPs and the
+    capacity-aware p use each list; the decoded policy keeps activations among theirs."""
+    model = gmpq.create_model("mobilenetv2_050_cifar", num_classes=10)
+    space = search_space(model, (2, 3, 4), (3, 4), 8, deployment_macs("mobilenetv2_050", 224, 10),
+                         "mobilenetv2_050", 224)
+    assert (space.w_bits, space.a_bits) == ((2, 3, 4), (3, 4)) and len(space.pairs) == 6
+    build_supernet(model, space)
+    for layer in mixed_layers(model).values():
+        assert (layer.w_candidates, layer.a_candidates) == ((2, 3, 4), (3, 4))
+        assert layer.alpha_w.shape == (3,) and layer.alpha_a.shape == (2,) and layer.wq.scale.shape[0] == 3
+    w_probs, a_probs = layer_probabilities(model, space)
+    assert w_probs.shape == (len(space.layers), 3) and a_probs.shape == (len(space.layers), 2)
+    assert capacity_p(model, space, 24.0) == pytest.approx(24.0 / (3.0 * 3.5), rel=1e-6)
+    assert float(expected_bops_g(model, space)) == pytest.approx(sum(space.macs) * 3.0 * 3.5 / 1e9, rel=1e-5)
+    lo, hi = bops_range(space)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in alpha_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=gen) * 3)
+    budget = lo + 0.4 * (hi - lo)
+    decoded = get_strategy("gmpq").decode(space, budget, model)
+    assert 0.97 * budget <= decoded.bops_g <= budget
+    assert {a for _, a in decoded.choices.values()} <= {3, 4} and {w for w, _ in decoded.choices.values()} <= {2, 3, 4}
+    table = alpha_table(model, space)[space.layers[0]]
+    assert (len(table["alpha_w"]), len(table["w"]), len(table["alpha_a"]), len(table["a"])) == (3, 3, 2, 2)
+
+
 @pytest.mark.parametrize("budget", [0.5, 3.0, 200.0])
 def test_every_budget_suggestion_is_itself_feasible(budget):
     """Whatever the message suggests passes check_budget: suggestions are rounded up, to 5 significant digits (a
     policy costing 11.111111 G gets 11.112, not 11.1111; a tiny one 3.3334e-05 G gets 0.000033334, not 0.0000)."""
     for macs in ((2_777_777_750,), (1_111_111, 2_222_222_222), (8_333,), (123_456_789, 987)):
-        space = SearchSpace("tiny", "tiny", 32, tuple(f"l{i}" for i in range(len(macs))), macs, (), (), (2, 8), 8)
+        space = SearchSpace("tiny", "tiny", 32, tuple(f"l{i}" for i in range(len(macs))), macs, (), (), (2, 8), (2, 8),
+                            8)
         for scale in (1e-6, 1.0):
             try:
                 check_budget(space, budget * scale)
             except gmpq.BudgetError as e:
                 suggested = float(str(e).split("search.budget_g=")[1].split()[0])
                 check_budget(space, suggested)
-    lo, _ = bops_range(SearchSpace("t", "t", 32, ("l0",), (2_777_777_750,), (), (), (2, 8), 8))
+    lo, _ = bops_range(SearchSpace("t", "t", 32, ("l0",), (2_777_777_750,), (), (), (2, 8), (2, 8), 8))
     assert lo == pytest.approx(11.111111)
 
 

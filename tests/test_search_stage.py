@@ -22,9 +22,10 @@ from gmpq.stages import search
 from gmpq.viz import read_search_log
 
 ARCH, DEPLOY = "mobilenetv2_050_cifar", "mobilenetv2_050"
+BITS = (2, 3, 4, 6)
 LOG_KEYS = {"epoch", "loss", "loss_ce", "loss_attr", "loss_complexity", "expected_bops_g", "budget_g",
-            "decoded_bops_g", "alpha_entropy", "p", "lr_w", "lr_alpha", "train_top1", "policy", "probs", "bits",
-            "mu", "epoch_s", "steps"}
+            "decoded_bops_g", "alpha_entropy", "p", "lr_w", "lr_alpha", "train_top1", "policy", "probs", "w_bits",
+            "a_bits", "mu", "epoch_s", "steps"}
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def float_model(tmp_path_factory) -> str:
 def budget() -> float:
     """A budget between W2A2 and W6A6 of the searched layers of mobilenetv2_050 at 224 (about W3A3)."""
     model = gmpq.create_model(ARCH, num_classes=10)
-    lo, hi = bops_range(search_space(model, (2, 3, 4, 6), 8, deployment_macs(DEPLOY, 224, 10), DEPLOY, 224))
+    lo, hi = bops_range(search_space(model, BITS, BITS, 8, deployment_macs(DEPLOY, 224, 10), DEPLOY, 224))
     return round(lo + 0.2 * (hi - lo), 4)
 
 
@@ -66,13 +67,13 @@ def test_three_step_search_writes_a_valid_policy(tmp_path, float_model, budget):
     assert prov["strategy"] == "gmpq" and prov["lambda_attr"] == 40.0 and prov["p"] == 3.0
     assert prov["proxy_dataset"] == "cifar10_embedded" and prov["seed"] == 0 and prov["gmpq_version"]
     alphas = json.loads((out / "alphas.json").read_text())
-    assert alphas["bits"] == [2, 3, 4, 6] and list(alphas["layers"]) == list(policy.layers)
+    assert alphas["w_bits"] == alphas["a_bits"] == [2, 3, 4, 6] and list(alphas["layers"]) == list(policy.layers)
     moved = [max(abs(v) for v in row["alpha_w"] + row["alpha_a"]) for row in alphas["layers"].values()]
     assert min(moved) > 0, "every searched layer's alphas changed in 3 steps"
     records = read_search_log(out)
     assert len(records) == 1 and set(records[0]) == LOG_KEYS
     rec = records[0]
-    assert rec["steps"] == 3 and rec["budget_g"] == budget and rec["bits"] == [2, 3, 4, 6]
+    assert rec["steps"] == 3 and rec["budget_g"] == budget and rec["w_bits"] == rec["a_bits"] == [2, 3, 4, 6]
     assert rec["loss_attr"] > 0 and rec["loss_ce"] > 0
     assert rec["loss"] == pytest.approx(rec["loss_ce"] + 40 * rec["loss_attr"] + rec["loss_complexity"], rel=1e-6)
     assert rec["policy"] == {n: [b.w_bits, b.a_bits] for n, b in policy.layers.items()}
@@ -231,3 +232,58 @@ def test_score_strategies_write_the_same_outputs(tmp_path, float_model, budget, 
         assert all(b.w_bits == b.a_bits for b in policy.layers.values()) and prov["ompq_beta"] == 1.0
         assert first["costs"][0][1] is None  # w != a is forbidden
     assert not (out / "search_log.jsonl").exists() and not (out / "alphas.json").exists()
+
+
+@pytest.mark.parametrize("strategy", ["gmpq", "hawq", "ompq", "random", "uniform"])
+def test_separate_weight_and_activation_candidates(tmp_path, float_model, strategy):
+    """search.w_bits=[2,3,4], search.a_bits=[3,4]: every strategy decodes activations in {3, 4} and weights in
+    {2, 3, 4}, inside [97 %, 100 %] of a budget 1 % above uniform W3A4 (which uniform then picks), and records both
+    lists."""
+    model = gmpq.create_model(ARCH, num_classes=10)
+    space = search_space(model, (2, 3, 4), (3, 4), 8, deployment_macs(DEPLOY, 224, 10), DEPLOY, 224)
+    budget = round(1.01 * sum(space.macs) * 3 * 4 / 1e9, 6)
+    result = search(_recipe(tmp_path, float_model, budget, f"search.strategy={strategy}", "search.w_bits=[2,3,4]",
+                            "search.a_bits=[3,4]", "search.max_steps=2", "search.score_batch_size=4",
+                            "search.score_batches=1", "search.hutchinson_samples=1"))
+    out = tmp_path / "search"
+    policy = gmpq.Policy.load(out / "policy.json")
+    assert json.loads((out / "policy.json").read_text())["schema_version"] == 2
+    assert (policy.candidate_w_bits, policy.candidate_a_bits) == ((2, 3, 4), (3, 4))
+    assert {b.a_bits for b in policy.layers.values()} <= {3, 4} and {b.w_bits for b in policy.layers.values()} <= {2, 3, 4}
+    assert 0.97 * budget <= policy.bops_searched_g <= budget
+    assert (result["candidate_w_bits"], result["candidate_a_bits"]) == ([2, 3, 4], [3, 4])
+    if strategy == "uniform":
+        assert set(policy.layers.values()) == {gmpq.LayerBits(3, 4)}
+    if strategy == "gmpq":
+        alphas = json.loads((out / "alphas.json").read_text())
+        assert (alphas["w_bits"], alphas["a_bits"]) == ([2, 3, 4], [3, 4])
+        assert all(len(row["w"]) == 3 and len(row["a"]) == 2 for row in alphas["layers"].values())
+        record = read_search_log(out)[0]
+        assert (record["w_bits"], record["a_bits"]) == ([2, 3, 4], [3, 4])
+    else:
+        scores = json.loads((out / "scores.json").read_text())
+        assert (scores["w_bits"], scores["a_bits"]) == ([2, 3, 4], [3, 4])
+        assert all(len(row["costs"]) == 3 and len(row["costs"][0]) == 2 for row in scores["layers"].values())
+
+
+def test_resuming_with_other_candidates_is_refused(tmp_path, float_model, budget):
+    """A checkpoint of one candidate set does not continue a search over another, whether the counts agree (the
+    logits would load, their meaning would not) or not; a checkpoint that predates the recorded candidates is
+    refused by its logits' shapes, and continues with the same candidates."""
+    recipe = _recipe(tmp_path, float_model, budget, "search.epochs=2", "search.max_steps=1")
+    search(recipe)
+    out = tmp_path / "search"
+    (out / "metrics.json").unlink()
+    shutil.rmtree(out / "checkpoints" / "epoch_0002")
+    for a_bits in ("[3,4,6,8]", "[3,4]"):
+        with pytest.raises(gmpq.CheckpointError, match=r"^cannot resume this search: its checkpoint searched "
+                                                       r"candidate bits \[2, 3, 4, 6\], the recipe asks for candidate "
+                                                       r"bits \[2, 3, 4, 6\] \(weights\) and \[3, 4"):
+            search(recipe.override(["resume=true", f"search.a_bits={a_bits}"]))
+    trainer_state = out / "checkpoints" / "epoch_0001" / "trainer_state.json"
+    state = json.loads(trainer_state.read_text())
+    assert state["step"].pop("w_bits") == state["step"].pop("a_bits") == [2, 3, 4, 6]
+    trainer_state.write_text(json.dumps(state))  # as written before the candidates were recorded
+    with pytest.raises(gmpq.CheckpointError, match="(?s)cannot resume from .*size mismatch for .*alpha_a"):
+        search(recipe.override(["resume=true", "search.a_bits=[3,4]"]))
+    assert search(recipe.override(["resume=true"]))["resumed_from_epoch"] == 1

@@ -20,6 +20,7 @@ from gmpq.search.budget import sample_in_window
 from gmpq.search.orthogonality import (
     layer_grams,
     ompq_bit_coefficients,
+    ompq_costs,
     ompq_importance,
     orthogonality_matrix,
 )
@@ -27,19 +28,19 @@ from gmpq.search.sensitivity import hawq_costs, hutchinson_traces
 from gmpq.search.strategies import STRATEGIES, ScoreSettings, ScoreStrategy, get_strategy
 
 BITS = (2, 3, 4, 6)
-PAIRS = list(itertools.product(BITS, BITS))
 SETTINGS = ScoreSettings(seed=0, hutchinson_samples=1, ompq_beta=1.0, uniform_side="below")
 
 
-def _tiny_space(macs=(3_000_000, 1_000_000, 7_000_000), preset="searched") -> SearchSpace:
+def _tiny_space(macs=(3_000_000, 1_000_000, 7_000_000), preset="searched", w_bits=BITS, a_bits=BITS) -> SearchSpace:
     names = tuple(f"l{i}" for i in range(len(macs)))
-    return SearchSpace("tiny", "tiny", 32, names, tuple(macs), ("stem",), (100_000,), BITS, 8, preset)
+    return SearchSpace("tiny", "tiny", 32, names, tuple(macs), ("stem",), (100_000,), w_bits, a_bits, 8, preset)
 
 
 def _window(space: SearchSpace, budget: float) -> list[tuple[tuple[int, int], ...]]:
     """Every policy of ``space`` whose budgeted BOPs lie in [97 %, 100 %] of ``budget`` (enumerated)."""
     out = []
-    for combo in itertools.product(PAIRS, repeat=len(space.layers)):
+    pairs = list(itertools.product(space.w_bits, space.a_bits))
+    for combo in itertools.product(pairs, repeat=len(space.layers)):
         bops = sum(m * w * a for m, (w, a) in zip(space.macs, combo, strict=True)) + space.fixed_bops
         if 0.97 * budget * 1e9 <= bops <= budget * 1e9:
             out.append(combo)
@@ -99,12 +100,14 @@ def test_hutchinson_traces_match_exact_hessians_within_their_promised_error():
 
 
 def test_hawq_costs_fall_with_bits_and_follow_the_traces():
+    """Weight errors over the weight candidates, activation errors over the activation candidates (3 of them)."""
     torch.manual_seed(0)
     model = _smooth()
     batches = [(torch.randn(4, 2, 6, 6), torch.tensor([0, 1, 2, 0]))]
-    costs, traces, mse_w, mse_x = hawq_costs(model, batches, ["0", "2", "4", "8"], BITS, 4,
+    costs, traces, mse_w, mse_x = hawq_costs(model, batches, ["0", "2", "4", "8"], BITS, (3, 4, 8), 4,
                                              torch.Generator().manual_seed(1))
-    assert costs.shape == (4, 4, 4) and np.isfinite(costs).all() and (costs >= 0).all()
+    assert costs.shape == (4, 4, 3) and mse_w.shape == (4, 4) and mse_x.shape == (4, 3)
+    assert np.isfinite(costs).all() and (costs >= 0).all()
     assert (np.diff(mse_w, axis=1) < 0).all() and (np.diff(mse_x, axis=1) <= 0).all()
     assert (np.diff(costs, axis=1) <= 0).all() and (np.diff(costs, axis=2) <= 0).all()
     expected = (np.clip(traces.weight, 0, None)[:, None, None] * mse_w[:, :, None]
@@ -133,6 +136,19 @@ def test_orthogonality_is_linear_cka_of_the_layer_features():
     gamma = np.array([float(orm[0, 1] + orm[0, 2]), float(orm[1, 0] + orm[1, 2]), float(orm[2, 0] + orm[2, 1])])
     assert np.allclose(theta, np.exp(-2.0 * gamma))
     assert np.allclose(ompq_bit_coefficients(np.array([3.0, 1.0, 2.0])), [2.0, 1.5, 2.0])
+
+
+def test_ompq_costs_give_one_width_per_layer_among_the_widths_both_lists_hold():
+    model = _smooth()
+    images = torch.randn(5, 2, 6, 6)
+    shared, _ = ompq_costs(model, images, ["0", "4"], BITS, BITS, 1.0)
+    costs, _ = ompq_costs(model, images, ["0", "4"], BITS, (3, 4, 8), 1.0)
+    assert costs.shape == (2, 4, 3)
+    assert np.isfinite(costs).sum() == 2 * 2  # (3, 3) and (4, 4) only
+    assert np.array_equal(costs[:, 1, 0], shared[:, 1, 1]) and np.array_equal(costs[:, 2, 1], shared[:, 2, 2])
+    space = _tiny_space(w_bits=(2, 3), a_bits=(4, 6))
+    with pytest.raises(gmpq.RecipeError, match=r"weight bits \[2, 3\] and activation bits \[4, 6\] share none"):
+        get_strategy("ompq").score(model, [(images, torch.zeros(5, dtype=torch.long))], space, SETTINGS)
 
 
 def test_layer_grams_follow_the_forward_order():
@@ -171,6 +187,43 @@ def test_decode_costs_is_the_exact_minimum_with_forbidden_pairs():
         decode_costs(space, np.full((3, 4, 4), np.inf), 0.2)
     with pytest.raises(ValueError, match="shape"):
         decode_costs(space, np.zeros((3, 4)), 0.2)
+
+
+def test_decode_costs_over_separate_candidates_is_the_exact_minimum():
+    """A [L, K_w, K_a] table with K_w = 4 weight and K_a = 3 activation candidates: indices map to the right bits."""
+    w_bits, a_bits = (2, 3, 4, 6), (3, 4, 8)
+    space = _tiny_space(w_bits=w_bits, a_bits=a_bits)
+    rng = np.random.default_rng(1)
+    lo, hi = bops_range(space)
+    for trial in range(6):
+        costs = rng.normal(size=(3, 4, 3))
+        costs[rng.random((3, 4, 3)) < 0.3] = np.inf
+        costs[:, 0, 0] = 0.0
+        budget = lo + (hi - lo) * rng.uniform(0.1, 0.9)
+        allowed = [sum(costs[i, w_bits.index(w), a_bits.index(a)] for i, (w, a) in enumerate(c))
+                   for c in _window(space, budget)]
+        allowed = [c for c in allowed if np.isfinite(c)]
+        if not allowed:
+            with pytest.raises(gmpq.BudgetError, match="pairs this strategy allows"):
+                decode_costs(space, costs, budget)
+            continue
+        decoded = decode_costs(space, costs, budget)
+        assert decoded.cost == pytest.approx(min(allowed), abs=1e-12), trial
+        assert 0.97 * budget <= decoded.bops_g <= budget
+        assert all(w in w_bits and a in a_bits for w, a in decoded.choices.values())
+    with pytest.raises(ValueError, match=r"shape \(3, 4, 3\)"):
+        decode_costs(space, np.zeros((3, 4, 4)), 0.2)
+
+
+def test_random_policies_over_separate_candidates_are_uniform_over_their_window():
+    space = _tiny_space(w_bits=(2, 3, 4, 6), a_bits=(3, 4, 6, 8))
+    lo, hi = bops_range(space)
+    budget = lo + 0.3 * (hi - lo)
+    window = _window(space, budget)
+    drawn = sample_in_window(space, budget, np.random.default_rng(0), count=20 * len(window))
+    counts = collections.Counter(tuple(d.choices[n] for n in space.layers) for d in drawn)
+    assert set(counts) <= set(window) and len(window) > 50
+    assert chisquare([counts[c] for c in window]).pvalue > 0.01
 
 
 def test_random_policies_are_uniform_over_the_window_and_seeded():
@@ -213,7 +266,7 @@ def _paper_space(arch: str, preset: str = "searched") -> tuple[nn.Module, Search
     for module in model.modules():  # timm zero-initialises the last BN of residual branches: give them curvature
         if isinstance(module, nn.BatchNorm2d):
             nn.init.uniform_(module.weight, 0.5, 1.5)
-    return model, search_space(model, BITS, 8, deployment_macs(arch, 224, 10), arch, 224, bops_preset=preset)
+    return model, search_space(model, BITS, BITS, 8, deployment_macs(arch, 224, 10), arch, 224, bops_preset=preset)
 
 
 @pytest.mark.parametrize(("arch", "budget"), [("resnet18", 15.3), ("mobilenetv2_100", 7.4)])

@@ -76,7 +76,7 @@ def test_decode_uniform_sides_are_the_nearest_pairs(tmp_path) -> None:
     for budget in (0.15, 0.25, 0.45, 0.9):
         lo = decode_uniform(space, budget, "below")
         hi = decode_uniform(space, budget, "above")
-        products = sorted({w * a for w in space.bits for a in space.bits})
+        products = sorted({w * a for w, a in space.pairs})
         assert lo.bops_g == pytest.approx(total * max(p for p in products if total * p <= budget))
         assert hi.bops_g == pytest.approx(total * min(p for p in products if total * p > budget))
     with pytest.raises(BudgetError, match="uniform_side=below"):
@@ -119,6 +119,23 @@ def test_packaged_studies_load_by_name_and_pass_the_protocol() -> None:
         assert study.name == name and len(study.seeds) >= 3 and len(study.budgets) >= 2
         assert {"gmpq", "edmips", "random", "uniform"} <= set(study.strategies)
         expand_grid(study)  # every budget feasible
+
+
+def test_a_study_directory_written_before_separate_candidates_keeps_its_fingerprint(tmp_path) -> None:
+    """The archived resnet20_cifar10_jpeg study (its study.yaml, with a target_float recipe, written before
+    search.w_bits / search.a_bits existed) still has the fingerprint it was run under: resuming it is not refused."""
+    from gmpq.study.config import load_study_directory
+
+    archive = Path(__file__).resolve().parents[1] / "docs" / "studies" / "resnet20_cifar10_jpeg" / "cells.tar.gz"
+    with tarfile.open(archive) as tar:
+        tar.extract("study.yaml", tmp_path, filter="data")
+    held = yaml.safe_load((tmp_path / "study.yaml").read_text())
+    assert "w_bits" not in held["recipe"]["search"] and "target_float" in held
+    assert load_study_directory(tmp_path).fingerprint() == held["fingerprint"]
+    for section in ("recipe", "target_float"):  # set, the new keys count
+        changed = {k: v for k, v in held.items() if k != "fingerprint"}
+        changed[section] = {**held[section], "search": {**held[section]["search"], "a_bits": [3, 4, 6]}}
+        assert study_from_dict(changed, base_dir=tmp_path).fingerprint() != held["fingerprint"], section
 
 
 # ------------------------------------------------------------------------------------------------ statistics

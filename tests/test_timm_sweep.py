@@ -211,7 +211,7 @@ def check_family(arch: str, size: int) -> dict[str, object]:
 
     supernet = copy.deepcopy(float_model).train()
     teacher = AttributionModel(copy.deepcopy(float_model)).eval().requires_grad_(False)
-    space = search_space(supernet, (2, 4), 8, gmpq.layer_macs(float_model, size), arch, size)
+    space = search_space(supernet, (2, 4), (2, 4), 8, gmpq.layer_macs(float_model, size), arch, size)
     build_supernet(supernet, space)
     calibrate(supernet, [x])
     student = AttributionModel(supernet)

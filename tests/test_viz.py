@@ -138,10 +138,13 @@ def test_plot_bad_suffix(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ search figure
-def write_search_log(path: Path, layers: list[str], epochs: int, budget: float = 7.4, seed: int = 0) -> Path:
-    """A log in the search loop's format: one JSON object per epoch, probabilities sharpening towards a target."""
+def write_search_log(path: Path, layers: list[str], epochs: int, budget: float = 7.4, seed: int = 0,
+                     w_bits: tuple[int, ...] = BITS, a_bits: tuple[int, ...] = BITS, legacy: bool = False) -> Path:
+    """A log in the search loop's format: one JSON object per epoch, probabilities sharpening towards a target
+    (``legacy``: the format before separate candidates, one ``bits`` list for both)."""
     rng = random.Random(seed)
-    target = {n: (rng.randrange(len(BITS)), rng.randrange(len(BITS))) for n in layers}
+    candidates = {"w": w_bits, "a": a_bits}
+    target = {n: (rng.randrange(len(w_bits)), rng.randrange(len(a_bits))) for n in layers}
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         for e in range(epochs):
@@ -150,16 +153,17 @@ def write_search_log(path: Path, layers: list[str], epochs: int, budget: float =
             for n in layers:
                 entry = {}
                 for k, key in enumerate("wa"):
-                    logits = [4 * t * (i == target[n][k]) + rng.gauss(0, 0.1) for i in range(len(BITS))]
+                    logits = [4 * t * (i == target[n][k]) + rng.gauss(0, 0.1) for i in range(len(candidates[key]))]
                     z = sum(math.exp(v) for v in logits)
                     entry[key] = [math.exp(v) / z for v in logits]
                 probs[n] = entry
-            policy = {n: [BITS[max(range(4), key=probs[n]["w"].__getitem__)],
-                          BITS[max(range(4), key=probs[n]["a"].__getitem__)]] for n in layers}
+            policy = {n: [w_bits[max(range(len(w_bits)), key=probs[n]["w"].__getitem__)],
+                          a_bits[max(range(len(a_bits)), key=probs[n]["a"].__getitem__)]] for n in layers}
             record = dict(epoch=e, loss=2.0 - t, loss_ce=1.5 - t, loss_attr=0.4 * (1 - t), loss_complexity=0.1 * (1 - t),
                           expected_bops_g=budget * (1.5 - 0.5 * t), budget_g=budget, decoded_bops_g=0.98 * budget,
                           alpha_entropy=1.38 * (1 - t), p=3.0, lr_w=0.1, lr_alpha=0.01, train_top1=20 + 60 * t,
-                          policy=policy, probs=probs, bits=BITS)
+                          policy=policy, probs=probs, **({"bits": BITS} if legacy else {"w_bits": w_bits,
+                                                                                         "a_bits": a_bits}))
             f.write(json.dumps(record) + "\n")
     return path
 
@@ -185,6 +189,30 @@ def test_search_trace_expected_bits_and_resume_duplicates(tmp_path):
     assert trace.expected_w[0][1] == pytest.approx(6.0) and trace.expected_a[0][1] == pytest.approx(2.5)
     assert trace.layers == ["l1", "l2"] and trace.series["budget_g"] == [7.4] * 3
     assert set(trace.decoded) == {"l1", "l2"}
+
+
+def test_search_trace_reads_separate_candidates_and_older_logs(tmp_path):
+    log = write_search_log(tmp_path / "new" / "search_log.jsonl", ["l1"], epochs=2, w_bits=(2, 3, 4), a_bits=(3, 8))
+    lines = log.read_text().splitlines()
+    record = json.loads(lines[1])
+    record["probs"]["l1"] = {"w": [0, 0, 1], "a": [0.5, 0.5]}
+    log.write_text("\n".join([lines[0], json.dumps(record)]) + "\n")
+    trace = search_trace(read_search_log(log))
+    assert (trace.w_bits, trace.a_bits) == ([2, 3, 4], [3, 8])
+    assert trace.expected_w[0][1] == pytest.approx(4.0) and trace.expected_a[0][1] == pytest.approx(5.5)
+    png_size(plot_search(log, tmp_path / "new.png"))
+    old = write_search_log(tmp_path / "old" / "search_log.jsonl", ["l1"], epochs=2, legacy=True)
+    assert "w_bits" not in old.read_text()
+    trace = search_trace(read_search_log(old))
+    assert trace.w_bits == trace.a_bits == list(BITS)
+    record["a_bits"] = [3, 4]  # a record whose candidates differ from the first epoch's
+    log.write_text("\n".join([lines[0], json.dumps(record)]) + "\n")
+    with pytest.raises(RunError, match=r"epoch 1: candidate bits \[2, 3, 4\] \(weights\) and \[3, 4\]"):
+        search_trace(read_search_log(log))
+    del record["a_bits"]
+    log.write_text(json.dumps(record) + "\n")
+    with pytest.raises(RunError, match="lacks 'w_bits' and 'a_bits'"):
+        search_trace(read_search_log(log))
 
 
 def test_search_log_errors(tmp_path):

@@ -118,7 +118,7 @@ def gmpq_step(float_model: nn.Module, calibration: torch.Tensor, x: torch.Tensor
     teacher = AttributionModel(copy.deepcopy(float_model)).freeze().to(x.device)
     model = copy.deepcopy(float_model)
     deploy = gmpq.base_arch(arch)
-    space = search_space(model, CANDIDATE_BITS, 8, deployment_macs(deploy, 224, 10), deploy, 224)
+    space = search_space(model, CANDIDATE_BITS, CANDIDATE_BITS, 8, deployment_macs(deploy, 224, 10), deploy, 224)
     build_supernet(model, space)
     with fused.using_backend("eager"):
         calibrate(model, [calibration])

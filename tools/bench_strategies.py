@@ -74,7 +74,7 @@ def main() -> None:
         if isinstance(module, nn.BatchNorm2d):
             nn.init.uniform_(module.weight, 0.5, 1.5)
     deploy = base_arch(args.arch)
-    space = search_space(model, (2, 3, 4, 6), 8, deployment_macs(deploy, 224, 10), deploy, 224)
+    space = search_space(model, (2, 3, 4, 6), (2, 3, 4, 6), 8, deployment_macs(deploy, 224, 10), deploy, 224)
     lo, hi = bops_range(space)
     budget = args.budget or round(0.5 * (lo + hi), 4)
     model.to(device)

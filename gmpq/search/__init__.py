@@ -1,7 +1,8 @@
 """Layer 7 — the mixed-precision search core: supernet, attribution, losses, budget decoding, strategies.
 
 * :mod:`gmpq.search.supernet` — ``build_supernet`` (mixed searched layers, fixed-bit kept ones), ``SearchSpace``
-  (layers, candidate bits, MACs at the deployment resolution), alpha/weight parameter split, bit probabilities.
+  (layers, candidate weight and activation bits, MACs at the deployment resolution), alpha/weight parameter split,
+  bit probabilities.
 * :mod:`gmpq.search.attribution` — Grad-CAM of the predicted class: closed form for GAP + linear heads, autograd
   fallback (``AttributionModel``).
 * :mod:`gmpq.search.losses` — attribution rank-preservation loss, capacity-aware p, expected BOPs and the

@@ -1,12 +1,13 @@
 """Decoding a policy under a BOPs budget: the exact minimum-cost decoder, the uniform pair, a uniform random draw.
 
-Every strategy ends here. A strategy states a *cost table* ``C[l, i, j]``: what putting searched layer ``l`` at
-``bits[i]`` weight bits and ``bits[j]`` activation bits costs it (``-log p`` of a trained supernet, a Hessian
-sensitivity, a negated importance; ``+inf`` forbids the pair). :func:`decode_costs` solves the integer programme (a
-multiple-choice knapsack with a lower and an upper capacity)::
+Every strategy ends here. A strategy states a *cost table* ``C[l, i, j]`` (shape ``[L, K_w, K_a]``): what putting
+searched layer ``l`` at ``w_bits[i]`` weight bits and ``a_bits[j]`` activation bits costs it (``-log p`` of a
+trained supernet, a Hessian sensitivity, a negated importance; ``+inf`` forbids the pair). The two candidate lists may
+differ (e.g. weights over {2, 3, 4, 6}, activations over {3, 4, 6, 8}). :func:`decode_costs` solves the integer
+programme (a multiple-choice knapsack with a lower and an upper capacity)::
 
     minimise    sum_l C[l, w_l, a_l]
-    subject to  f * B <= F + sum_l MACs_l * w_l * a_l <= B,     w_l, a_l in the candidate bits
+    subject to  f * B <= F + sum_l MACs_l * w_l * a_l <= B,     w_l in w_bits, a_l in a_bits
 
 with ``B`` the budget in BOPs (deployment resolution), ``F`` the BOPs the space's preset adds to the searched layers
 (:attr:`SearchSpace.fixed_bops`: 0 for ``searched``) and ``f = 0.97``, solved exactly with HiGHS
@@ -18,8 +19,9 @@ Two decoders pick among policies that a strategy scores all alike: :func:`decode
 pair for every layer) and :func:`sample_in_window` (a policy drawn uniformly at random from all those inside the
 window).
 
-A budget below the all-minimum-bits policy, above the all-maximum one (nothing would be searched) or — in rare tiny
-spaces — with no policy inside the window raises :class:`~gmpq.errors.BudgetError` with the nearest feasible budget,
+A budget below the all-minimum-bits policy (every layer at min(w_bits) / min(a_bits)), above the all-maximum one
+(max(w_bits) / max(a_bits): nothing would be searched) or — in rare tiny spaces — with no policy inside the window
+raises :class:`~gmpq.errors.BudgetError` with the nearest feasible budget,
 before any training (:func:`check_budget`).
 """
 
@@ -34,6 +36,7 @@ from scipy.optimize import Bounds, LinearConstraint, brentq, milp
 
 from gmpq.complexity import BOPS_PRESETS, GIGA
 from gmpq.errors import BudgetError
+from gmpq.policy import describe_candidates
 from gmpq.search.supernet import SearchSpace
 
 #: Decoded BOPs are at least this fraction of the budget.
@@ -53,10 +56,11 @@ class Decoded:
 
 
 def bops_range(space: SearchSpace) -> tuple[float, float]:
-    """BOPs (G, under the space's ``bops_preset``) of the all-minimum-bits and the all-maximum-bits policies."""
+    """BOPs (G, under the space's ``bops_preset``) of the all-minimum-bits policy (``sum MACs * min(w_bits) *
+    min(a_bits)``) and the all-maximum-bits one (``max(w_bits) * max(a_bits)``)."""
     total = sum(space.macs)
-    return ((total * min(space.bits) ** 2 + space.fixed_bops) / GIGA,
-            (total * max(space.bits) ** 2 + space.fixed_bops) / GIGA)
+    return ((total * min(space.w_bits) * min(space.a_bits) + space.fixed_bops) / GIGA,
+            (total * max(space.w_bits) * max(space.a_bits) + space.fixed_bops) / GIGA)
 
 
 def check_budget(space: SearchSpace, budget_g: float, lower_fraction: float = LOWER_FRACTION) -> None:
@@ -65,35 +69,36 @@ def check_budget(space: SearchSpace, budget_g: float, lower_fraction: float = LO
         raise BudgetError(f"the BOPs budget must be a positive number of GBOPs, got {budget_g!r}")
     lo, hi = bops_range(space)
     where = f"{space.deploy_arch} at {space.deploy_input_size}x{space.deploy_input_size}{_preset_note(space)}"
+    candidates = describe_candidates(space.w_bits, space.a_bits)
     if budget_g < lo:
         raise BudgetError(
-            f"BOPs budget {budget_g:g} G is infeasible: with candidate bits {list(space.bits)} the smallest policy "
-            f"(every searched layer at {min(space.bits)}/{min(space.bits)} bits) costs {lo:.4f} GBOPs on {where}; "
-            f"the smallest feasible budget is search.budget_g={_round_up(lo)}")
+            f"BOPs budget {budget_g:g} G is infeasible: with {candidates} the smallest policy (every searched layer "
+            f"at {min(space.w_bits)}/{min(space.a_bits)} bits) costs {lo:.4f} GBOPs on {where}; the smallest "
+            f"feasible budget is search.budget_g={_round_up(lo)}")
     if hi < lower_fraction * budget_g:
         raise BudgetError(
-            f"BOPs budget {budget_g:g} G is above what the candidate bits {list(space.bits)} can use: the largest "
-            f"policy (every searched layer at {max(space.bits)}/{max(space.bits)} bits) costs {hi:.4f} GBOPs on "
-            f"{where}, so there is nothing to search; use search.budget_g={_round_up(hi)} (that policy) or add "
-            f"larger candidate bits (search.bits)")
-    zeros = np.zeros((len(space.layers), len(space.bits), len(space.bits)))
+            f"BOPs budget {budget_g:g} G is above what the {candidates} can use: the largest policy (every searched "
+            f"layer at {max(space.w_bits)}/{max(space.a_bits)} bits) costs {hi:.4f} GBOPs on {where}, so there is "
+            f"nothing to search; use search.budget_g={_round_up(hi)} (that policy) or add larger candidate bits "
+            f"(search.bits, search.w_bits, search.a_bits)")
+    zeros = np.zeros((len(space.layers), len(space.w_bits), len(space.a_bits)))
     if _solve(space, zeros, budget_g, lower_fraction) is None:
         raise BudgetError(
-            f"no policy over candidate bits {list(space.bits)} has BOPs within [{lower_fraction:.0%}, 100%] of the "
-            f"budget {budget_g:g} G on {where}; {_nearest(space, zeros, budget_g)}")
+            f"no policy over {candidates} has BOPs within [{lower_fraction:.0%}, 100%] of the budget {budget_g:g} G "
+            f"on {where}; {_nearest(space, zeros, budget_g)}")
 
 
 def decode_costs(space: SearchSpace, costs: torch.Tensor | np.ndarray, budget_g: float,
                  lower_fraction: float = LOWER_FRACTION) -> Decoded:
     """The minimum-cost policy with BOPs in [lower_fraction * B, B] (see the module docstring).
 
-    ``costs`` is ``[L, K, K]``: ``costs[l, i, j]`` of searched layer ``space.layers[l]`` at ``space.bits[i]`` weight
-    and ``space.bits[j]`` activation bits; ``+inf`` forbids a pair. The programme is solved on costs shifted to 0
-    per layer and scaled to [0, 1] (the same optimum, solver tolerances that do not depend on the costs' units);
+    ``costs`` is ``[L, K_w, K_a]``: ``costs[l, i, j]`` of searched layer ``space.layers[l]`` at ``space.w_bits[i]``
+    weight and ``space.a_bits[j]`` activation bits; ``+inf`` forbids a pair. The programme is solved on costs shifted
+    to 0 per layer and scaled to [0, 1] (the same optimum, solver tolerances that do not depend on the costs' units);
     the returned ``cost`` is in the table's own units.
     """
     table = _as_array(costs)
-    shape = (len(space.layers), len(space.bits), len(space.bits))
+    shape = (len(space.layers), len(space.w_bits), len(space.a_bits))
     if table.shape != shape:
         raise ValueError(f"the cost table must have shape {shape} (layers, weight bits, activation bits), "
                          f"got {table.shape}")
@@ -109,8 +114,10 @@ def decode_costs(space: SearchSpace, costs: torch.Tensor | np.ndarray, budget_g:
         raise BudgetError(
             f"no policy with the (w, a) pairs this strategy allows has BOPs within [{lower_fraction:.0%}, 100%] of "
             f"the budget {budget_g:g} G{_preset_note(space)}; {_nearest(space, table, budget_g)}")
-    idx = {b: i for i, b in enumerate(space.bits)}
-    cost = sum(float(table[layer, idx[choices[n][0]], idx[choices[n][1]]]) for layer, n in enumerate(space.layers))
+    w_index = {b: i for i, b in enumerate(space.w_bits)}
+    a_index = {b: j for j, b in enumerate(space.a_bits)}
+    cost = sum(float(table[layer, w_index[choices[n][0]], a_index[choices[n][1]]])
+               for layer, n in enumerate(space.layers))
     return Decoded(choices, space.searched_bops_g(choices), cost)
 
 
@@ -119,13 +126,14 @@ def decode(space: SearchSpace, log_w: torch.Tensor | np.ndarray, log_a: torch.Te
     """The most probable policy with BOPs in [lower_fraction * B, B]: :func:`decode_costs` of the cost table
     ``-log p_w,l(i) - log p_a,l(j)``; the returned ``cost`` is minus the policy's log-probability.
 
-    ``log_w`` and ``log_a`` are ``[L, K]`` log-probabilities (rows of ``log_softmax(alpha)``) of the searched layers
-    in ``space.layers`` order.
+    ``log_w`` and ``log_a`` are ``[L, K_w]`` and ``[L, K_a]`` log-probabilities (rows of ``log_softmax(alpha)``) of
+    the searched layers in ``space.layers`` order.
     """
     lw, la = _as_array(log_w), _as_array(log_a)
-    shape = (len(space.layers), len(space.bits))
-    if lw.shape != shape or la.shape != shape:
-        raise ValueError(f"log-probabilities must have shape {shape}, got {lw.shape} and {la.shape}")
+    shapes = (len(space.layers), len(space.w_bits)), (len(space.layers), len(space.a_bits))
+    if (lw.shape, la.shape) != shapes:
+        raise ValueError(f"log-probabilities must have shapes {shapes[0]} (weights) and {shapes[1]} (activations), "
+                         f"got {lw.shape} and {la.shape}")
     if not (np.isfinite(lw).all() and np.isfinite(la).all()):
         raise ValueError("the log-probabilities to decode are not all finite (diverged architecture parameters?); "
                          "lower search.lr_alpha")
@@ -133,7 +141,8 @@ def decode(space: SearchSpace, log_w: torch.Tensor | np.ndarray, log_a: torch.Te
 
 
 def decode_uniform(space: SearchSpace, budget_g: float, side: str = "below") -> Decoded:
-    """The single (w, a) pair for every searched layer nearest the budget from ``side``.
+    """The single (w, a) pair (``w`` in ``space.w_bits``, ``a`` in ``space.a_bits``) for every searched layer nearest
+    the budget from ``side``.
 
     ``below``: the pair with the most BOPs that fits the budget; ``above``: the pair with the fewest BOPs that
     exceeds it. Ties: the more balanced pair, then more activation bits. Uniform policies are coarse, so the policy
@@ -147,7 +156,7 @@ def decode_uniform(space: SearchSpace, budget_g: float, side: str = "below") -> 
     def balance(pair: tuple[int, int]) -> tuple[int, int]:
         return min(pair), pair[1]
 
-    pairs = [(w, a) for w in space.bits for a in space.bits]
+    pairs = space.pairs
     if side == "below":
         fits = [p for p in pairs if total * p[0] * p[1] + space.fixed_bops <= budget_g * GIGA]
         if not fits:
@@ -156,8 +165,8 @@ def decode_uniform(space: SearchSpace, budget_g: float, side: str = "below") -> 
     else:
         over = [p for p in pairs if total * p[0] * p[1] + space.fixed_bops > budget_g * GIGA]
         if not over:
-            raise BudgetError(f"no uniform policy over candidate bits {list(space.bits)} costs more than the budget "
-                              f"{budget_g:g} G on {space.deploy_arch}: the largest costs "
+            raise BudgetError(f"no uniform policy over {describe_candidates(space.w_bits, space.a_bits)} costs more "
+                              f"than the budget {budget_g:g} G on {space.deploy_arch}: the largest costs "
                               f"{bops_range(space)[1]:.4f} GBOPs; use search.uniform_side=below")
         w, a = min(over, key=lambda p: (p[0] * p[1], -min(p), -p[1]))
     choices = {n: (w, a) for n in space.layers}
@@ -167,7 +176,7 @@ def decode_uniform(space: SearchSpace, budget_g: float, side: str = "below") -> 
 def sample_in_window(space: SearchSpace, budget_g: float, rng: np.random.Generator, count: int = 1,
                      lower_fraction: float = LOWER_FRACTION, chunk: int = 4096) -> list[Decoded]:
     """``count`` policies drawn independently and uniformly at random from every policy (any candidate (w, a) pair
-    per searched layer) whose BOPs lie in [lower_fraction * B, B].
+    of ``space.pairs`` per searched layer) whose BOPs lie in [lower_fraction * B, B].
 
     Exact rejection sampling from an exponentially tilted proposal: each layer independently takes pair ``p`` with
     probability proportional to ``exp(lam * bops_l(p) / B)``, so a whole policy is proposed with probability
@@ -179,7 +188,7 @@ def sample_in_window(space: SearchSpace, budget_g: float, rng: np.random.Generat
     :data:`MAX_RANDOM_DRAWS` proposals gave too few policies (a window reached by very few policies).
     """
     check_budget(space, budget_g, lower_fraction)
-    pairs = [(w, a) for w in space.bits for a in space.bits]
+    pairs = space.pairs
     pair_bits = np.array([w * a for w, a in pairs], dtype=np.int64)
     bops = np.asarray(space.macs, dtype=np.int64)[:, None] * pair_bits[None, :]  # [L, P] exact integers
     lo = lower_fraction * budget_g * GIGA - space.fixed_bops
@@ -244,17 +253,16 @@ def _normalised(table: np.ndarray) -> np.ndarray:
 
 def _solve(space: SearchSpace, costs: np.ndarray, budget_g: float, lower_fraction: float,
            maximise_bops: bool = False) -> dict[str, tuple[int, int]] | None:
-    """Solve the ILP over the ``[L, K, K]`` cost table (``+inf`` = forbidden pair); ``None`` when infeasible.
+    """Solve the ILP over the ``[L, K_w, K_a]`` cost table (``+inf`` = forbidden pair); ``None`` when infeasible.
     Bounds are tightened until the exact integer check passes."""
-    n_layers, k = costs.shape[0], len(space.bits)
-    bits = np.asarray(space.bits, dtype=np.float64)
-    pair_bits = np.outer(bits, bits).reshape(-1)  # (i, j) -> w_i * a_j
+    n_layers, pairs = costs.shape[0], space.pairs
+    pair_bits = np.asarray([w * a for w, a in pairs], dtype=np.float64)  # (i, j) -> w_i * a_j, weight-major
     macs = np.asarray(space.macs, dtype=np.float64)
     bops = (macs[:, None] * pair_bits[None, :]).reshape(-1) / GIGA  # G BOPs of x[l, i, j]
     flat = costs.reshape(-1)
     allowed = np.isfinite(flat)
     objective = -bops if maximise_bops else np.where(allowed, flat, 0.0)
-    one_per_layer = np.kron(np.eye(n_layers), np.ones((1, k * k)))
+    one_per_layer = np.kron(np.eye(n_layers), np.ones((1, len(pairs))))
     fixed = space.fixed_bops
     upper_bops, lower_bops = budget_g * GIGA - fixed, lower_fraction * budget_g * GIGA - fixed
     hi, lo = upper_bops / GIGA, lower_bops / GIGA
@@ -265,8 +273,8 @@ def _solve(space: SearchSpace, costs: np.ndarray, budget_g: float, lower_fractio
                       options={"mip_rel_gap": 0.0, "time_limit": 120.0})
         if result.x is None:
             return None
-        picks = np.asarray(result.x).reshape(n_layers, k * k).argmax(1)
-        choices = {name: (space.bits[p // k], space.bits[p % k]) for name, p in zip(space.layers, picks, strict=True)}
+        picks = np.asarray(result.x).reshape(n_layers, len(pairs)).argmax(1)
+        choices = {name: pairs[p] for name, p in zip(space.layers, picks, strict=True)}
         exact = sum(m * w * a for m, (w, a) in zip(space.macs, (choices[n] for n in space.layers), strict=True))
         if lower_bops <= exact <= upper_bops:
             return choices

@@ -10,7 +10,9 @@ the reference ResNet18/CIFAR-10 meaning. ``A_fp`` comes from the frozen float te
 
 **Capacity-aware p** (``p = "auto"``)::
 
-    p = kappa * mean_l 1 / (E[b_w,l] * E[b_a,l]),     E[b_l] = sum_i softmax(alpha_l)_i * b_i      (kappa = 24)
+    p = kappa * mean_l 1 / (E[b_w,l] * E[b_a,l]),     E[b_w,l] = sum_i softmax(alpha_w,l)_i * w_bits_i      (kappa = 24)
+
+(``E[b_a,l]`` likewise over ``a_bits``, the activation candidates, which may differ from the weights'.)
 
 **Complexity / budget steering.** With ``r = E[BOPs] / B`` the expected searched BOPs at the deployment resolution
 (:func:`gmpq.complexity.expected_bops`) over the budget ``B``, the search minimises an augmented Lagrangian of the
@@ -66,8 +68,8 @@ def _constant(values: tuple[int, ...], device: torch.device, dtype: torch.dtype)
 def expected_bits(model: nn.Module, space: SearchSpace) -> tuple[torch.Tensor, torch.Tensor]:
     """``[L]`` expected weight and activation bits of the searched layers under the current alphas."""
     w_probs, a_probs = layer_probabilities(model, space)
-    bits = _constant(space.bits, w_probs.device, w_probs.dtype)
-    return (w_probs * bits).sum(-1), (a_probs * bits).sum(-1)
+    return ((w_probs * _constant(space.w_bits, w_probs.device, w_probs.dtype)).sum(-1),
+            (a_probs * _constant(space.a_bits, a_probs.device, a_probs.dtype)).sum(-1))
 
 
 def capacity_p(model: nn.Module, space: SearchSpace, kappa: float) -> float:
@@ -78,10 +80,12 @@ def capacity_p(model: nn.Module, space: SearchSpace, kappa: float) -> float:
 
 
 def expected_bops_g(model: nn.Module, space: SearchSpace) -> torch.Tensor:
-    """Differentiable expected searched-layer BOPs (G) at the deployment resolution."""
+    """Differentiable expected searched-layer BOPs (G) at the deployment resolution: ``sum_l MACs_l * E[b_w,l] *
+    E[b_a,l] / 1e9`` (:func:`gmpq.complexity.expected_bops`)."""
     w_probs, a_probs = layer_probabilities(model, space)
-    bits = _constant(space.bits, w_probs.device, w_probs.dtype)
-    return expected_bops(_constant(space.macs, w_probs.device, w_probs.dtype), w_probs, a_probs, bits, bits)
+    device, dtype = w_probs.device, w_probs.dtype
+    return expected_bops(_constant(space.macs, device, dtype), w_probs, a_probs, _constant(space.w_bits, device, dtype),
+                         _constant(space.a_bits, device, dtype))
 
 
 @dataclass

@@ -26,8 +26,9 @@ Simplifications, all stated again in the README's strategy table:
   see rotations or a global scale, but it does see BN's per-channel scales.
 * OMPQ assigns one bit width per layer to the weights (activations at one fixed width for the whole network) and
   solves the relaxed programme with SLSQP before rounding. Here a layer's weights and activations take the same
-  width (``w_l = a_l = b_l``: the cost table forbids ``w != a``), and the exact decoder solves the integer
-  programme under the BOPs budget, inside the usual [97 %, 100 %] window.
+  width (``w_l = a_l = b_l``: the cost table forbids ``w != a``, and with separate candidate lists ``b_l`` ranges
+  over the widths both hold), and the exact decoder solves the integer programme under the BOPs budget, inside the
+  usual [97 %, 100 %] window.
 """
 
 from __future__ import annotations
@@ -103,10 +104,11 @@ def ompq_bit_coefficients(theta: np.ndarray) -> np.ndarray:
     return suffix / np.arange(len(theta), 0, -1)
 
 
-def ompq_costs(model: nn.Module, images: torch.Tensor, layers: Sequence[str], bits: Sequence[int],
-               beta: float) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """The OMPQ cost table ``[L, K, K]`` in ``layers`` order: ``-c_l * bits[i]`` on the diagonal ``w = a``, ``+inf``
-    (forbidden) elsewhere, so that minimising the summed cost maximises OMPQ's objective.
+def ompq_costs(model: nn.Module, images: torch.Tensor, layers: Sequence[str], w_bits: Sequence[int],
+               a_bits: Sequence[int], beta: float) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The OMPQ cost table ``[L, K_w, K_a]`` in ``layers`` order: ``-c_l * b`` where ``w_bits[i] = a_bits[j] = b``,
+    ``+inf`` (forbidden) elsewhere, so that minimising the summed cost maximises OMPQ's objective (every pair is
+    forbidden when the two lists share no width).
 
     Returns the table and, per layer in ``layers`` order, ``gamma`` (summed ORM with the other layers), ``theta``
     and ``coefficient`` (``c_l``), plus ``order`` (each layer's position in the forward pass).
@@ -117,10 +119,11 @@ def ompq_costs(model: nn.Module, images: torch.Tensor, layers: Sequence[str], bi
     coefficient = ompq_bit_coefficients(theta)
     position = {name: i for i, name in enumerate(order)}
     rows = [position[n] for n in layers]
-    k = len(bits)
-    costs = np.full((len(layers), k, k), np.inf)
-    diagonal = np.arange(k)
-    costs[:, diagonal, diagonal] = -coefficient[rows][:, None] * np.asarray(bits, dtype=np.float64)[None, :]
+    costs = np.full((len(layers), len(w_bits), len(a_bits)), np.inf)
+    for i, w in enumerate(w_bits):
+        for j, a in enumerate(a_bits):
+            if w == a:
+                costs[:, i, j] = -coefficient[rows] * float(w)
     gamma = (orm.sum(1) - orm.diagonal()).numpy()
     return costs, {"gamma": gamma[rows], "theta": theta[rows], "coefficient": coefficient[rows],
                    "order": np.asarray(rows)}

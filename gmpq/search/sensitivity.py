@@ -178,17 +178,19 @@ def input_samples(model: nn.Module, images: Sequence[torch.Tensor], layers: Sequ
     return {n: (torch.cat(values[n]), negative[n]) for n in layers}
 
 
-def hawq_costs(model: nn.Module, batches: Sequence[Batch], layers: Sequence[str], bits: Sequence[int],
-               samples: int, generator: torch.Generator) -> tuple[np.ndarray, HessianTraces, np.ndarray, np.ndarray]:
-    """The HAWQ cost table ``[L, K, K]``: ``Omega_W(l, bits[i]) + Omega_x(l, bits[j])`` (module docstring).
+def hawq_costs(model: nn.Module, batches: Sequence[Batch], layers: Sequence[str], w_bits: Sequence[int],
+               a_bits: Sequence[int], samples: int, generator: torch.Generator,
+               ) -> tuple[np.ndarray, HessianTraces, np.ndarray, np.ndarray]:
+    """The HAWQ cost table ``[L, K_w, K_a]``: ``Omega_W(l, w_bits[i]) + Omega_x(l, a_bits[j])`` (module docstring).
 
-    Returns the table, the traces, and the quantization errors ``mse_w[l, i]`` and ``mse_x[l, j]`` it was built from.
+    Returns the table, the traces, and the quantization errors ``mse_w[l, i]`` (over ``w_bits``) and ``mse_x[l, j]``
+    (over ``a_bits``) it was built from.
     """
     traces = hutchinson_traces(model, batches, layers, samples, generator)
     modules = _modules(model, layers)
     acts = input_samples(model, [images for images, _ in batches], layers, generator)
-    mse_w = np.array([[weight_quantization_mse(modules[n].weight.detach(), b) for b in bits] for n in layers])
-    mse_x = np.array([[activation_quantization_mse(acts[n][0], b, acts[n][1]) for b in bits] for n in layers])
+    mse_w = np.array([[weight_quantization_mse(modules[n].weight.detach(), b) for b in w_bits] for n in layers])
+    mse_x = np.array([[activation_quantization_mse(acts[n][0], b, acts[n][1]) for b in a_bits] for n in layers])
     omega_w = np.clip(traces.weight, 0.0, None)[:, None] * mse_w
     omega_x = np.clip(traces.activation, 0.0, None)[:, None] * mse_x
     return omega_w[:, :, None] + omega_x[:, None, :], traces, mse_w, mse_x

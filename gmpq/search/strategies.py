@@ -8,15 +8,15 @@ Two families, both ending in :mod:`gmpq.search.budget`'s decoders under the same
   - ``edmips`` — the same with ``lambda_attr = 0`` (EdMIPS with a budget instead of a hand-tuned complexity decay).
 
 * Score strategies (*score + decode*, :class:`ScoreStrategy`) need no training: ``score`` turns the float model and
-  a few proxy batches into a per-layer, per-candidate cost table ``costs[l, i, j]`` (layer ``l`` at ``bits[i]``
-  weight and ``bits[j]`` activation bits) and ``decode`` picks the policy, by default the exact minimum-cost policy
+  a few proxy batches into a per-layer, per-candidate cost table ``costs[l, i, j]`` (layer ``l`` at ``w_bits[i]``
+  weight and ``a_bits[j]`` activation bits) and ``decode`` picks the policy, by default the exact minimum-cost policy
   inside [97 %, 100 %] of the budget (:func:`~gmpq.search.budget.decode_costs`). A new sensitivity method is one
   small subclass:
 
   - ``hawq`` — HAWQ-V2/V3: Hutchinson Hessian traces x quantization perturbation
     (:mod:`gmpq.search.sensitivity`), weights and activations.
   - ``ompq`` — OMPQ: network orthogonality of the float model's features (:mod:`gmpq.search.orthogonality`),
-    one bit width per layer.
+    one bit width per layer (among the widths both candidate lists hold).
   - ``uniform`` — no preference (a zero table), decoded as the single (w, a) pair for every layer nearest the budget,
     at or below it (``search.uniform_side=below``, the default; need not reach 97 % of the budget) or above it
     (:func:`~gmpq.search.budget.decode_uniform`).
@@ -56,7 +56,7 @@ class ScoreSettings:
 
 @dataclass(frozen=True)
 class Scores:
-    """A score strategy's output: the ``[L, K, K]`` cost table the decoder minimises (``+inf`` forbids a pair), what
+    """A score strategy's output: the ``[L, K_w, K_a]`` cost table the decoder minimises (``+inf`` forbids a pair), what
     it was computed from per layer (``{layer: {name: value}}``, written to ``scores.json``) and strategy-level facts
     (recorded in the policy's provenance and the stage's metrics)."""
 
@@ -65,9 +65,11 @@ class Scores:
     facts: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self, strategy: str, space: SearchSpace) -> dict[str, Any]:
-        """``scores.json``: ``strategy, bits, facts`` and per layer its ``costs`` (``[i][j]`` for ``bits[i]``
-        weight and ``bits[j]`` activation bits, ``null`` where forbidden) with what they were computed from."""
-        return {"strategy": strategy, "bits": list(space.bits), "facts": self.facts, "layers": {
+        """``scores.json``: ``strategy, w_bits, a_bits, facts`` and per layer its ``costs`` (``[i][j]`` for
+        ``w_bits[i]`` weight and ``a_bits[j]`` activation bits, ``null`` where forbidden) with what they were computed
+        from."""
+        return {"strategy": strategy, "w_bits": list(space.w_bits), "a_bits": list(space.a_bits),
+                "facts": self.facts, "layers": {
             name: {"costs": [[c if math.isfinite(c) else None for c in row] for row in self.costs[i].tolist()],
                    **self.layers.get(name, {})}
             for i, name in enumerate(space.layers)}}
@@ -134,7 +136,7 @@ class ScoreStrategy(Strategy):
 
 
 def _zero_table(space: SearchSpace) -> np.ndarray:
-    return np.zeros((len(space.layers), len(space.bits), len(space.bits)))
+    return np.zeros((len(space.layers), len(space.w_bits), len(space.a_bits)))
 
 
 class Uniform(ScoreStrategy):
@@ -175,8 +177,8 @@ class HAWQ(ScoreStrategy):
     def score(self, model: nn.Module | None, batches: Sequence[Batch], space: SearchSpace,
               settings: ScoreSettings) -> Scores:
         generator = torch.Generator().manual_seed(settings.seed)
-        costs, traces, mse_w, mse_x = hawq_costs(_require(model, self), batches, space.layers, space.bits,
-                                                 settings.hutchinson_samples, generator)
+        costs, traces, mse_w, mse_x = hawq_costs(_require(model, self), batches, space.layers, space.w_bits,
+                                                 space.a_bits, settings.hutchinson_samples, generator)
         layers = {n: {"trace_w": float(traces.weight[i]), "trace_w_stderr": _number(traces.weight_stderr[i]),
                       "trace_x": float(traces.activation[i]), "trace_x_stderr": _number(traces.activation_stderr[i]),
                       "mse_w": mse_w[i].tolist(), "mse_x": mse_x[i].tolist()}
@@ -187,8 +189,8 @@ class HAWQ(ScoreStrategy):
 
 
 class OMPQ(ScoreStrategy):
-    """Maximise ``sum_l c_l * b_l`` with ``w_l = a_l = b_l``, ``c_l`` from the orthogonality of the float model's
-    features (:mod:`~gmpq.search.orthogonality`)."""
+    """Maximise ``sum_l c_l * b_l`` with ``w_l = a_l = b_l`` (a width both candidate lists hold), ``c_l`` from the
+    orthogonality of the float model's features (:mod:`~gmpq.search.orthogonality`)."""
 
     name = "ompq"
     needs_float_model = True
@@ -196,8 +198,13 @@ class OMPQ(ScoreStrategy):
 
     def score(self, model: nn.Module | None, batches: Sequence[Batch], space: SearchSpace,
               settings: ScoreSettings) -> Scores:
+        if not set(space.w_bits) & set(space.a_bits):
+            raise RecipeError(f"ompq gives a layer's weights and activations one bit width, but the candidate weight "
+                              f"bits {list(space.w_bits)} and activation bits {list(space.a_bits)} share none; let "
+                              f"search.w_bits and search.a_bits overlap")
         images = torch.cat([x for x, _ in batches])
-        costs, facts = ompq_costs(_require(model, self), images, space.layers, space.bits, settings.ompq_beta)
+        costs, facts = ompq_costs(_require(model, self), images, space.layers, space.w_bits, space.a_bits,
+                                  settings.ompq_beta)
         layers = {n: {key: values[i].item() for key, values in facts.items()} for i, n in enumerate(space.layers)}
         return Scores(costs, layers, {"ompq_beta": settings.ompq_beta, "score_images": int(images.shape[0])})
 

@@ -3,7 +3,8 @@
 :func:`build_supernet` swaps every searched Conv2d/Linear (all but the stem and classifier, see
 :func:`gmpq.models.searchable_layer_names`) for a :class:`~gmpq.quant.MixedConv2d` / :class:`~gmpq.quant.MixedLinear`
 with the float weights, and every kept layer for a fixed-bit layer at ``kept_bits``. The :class:`SearchSpace`
-records what a decoded policy needs: the searched and kept layers, the candidate bits and each layer's MACs *at the
+records what a decoded policy needs: the searched and kept layers, the candidate weight bits and activation bits (two
+lists: e.g. weights over {2, 3, 4, 6}, activations over {3, 4, 6, 8}) and each layer's MACs *at the
 deployment resolution of the deployment architecture* (e.g. ``mobilenetv2_050`` at 224 for a search of
 ``mobilenetv2_050_cifar`` at 32), which is where the BOPs budget is stated, and the BOPs convention the budget is
 stated in (:data:`gmpq.complexity.BOPS_PRESETS`).
@@ -52,7 +53,7 @@ class SearchSpace:
         deploy_arch / deploy_input_size: where BOPs are counted (e.g. ``resnet18`` at 224).
         layers: searched layer paths, in model order; ``macs[i]`` is layer ``layers[i]``'s MACs at deployment.
         kept: kept layer paths and ``kept_macs`` their MACs at deployment; they run at ``kept_bits``.
-        bits: candidate bit widths (shared by weights and activations).
+        w_bits / a_bits: candidate weight and activation bit widths (sorted; equal when the search shares one list).
         kept_bits: bits of the kept layers.
         bops_preset: the BOPs convention of budgets in this space: the budgeted BOPs of a policy are its searched
             BOPs plus :attr:`fixed_bops` (nothing, the kept layers at 8/8 bits, or at ``kept_bits``).
@@ -65,7 +66,8 @@ class SearchSpace:
     macs: tuple[int, ...]
     kept: tuple[str, ...]
     kept_macs: tuple[int, ...]
-    bits: tuple[int, ...]
+    w_bits: tuple[int, ...]
+    a_bits: tuple[int, ...]
     kept_bits: int
     bops_preset: BopsPreset = "searched"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
@@ -88,8 +90,11 @@ class SearchSpace:
     def macs_tensor(self, device: torch.device | str | None = None) -> torch.Tensor:
         return torch.tensor(self.macs, dtype=torch.float64, device=device)
 
-    def bits_tensor(self, device: torch.device | str | None = None) -> torch.Tensor:
-        return torch.tensor(self.bits, dtype=torch.float64, device=device)
+    @property
+    def pairs(self) -> list[tuple[int, int]]:
+        """Every candidate (w_bits, a_bits) pair, weight-major: pair ``i * len(a_bits) + j`` is
+        ``(w_bits[i], a_bits[j])``, the order of a cost table's flattened last two axes."""
+        return [(w, a) for w in self.w_bits for a in self.a_bits]
 
     def searched_bops_g(self, choices: Mapping[str, tuple[int, int]]) -> float:
         """Exact searched-layer BOPs (G) of ``choices`` = {layer: (w_bits, a_bits)}."""
@@ -102,7 +107,8 @@ class SearchSpace:
             raise ModelError(f"no bits chosen for searched layer {missing[0]!r}")
         searched = self.searched_bops_g(choices)
         return Policy(
-            arch=self.deploy_arch, input_size=self.deploy_input_size, candidate_bits=self.bits,
+            arch=self.deploy_arch, input_size=self.deploy_input_size, candidate_w_bits=self.w_bits,
+            candidate_a_bits=self.a_bits,
             layers={n: LayerBits(*choices[n]) for n in self.layers},
             kept={n: LayerBits(self.kept_bits, self.kept_bits) for n in self.kept},
             bops_searched_g=searched, bops_total_g=searched + self.kept_bops_g,
@@ -115,11 +121,11 @@ def deployment_macs(deploy_arch: str, input_size: int, num_classes: int) -> dict
     return layer_macs(create_model(deploy_arch, num_classes=num_classes), input_size)
 
 
-def search_space(model: nn.Module, bits: Sequence[int], kept_bits: int, deploy_macs: Mapping[str, int],
-                 deploy_arch: str, deploy_input_size: int, layers: Iterable[str] | None = None,
-                 bops_preset: BopsPreset = "searched") -> SearchSpace:
-    """The :class:`SearchSpace` of float ``model``: searched ``layers`` (default: all but stem and classifier),
-    budgets counted under ``bops_preset``.
+def search_space(model: nn.Module, w_bits: Sequence[int], a_bits: Sequence[int], kept_bits: int,
+                 deploy_macs: Mapping[str, int], deploy_arch: str, deploy_input_size: int,
+                 layers: Iterable[str] | None = None, bops_preset: BopsPreset = "searched") -> SearchSpace:
+    """The :class:`SearchSpace` of float ``model``: searched ``layers`` (default: all but stem and classifier) over
+    candidate weight bits ``w_bits`` and activation bits ``a_bits``, budgets counted under ``bops_preset``.
 
     ``deploy_macs`` (from :func:`deployment_macs`) must name exactly the model's quantizable layers.
     """
@@ -140,8 +146,8 @@ def search_space(model: nn.Module, bits: Sequence[int], kept_bits: int, deploy_m
     return SearchSpace(
         arch=getattr(model, "gmpq_arch", type(model).__name__), deploy_arch=deploy_arch,
         deploy_input_size=deploy_input_size, layers=tuple(searched), macs=tuple(int(deploy_macs[n]) for n in searched),
-        kept=tuple(kept), kept_macs=tuple(int(deploy_macs[n]) for n in kept), bits=check_candidates(bits),
-        kept_bits=kept_bits, bops_preset=check_bops_preset(bops_preset),
+        kept=tuple(kept), kept_macs=tuple(int(deploy_macs[n]) for n in kept), w_bits=check_candidates(w_bits),
+        a_bits=check_candidates(a_bits), kept_bits=kept_bits, bops_preset=check_bops_preset(bops_preset),
     )
 
 
@@ -155,7 +161,7 @@ def build_supernet(model: nn.Module, space: SearchSpace) -> nn.Module:
             raise ModelError(f"layer {name!r} is not a float Conv2d/Linear of the model; build the supernet from a "
                              f"float model")
         conversion_for(module, name)  # a layer type without a conversion is refused before anything is replaced
-    replace_layers(model, lambda n, m: to_mixed(m, space.bits, space.bits, n), list(space.layers))
+    replace_layers(model, lambda n, m: to_mixed(m, space.w_bits, space.a_bits, n), list(space.layers))
     if space.kept_bits != FLOAT_BITS:
         replace_layers(model, lambda n, m: to_quantized(m, space.kept_bits, space.kept_bits, n), list(space.kept))
     model.gmpq_search_space = space
@@ -185,22 +191,23 @@ def weight_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str,
 
 
 def layer_probabilities(model: nn.Module, space: SearchSpace) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[L, K]`` weight and activation bit probabilities of the searched layers (differentiable)."""
+    """``[L, K_w]`` weight and ``[L, K_a]`` activation bit probabilities of the searched layers (differentiable)."""
     layers = mixed_layers(model)
     probs = [layers[n].probs() for n in space.layers]
     return torch.stack([p[0] for p in probs]), torch.stack([p[1] for p in probs])
 
 
 def layer_log_probabilities(model: nn.Module, space: SearchSpace) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[L, K]`` ``log_softmax(alpha_w)`` and ``log_softmax(alpha_a)`` of the searched layers (finite for any finite
-    alphas, unlike the log of underflowed probabilities)."""
+    """``[L, K_w]`` ``log_softmax(alpha_w)`` and ``[L, K_a]`` ``log_softmax(alpha_a)`` of the searched layers (finite
+    for any finite alphas, unlike the log of underflowed probabilities)."""
     layers = mixed_layers(model)
     return (torch.stack([torch.log_softmax(layers[n].alpha_w, 0) for n in space.layers]),
             torch.stack([torch.log_softmax(layers[n].alpha_a, 0) for n in space.layers]))
 
 
 def alpha_entropy(w_probs: torch.Tensor, a_probs: torch.Tensor) -> float:
-    """Mean over searched layers of (H(p_w) + H(p_a)) / 2, in nats (log K for uniform probabilities, 0 one-hot)."""
+    """Mean over searched layers of (H(p_w) + H(p_a)) / 2, in nats ((log K_w + log K_a) / 2 for uniform
+    probabilities, 0 one-hot)."""
 
     def entropy(p: torch.Tensor) -> torch.Tensor:
         return -(p * torch.log(p.clamp_min(1e-30))).sum(1)
@@ -209,7 +216,8 @@ def alpha_entropy(w_probs: torch.Tensor, a_probs: torch.Tensor) -> float:
 
 
 def alpha_table(model: nn.Module, space: SearchSpace) -> dict[str, dict[str, list[float]]]:
-    """``{layer: {"alpha_w", "alpha_a", "w", "a"}}``: logits and probabilities of every searched layer."""
+    """``{layer: {"alpha_w", "alpha_a", "w", "a"}}``: logits and probabilities of every searched layer (``w`` over
+    ``space.w_bits``, ``a`` over ``space.a_bits``)."""
     out = {}
     layers = mixed_layers(model)
     for name in space.layers:

@@ -137,5 +137,6 @@ def resolve_policy(recipe: Recipe, model: nn.Module, policy: Policy | str | os.P
         pol = as_policy(spec)
     kept = recipe.model.kept_bits
     return Policy(arch=pol.arch, input_size=pol.input_size, layers=dict(pol.layers),
-                  kept={n: LayerBits(kept, kept) for n in pol.kept}, candidate_bits=pol.candidate_bits,
+                  kept={n: LayerBits(kept, kept) for n in pol.kept}, candidate_w_bits=pol.candidate_w_bits,
+                  candidate_a_bits=pol.candidate_a_bits,
                   bops_searched_g=pol.bops_searched_g, bops_total_g=pol.bops_total_g, provenance=dict(pol.provenance))

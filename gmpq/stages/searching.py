@@ -40,10 +40,13 @@ Steps (single process, or every process under ``torchrun`` / ``accelerate launch
 Output in ``<output_dir>/search``: ``policy.json`` (with provenance), ``alphas.json`` (final logits and
 probabilities of every searched layer), ``search_log.jsonl`` (one JSON object per epoch: ``epoch, loss, loss_ce,
 loss_attr, loss_complexity, train_top1, lr_w, lr_alpha, steps, expected_bops_g, budget_g, decoded_bops_g,
-alpha_entropy, p, mu, policy {layer: [w_bits, a_bits]}, probs {layer: {"w": [...], "a": [...]}}, bits, epoch_s``),
-``metrics.json``, ``recipe.yaml`` and ``env.json``. A score + decode strategy writes ``scores.json`` (``strategy,
-bits, facts`` and per layer ``costs`` — ``[i][j]`` for ``bits[i]`` weight and ``bits[j]`` activation bits, ``null``
-where forbidden — with what they were computed from) in place of ``alphas.json`` and the log.
+alpha_entropy, p, mu, policy {layer: [w_bits, a_bits]}, probs {layer: {"w": [...], "a": [...]}}, w_bits, a_bits,
+epoch_s``: ``probs`` over the candidate weight bits ``w_bits`` and activation bits ``a_bits``), ``metrics.json``,
+``recipe.yaml`` and ``env.json``. A score + decode strategy writes ``scores.json`` (``strategy, w_bits, a_bits, facts``
+and per layer ``costs`` — ``[i][j]`` for ``w_bits[i]`` weight and ``a_bits[j]`` activation bits, ``null`` where
+forbidden — with what they were computed from) in place of ``alphas.json`` and the log. The candidates are
+``search.w_bits`` and ``search.a_bits``, each ``search.bits`` where unset; a run resumed with other candidates than
+its checkpoint's is refused (:class:`~gmpq.errors.CheckpointError`).
 """
 
 from __future__ import annotations
@@ -58,9 +61,9 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.optim.swa_utils import update_bn
 
-from gmpq.errors import RecipeError
+from gmpq.errors import CheckpointError, RecipeError
 from gmpq.models import base_arch, create_model
-from gmpq.policy import Policy
+from gmpq.policy import Policy, describe_candidates
 from gmpq.quant import calibrate
 from gmpq.rundir import RunDir, StageDir
 from gmpq.search import (
@@ -189,7 +192,7 @@ class SupernetStep(TrainingStep):
             "mu": objective.penalty.mu,
             "policy": {n: list(decoded.choices[n]) for n in self.space.layers},
             "probs": {n: {"w": w_probs[i].tolist(), "a": a_probs[i].tolist()} for i, n in enumerate(self.space.layers)},
-            "bits": list(self.space.bits),
+            "w_bits": list(self.space.w_bits), "a_bits": list(self.space.a_bits),
         }
 
     def describe(self, stage: str, epochs: int, row: dict[str, Any]) -> str:
@@ -199,9 +202,18 @@ class SupernetStep(TrainingStep):
                 f"| train top1 {row['train_top1']:.2f} ({row['epoch_s']:.1f}s)")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"penalty": self.objective.penalty.state_dict()}
+        return {"penalty": self.objective.penalty.state_dict(), "w_bits": list(self.space.w_bits),
+                "a_bits": list(self.space.a_bits)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the budget multiplier; a checkpoint of other candidate bits (recorded since separate weight and
+        activation candidates exist) is refused."""
+        held = (state.get("w_bits", list(self.space.w_bits)), state.get("a_bits", list(self.space.a_bits)))
+        if held != (list(self.space.w_bits), list(self.space.a_bits)):
+            raise CheckpointError(
+                f"cannot resume this search: its checkpoint searched {describe_candidates(*held)}, the recipe asks "
+                f"for {describe_candidates(self.space.w_bits, self.space.a_bits)}; resume with the same search.bits, "
+                f"search.w_bits and search.a_bits, or pass force=true to start over")
         self.objective.penalty.load_state_dict(state["penalty"])
 
 
@@ -229,7 +241,7 @@ def search(recipe: Recipe, attribution: Method = "auto") -> SearchResult:
         deploy_arch = recipe.model.deploy_arch or base_arch(recipe.model.arch)
         model = create_model(recipe.model.arch, num_classes=num_classes,
                              pretrained=recipe.model.pretrained and strategy.needs_float_model)
-        space = search_space(model, cfg.bits, recipe.model.kept_bits,
+        space = search_space(model, *cfg.candidates(), recipe.model.kept_bits,
                              deployment_macs(deploy_arch, recipe.model.deploy_input_size, num_classes), deploy_arch,
                              recipe.model.deploy_input_size, bops_preset=cfg.bops_preset)
         check_budget(space, budget)
@@ -335,8 +347,8 @@ def _search_supernet(recipe: Recipe, run_recipe: Recipe, strategy: Strategy, mod
         "attribution": student.method if strategy.uses_attribution else None,
         "float_checkpoint": student_source, "teacher": teacher_source if strategy.uses_attribution else None,
     })
-    _write_outputs(stage, policy, {stage.alphas: {"bits": list(space.bits), "layers": alpha_table(model, space)}},
-                   metrics, accelerator)
+    alphas = {"w_bits": list(space.w_bits), "a_bits": list(space.a_bits), "layers": alpha_table(model, space)}
+    _write_outputs(stage, policy, {stage.alphas: alphas}, metrics, accelerator)
     return SearchResult(metrics, policy)
 
 
@@ -381,7 +393,8 @@ def _metrics(recipe: Recipe, strategy: Strategy, space: SearchSpace, budget: flo
         "bops_total_g": searched + space.kept_bops_g, "bops_preset": space.bops_preset,
         "bops_budgeted_g": budgeted, "budget_fraction": budgeted / budget,
         "mean_w_bits": w_mean, "mean_a_bits": a_mean, "num_searched_layers": len(space.layers),
-        "candidate_bits": list(space.bits), "epochs": epochs, "resumed_from_epoch": resumed_from,
+        "candidate_w_bits": list(space.w_bits), "candidate_a_bits": list(space.a_bits), "epochs": epochs,
+        "resumed_from_epoch": resumed_from,
         "world_size": accelerator.num_processes, "policy": str(RunDir.of(recipe).policy),
         "wall_s": time.perf_counter() - t0,
     }

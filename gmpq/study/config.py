@@ -204,10 +204,12 @@ class StudyConfig:
             recipe.pop(key, None)
         if recipe["data"].get("subset_seed") is None:  # unset, it changes nothing: older studies keep their print
             recipe["data"].pop("subset_seed", None)
-        content: dict[str, Any] = {"recipe": recipe, "target_pretrain": self.target_pretrain}
+        content: dict[str, Any] = {"recipe": _without_unset_candidates(recipe), "target_pretrain": self.target_pretrain}
         for key in ("proxies", "deploy", "ptq", "target_float"):  # only where set: older studies keep their print
             if key in self.extra:
                 content[key] = self.extra[key]
+        if "target_float" in content:
+            content["target_float"] = _without_unset_candidates(content["target_float"])
         return json.loads(json.dumps(content, default=str))
 
     def fingerprint(self) -> str:
@@ -221,6 +223,13 @@ class StudyConfig:
                 "budgets": list(self.budgets), "seeds": list(self.seeds), "output_dir": self.output_dir,
                 "target_pretrain": dict(self.target_pretrain), "recipe": self.recipe.to_dict(),
                 **json.loads(json.dumps(self.extra)), "fingerprint": self.fingerprint()}
+
+
+def _without_unset_candidates(recipe: dict[str, Any]) -> dict[str, Any]:
+    """A recipe dict without ``search.w_bits`` / ``search.a_bits`` where they are unset: they came after the first
+    studies, and unset they change nothing, so those studies keep their fingerprint."""
+    search = {k: v for k, v in recipe["search"].items() if not (k in ("w_bits", "a_bits") and v is None)}
+    return {**recipe, "search": search}
 
 
 def load_study(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> StudyConfig:

@@ -22,7 +22,7 @@ def proxy_space(study: StudyConfig) -> SearchSpace:
     r = study.recipe
     deploy_arch = r.model.deploy_arch or base_arch(r.model.arch)
     macs = deployment_macs(deploy_arch, r.model.deploy_input_size, num_classes=10)
-    return search_space(create_model(r.model.arch, num_classes=10), r.search.bits, r.model.kept_bits, macs,
+    return search_space(create_model(r.model.arch, num_classes=10), *r.search.candidates(), r.model.kept_bits, macs,
                         deploy_arch, r.model.deploy_input_size)
 
 

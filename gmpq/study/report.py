@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from gmpq.policy import describe_candidates
 from gmpq.study.baselines import Borrowed, borrow_baselines
 from gmpq.study.config import StudyConfig
 from gmpq.study.results import finished_cells, results_csv, row_cell_dir
@@ -226,14 +227,15 @@ def summary_markdown(study: StudyConfig, rows: list[dict[str, Any]], total_cells
                          + ("the target float model" if not p.trains_float else
                             f"the target float model's backbone and a new head, {p.float.get('epochs')} epochs on "
                             "the proxy"))
-        lines.append(f"- candidate bits {list(r.search.bits)}; budgets in GBOPs of the searched layers of "
+        lines.append(f"- {describe_candidates(*r.search.candidates())}; budgets in GBOPs of the searched layers of "
                      f"`{r.model.deploy_arch or r.model.arch}` at {r.model.deploy_input_size}x"
                      f"{r.model.deploy_input_size}")
     else:
         lines.append(f"- search: `{r.model.arch}` on `{r.data.dataset}` (input {r.data.input_size or 'native'}, "
-                     f"{r.data.holdout} training images held out for the decoded-policy evaluation), candidate bits "
-                     f"{list(r.search.bits)}, {r.search.epochs} search epochs; budgets in GBOPs of the searched "
-                     f"layers of `{r.model.deploy_arch or r.model.arch}` at {r.model.deploy_input_size}x"
+                     f"{r.data.holdout} training images held out for the decoded-policy evaluation), "
+                     f"{describe_candidates(*r.search.candidates())}, {r.search.epochs} search epochs; budgets in "
+                     f"GBOPs of the searched layers of `{r.model.deploy_arch or r.model.arch}` at "
+                     f"{r.model.deploy_input_size}x"
                      f"{r.model.deploy_input_size}")
     lines.append(f"- target: `{t.dataset}`{f' (first {t.classes} classes)' if t.classes else ''} (input "
                  f"{t.input_size or 'native'}, {t.holdout} training images held out for monitoring)"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -87,18 +88,30 @@ class CheckpointManager:
         fault_point("checkpoint")
         return final
 
-    def load_latest(self) -> dict[str, Any] | None:
-        """Restore the newest checkpoint into the prepared objects; return its trainer state (None if none)."""
+    def load_latest(self, before_restore: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any] | None:
+        """Restore the newest checkpoint into the prepared objects; return its trainer state (None if none).
+
+        ``before_restore`` receives the trainer state before any weight is restored, and may refuse the checkpoint by
+        raising (a training step that cannot continue it says why, rather than the weights' shape mismatch)."""
         latest = self.latest()
         if latest is None:
             return None
         try:
             state = json.loads((latest / "trainer_state.json").read_text())
+        except (OSError, ValueError) as e:
+            raise _unusable(latest, e) from None
+        if before_restore is not None:
+            before_restore(state)
+        try:
             self.accelerator.load_state(str(latest))
         except (OSError, ValueError, RuntimeError, KeyError) as e:
-            raise CheckpointError(f"cannot resume from {str(latest)!r}: {e}; delete it to resume from the one "
-                                  f"before, or pass force=true to start over") from None
+            raise _unusable(latest, e) from None
         return state
+
+
+def _unusable(checkpoint: Path, error: Exception) -> CheckpointError:
+    return CheckpointError(f"cannot resume from {str(checkpoint)!r}: {error}; delete it to resume from the one before, "
+                           f"or pass force=true to start over")
 
 
 # ------------------------------------------------------------------------------------------------ initialisation

@@ -303,7 +303,7 @@ class TrainingStep:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
+        """Restore :meth:`state_dict`, before the checkpoint's weights; raising refuses the checkpoint."""
 
 
 class SupervisedStep(TrainingStep):
@@ -386,11 +386,10 @@ def fit(model: nn.Module, train_loader: DataLoader, eval_loader: DataLoader | No
     history: list[dict[str, Any]] = []
     start, resumed_from = 0, None
     if resume:
-        state = checkpoints.load_latest()
+        state = checkpoints.load_latest(before_restore=lambda s: step.load_state_dict(s.get("step", {})))
         if state is not None:
             start = resumed_from = int(state["epoch"])
             history = list(state["history"])
-            step.load_state_dict(state.get("step", {}))
             accelerator.print(f"{stage}: resumed from epoch {start} ({checkpoints.latest()})")
     final = _eval_of(history[-1]) if history and eval_loader is not None else {}
     for epoch in range(start, cfg.epochs):

@@ -1,15 +1,17 @@
 """Figures of a search run: BOPs against the budget and per-layer bit probabilities over epochs.
 
 Reads the search stage's per-epoch log ``search_log.jsonl`` (one JSON object per epoch) with the keys ``epoch``,
-``expected_bops_g``, ``budget_g``, ``bits`` (the candidate bit widths) and ``probs``
-(``{layer: {"w": [...], "a": [...]}}``, softmax(alpha) over ``bits``), and optionally ``decoded_bops_g``, ``loss``,
+``expected_bops_g``, ``budget_g``, ``w_bits`` and ``a_bits`` (the candidate weight and activation bit widths; a log
+written before they were separate has one ``bits`` for both) and ``probs`` (``{layer: {"w": [...], "a": [...]}}``,
+softmax(alpha_w) over ``w_bits`` and softmax(alpha_a) over ``a_bits``), and optionally ``decoded_bops_g``, ``loss``,
 ``loss_ce``, ``loss_attr``, ``loss_complexity``, ``train_top1``, ``alpha_entropy``, ``p``, ``lr_w``, ``lr_alpha``
 and ``policy`` (``{layer: [w_bits, a_bits]}``, the decoded policy at that epoch).
 
 The figure has three curves panels on top (expected and decoded BOPs with the budget and the decoding target
 band [97%, 100%] of the budget; the loss terms; train top-1 and the mean alpha entropy) and two heatmaps below:
 the expected bits E[b] = sum_i softmax(alpha)_i * bits_i of every searched layer (rows) at every epoch (columns),
-for weights and for activations, with the last decoded policy's bits printed on the right.
+for weights (over ``w_bits``) and for activations (over ``a_bits``), on one colour scale, with the last decoded
+policy's bits printed on the right.
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from gmpq.errors import RunError
+from gmpq.policy import describe_candidates
 from gmpq.rundir import RunDir, StageDir
 from gmpq.utils import read_user_text
 from gmpq.viz._render import A_COLOR, W_COLOR, figure_format, new_figure, save_figure
 
 LOG_NAME = RunDir(Path()).search.epoch_log.name
-REQUIRED_KEYS = ("epoch", "expected_bops_g", "budget_g", "bits", "probs")
+REQUIRED_KEYS = ("epoch", "expected_bops_g", "budget_g", "probs")
 LOSS_KEYS = ("loss", "loss_ce", "loss_attr", "loss_complexity")
 DECODE_LOW = 0.97  # the decoded policy lands in [DECODE_LOW * budget, budget]
 
@@ -85,7 +88,7 @@ class SearchTrace:
     Attributes:
         epochs: epoch numbers.
         layers: searched layer names in log order.
-        bits: candidate bit widths.
+        w_bits / a_bits: candidate weight and activation bit widths.
         expected_w / expected_a: ``[layer][epoch]`` expected bits E[b] = sum_i p_i * bits_i.
         decoded: the last record's decoded policy ``{layer: (w_bits, a_bits)}`` (empty if not logged).
         series: ``{key: [value or nan per epoch]}`` for every scalar key of the log.
@@ -93,7 +96,8 @@ class SearchTrace:
 
     epochs: list[int]
     layers: list[str]
-    bits: list[int]
+    w_bits: list[int]
+    a_bits: list[int]
     expected_w: list[list[float]]
     expected_a: list[list[float]]
     decoded: dict[str, tuple[int, int]]
@@ -106,9 +110,19 @@ def _expected(probs: Any, bits: list[int], where: str) -> float:
     return float(sum(p * b for p, b in zip(probs, bits, strict=True)))
 
 
+def _candidates(record: dict[str, Any], where: str) -> tuple[list[int], list[int]]:
+    """A record's (weight, activation) candidate bits: ``w_bits`` and ``a_bits``, or an older log's ``bits`` for
+    both."""
+    if "w_bits" in record and "a_bits" in record:
+        return record["w_bits"], record["a_bits"]
+    if "bits" in record:
+        return record["bits"], record["bits"]
+    raise RunError(f"{where}: search log record lacks 'w_bits' and 'a_bits' (or an older log's 'bits')")
+
+
 def search_trace(records: list[dict[str, Any]]) -> SearchTrace:
     """Turn the records of :func:`read_search_log` into a :class:`SearchTrace` (checks that they agree)."""
-    bits = records[0]["bits"]
+    w_bits, a_bits = _candidates(records[0], f"search log, epoch {records[0]['epoch']}")
     layers = list(records[0]["probs"])
     if not layers:
         raise RunError("search log record of epoch {} has no layers in 'probs'".format(records[0]["epoch"]))
@@ -116,8 +130,9 @@ def search_trace(records: list[dict[str, Any]]) -> SearchTrace:
     exp_a: list[list[float]] = [[] for _ in layers]
     for record in records:
         where = f"search log, epoch {record['epoch']}"
-        if record["bits"] != bits:
-            raise RunError(f"{where}: candidate bits {record['bits']} differ from the first epoch's {bits}")
+        if _candidates(record, where) != (w_bits, a_bits):
+            raise RunError(f"{where}: {describe_candidates(*_candidates(record, where))} differ from the first "
+                           f"epoch's {describe_candidates(w_bits, a_bits)}")
         probs = record["probs"]
         if not isinstance(probs, dict) or list(probs) != layers:
             raise RunError(f"{where}: 'probs' must name the same layers in the same order as the first epoch")
@@ -125,15 +140,16 @@ def search_trace(records: list[dict[str, Any]]) -> SearchTrace:
             entry = probs[name]
             if not isinstance(entry, dict) or "w" not in entry or "a" not in entry:
                 raise RunError(f"{where}, layer {name!r}: expected {{'w': [...], 'a': [...]}}, got {entry!r}")
-            exp_w[i].append(_expected(entry["w"], bits, f"{where}, layer {name!r}, weights"))
-            exp_a[i].append(_expected(entry["a"], bits, f"{where}, layer {name!r}, activations"))
+            exp_w[i].append(_expected(entry["w"], w_bits, f"{where}, layer {name!r}, weights"))
+            exp_a[i].append(_expected(entry["a"], a_bits, f"{where}, layer {name!r}, activations"))
     scalar_keys = [k for k in dict.fromkeys(k for r in records for k in r)
                    if k != "epoch" and any(_number(r.get(k)) is not None for r in records)]
     series = {k: [v if (v := _number(r.get(k))) is not None else math.nan for r in records] for k in scalar_keys}
     raw_policy = records[-1].get("policy") or {}
     decoded = {n: (int(b[0]), int(b[1])) for n, b in raw_policy.items()
                if isinstance(b, (list, tuple)) and len(b) == 2} if isinstance(raw_policy, dict) else {}
-    return SearchTrace([r["epoch"] for r in records], layers, list(bits), exp_w, exp_a, decoded, series)
+    return SearchTrace([r["epoch"] for r in records], layers, list(w_bits), list(a_bits), exp_w, exp_a, decoded,
+                       series)
 
 
 def _number(value: Any) -> float | None:
@@ -196,11 +212,12 @@ def _heatmaps(fig, trace: SearchTrace) -> None:
     axes = fig.subplots(1, 2, sharey=True)
     n_layers = len(trace.layers)
     e0, e1 = trace.epochs[0], trace.epochs[-1]
+    bits = sorted(set(trace.w_bits) | set(trace.a_bits))  # one colour scale for both heatmaps
     image = None
     for k, (ax, data, what, color) in enumerate(((axes[0], trace.expected_w, "weight", W_COLOR),
                                                   (axes[1], trace.expected_a, "activation", A_COLOR))):
         image = ax.imshow(np.asarray(data), aspect="auto", cmap="viridis", interpolation="nearest",
-                          vmin=min(trace.bits), vmax=max(trace.bits),
+                          vmin=bits[0], vmax=bits[-1],
                           extent=(e0 - 0.5, e1 + 0.5, n_layers - 0.5, -0.5))
         ax.set_title(f"expected {what} bits per layer", fontsize=9, loc="left", color=color)
         ax.set_xlabel("epoch", fontsize=8)
@@ -217,7 +234,7 @@ def _heatmaps(fig, trace: SearchTrace) -> None:
                              fontsize=6)
             right.tick_params(length=0, pad=2)
             right.set_ylabel(f"decoded {what[0].upper()} bits (last epoch)", fontsize=7)
-    cbar = fig.colorbar(image, ax=list(axes), ticks=trace.bits, fraction=0.03, pad=0.01)
+    cbar = fig.colorbar(image, ax=list(axes), ticks=bits, fraction=0.03, pad=0.01)
     cbar.set_label("E[bits] = sum softmax(alpha) * bits", fontsize=7)
     cbar.ax.tick_params(labelsize=7)
 
@@ -238,7 +255,7 @@ def plot_search(run: str | os.PathLike, out: str | os.PathLike, title: str | Non
     last = trace.series
     stage = log.parent
     run_name = f"{stage.parent.name}/{stage.name}" if stage == RunDir(stage.parent).search.path else stage.name
-    summary = [f"search run {run_name}", f"{n_layers} searched layers", f"bits {trace.bits}",
+    summary = [f"search run {run_name}", f"{n_layers} searched layers", describe_candidates(trace.w_bits, trace.a_bits),
                f"{len(trace.epochs)} epochs"]
     if "budget_g" in last:
         summary.append(f"budget {last['budget_g'][-1]:g} G")
