@@ -5,8 +5,11 @@ CIFAR ResNet-20 float reference, top-1 on the full CIFAR-10 test split, calibrat
         --data ../shared/data/cifar10 --policy w4a4 --policy w3a3 --policy mixed=runs/hawq/search/policy.json \
         --policy w2a4 --out runs/ptq_table
 
-Every policy runs twice on the same calibration images (``rounding=nearest``, then ``learned``); the table gives top-1,
-searched BOPs, the reconstruction's wall time and the process's peak memory. ``--mobilenet-blocks K`` times the
+Every policy runs twice on the same calibration images (``rounding=nearest``, then ``learned``); the table gives top-1
+on the held-out slice of the training split (``--holdout``, the float reference's own held-out images, never used for
+calibration) and on the test split, searched BOPs, the reconstruction's wall time and the process's peak memory.
+Among the policies named ``mixed*``, the one with the best held-out top-1 after learned rounding is marked: that
+choice reads no test image. ``--mobilenet-blocks K`` times the
 reconstruction of the first K blocks of a random-weight ``mobilenetv2_100`` at 224x224 and extrapolates by MACs.
 Writes ``table.md``, ``results.json`` and, per learned run, the per-block figure.
 """
@@ -47,6 +50,9 @@ def main() -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--policy", action="append", default=[], help="wXaY or NAME=policy.json")
     ap.add_argument("--images", type=int, default=1024)
+    ap.add_argument("--holdout", type=int, default=2000, help="training images held out (the float reference's "
+                    "held-out slice): calibration never sees them, and they choose among the mixed policies")
+    ap.add_argument("--seed", type=int, default=0, help="the calibration images' draw and the reconstruction's seed")
     ap.add_argument("--iters", type=int, default=PtqConfig.iters)
     ap.add_argument("--batchnorm", default="keep")
     ap.add_argument("--qdrop", type=float, default=PtqConfig.qdrop)
@@ -57,12 +63,13 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    recipe = load_recipe("resnet20_cifar10_float", [f"data.path={args.data}", "data.holdout=null",
-                                                   f"data.batch_size={args.images}"])
+    recipe = load_recipe("resnet20_cifar10_float", [f"data.path={args.data}", f"data.holdout={args.holdout}",
+                                                   f"data.batch_size={args.images}", f"seed={args.seed}"])
     images = calibration_batches(recipe, 1)[0]
     test = build_dataloaders(recipe, train=False, eval_split="test", eval_batch_size=500).eval
+    held = build_dataloaders(recipe, train=False, eval_split="holdout", eval_batch_size=500).eval
     model = gmpq.from_pretrained(args.float_model)
-    rows = [{"policy": "float", "rounding": "-", "top1": top1(model, test)}]
+    rows = [{"policy": "float", "rounding": "-", "top1": top1(model, test), "holdout_top1": top1(model, held)}]
     print(rows[-1], flush=True)
     cfg = PtqConfig(num_images=args.images, iters=args.iters, batchnorm=args.batchnorm, qdrop=args.qdrop)
     for spec in args.policy:
@@ -75,10 +82,11 @@ def main() -> None:
         bops = count_bops(gmpq.create_model("resnet20_cifar", policy=policy), 32).bops_searched_g
         for rounding in ("nearest", "learned"):
             t0 = time.perf_counter()
-            q = gmpq.ptq(model, policy, images, cfg, rounding=rounding, progress=False)
+            q = gmpq.ptq(model, policy, images, cfg, rounding=rounding, progress=False, seed=args.seed)
             wall = time.perf_counter() - t0
-            rows.append({"policy": name, "rounding": rounding, "top1": top1(q, test), "bops_searched_g": bops,
-                         "wall_s": wall, "peak_rss_mb": peak_rss_mb()})
+            rows.append({"policy": name, "rounding": rounding, "top1": top1(q, test), "holdout_top1": top1(q, held),
+                         "bops_searched_g": bops, "mean_w_bits": policy.mean_bits()[0],
+                         "mean_a_bits": policy.mean_bits()[1], "wall_s": wall, "peak_rss_mb": peak_rss_mb()})
             print(rows[-1], flush=True)
             if rounding == "learned":
                 plot_ptq(q.gmpq_ptq, out / f"{name.lower()}_blocks.png", title=f"ResNet-20 {name}")
@@ -120,24 +128,31 @@ def mobilenet_timing(blocks: int, images: int, cfg: PtqConfig, iters: int) -> di
 def table(rows: list[dict], cfg: PtqConfig) -> str:
     lines = [f"ResNet-20 (CIFAR-10 JPEG), {cfg.num_images} calibration images from the training split, "
              f"{cfg.iters} iterations per block, batch {cfg.batch_size}, QDrop p={cfg.qdrop}, BatchNorm "
-             f"{cfg.batchnorm}; top-1 on the 10,000 test images.", "",
-             "| policy | searched BOPs (G) | round-to-nearest top-1 | learned rounding top-1 | reconstruction wall "
-             "(s) | peak memory (MB) |", "|---|---:|---:|---:|---:|---:|"]
-    by = {}
+             f"{cfg.batchnorm}; top-1 on the held-out training images and on the 10,000 test images. *: the mixed "
+             "policy with the best held-out top-1 after learned rounding (chosen without the test split).", "",
+             "| policy | searched BOPs (G) | mean W / A bits | round-to-nearest top-1 (held-out / test) | learned "
+             "rounding top-1 (held-out / test) | reconstruction wall (s) | peak memory (MB) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    by: dict[str, dict[str, dict]] = {}
     for r in rows:
         by.setdefault(r["policy"], {})[r["rounding"]] = r
+    mixed = [n for n, runs in by.items() if n.lower().startswith("mixed") and "learned" in runs]
+    chosen = max(mixed, key=lambda n: by[n]["learned"]["holdout_top1"]) if mixed else None
     for name, runs in by.items():
         if name == "float":
-            lines.append(f"| float | - | {runs['-']['top1']:.2f} | - | - | - |")
+            f = runs["-"]
+            lines.append(f"| float | - | 32 / 32 | {f['holdout_top1']:.2f} / {f['top1']:.2f} | - | - | - |")
         elif "nearest" in runs:
             n, ln = runs["nearest"], runs["learned"]
-            lines.append(f"| {name} | {n['bops_searched_g']:.3f} | {n['top1']:.2f} | {ln['top1']:.2f} | "
-                         f"{ln['wall_s']:.0f} | {ln['peak_rss_mb']:.0f} |")
+            mark = " *" if name == chosen else ""
+            lines.append(f"| {name}{mark} | {n['bops_searched_g']:.3f} | {n['mean_w_bits']:.2f} / "
+                         f"{n['mean_a_bits']:.2f} | {n['holdout_top1']:.2f} / {n['top1']:.2f} | "
+                         f"{ln['holdout_top1']:.2f} / {ln['top1']:.2f} | {ln['wall_s']:.0f} | {ln['peak_rss_mb']:.0f} |")
         else:
             m = runs["learned"]
-            lines.append(f"| {name} | - | - | {m['blocks_measured']} of {m['blocks']} blocks in "
-                         f"{m['wall_s_measured']:.0f} s ({m['iters_measured']} iterations each) | extrapolated {m['wall_s_extrapolated']:.0f} | "
-                         f"{m['peak_rss_mb']:.0f} |")
+            lines.append(f"| {name} | - | 4 / 4 | - | {m['blocks_measured']} of {m['blocks']} blocks in "
+                         f"{m['wall_s_measured']:.0f} s ({m['iters_measured']} iterations each) | extrapolated "
+                         f"{m['wall_s_extrapolated']:.0f} | {m['peak_rss_mb']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
