@@ -85,8 +85,8 @@ def main() -> None:
             q = gmpq.ptq(model, policy, images, cfg, rounding=rounding, progress=False, seed=args.seed)
             wall = time.perf_counter() - t0
             rows.append({"policy": name, "rounding": rounding, "top1": top1(q, test), "holdout_top1": top1(q, held),
-                         "bops_searched_g": bops, "mean_w_bits": policy.mean_bits()[0],
-                         "mean_a_bits": policy.mean_bits()[1], "wall_s": wall, "peak_rss_mb": peak_rss_mb()})
+                         "bops_searched_g": bops, "mean_w_bits": policy.mean_bits[0],
+                         "mean_a_bits": policy.mean_bits[1], "wall_s": wall, "peak_rss_mb": peak_rss_mb()})
             print(rows[-1], flush=True)
             if rounding == "learned":
                 plot_ptq(q.gmpq_ptq, out / f"{name.lower()}_blocks.png", title=f"ResNet-20 {name}")

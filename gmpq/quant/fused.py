@@ -359,15 +359,27 @@ def operand_dtype(t: torch.Tensor) -> torch.dtype:
 # ---------------------------------------------------------------------------------------------- kernel dispatch
 
 
-def _flat(t: torch.Tensor, *shape: int) -> torch.Tensor:
-    """``t`` (made contiguous) as a ``shape`` tensor sharing its memory that is neither a view nor a parameter.
+def _flat(t: torch.Tensor, *shape: int, like: torch.Tensor | None = None) -> torch.Tensor:
+    """``t`` made dense in the layout of ``like`` (default: its own; contiguous, or channels_last where it is stored
+    so) as a ``shape`` tensor sharing its memory that is neither a view nor a parameter.
 
     A compiled kernel then sees one plain 1-D/2-D tensor: one graph serves every layer (a view would add guards on
-    its base's sizes, a parameter gets static sizes, and 4-D sizes of 1 are specialised — each a recompilation).
+    its base's sizes, a parameter gets static sizes, and 4-D sizes of 1 are specialised — each a recompilation). The
+    kernels are elementwise, or per row of a weight ``[C, M]`` whose output channel's elements lie together in both
+    layouts, so a channels_last tensor is used as it is stored (no copy to the contiguous layout and back);
+    :func:`_shaped` gives the result the input's shape and strides.
     """
-    t = t.detach().contiguous()
+    t = _dense(t.detach(), _memory_format(t if like is None else like))
     strides = (shape[1], 1) if len(shape) == 2 else (1,)
     return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), shape, strides)
+
+
+def _shaped(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A kernel's flat result seen with the shape of ``like`` in the dense layout :func:`_flat` gave ``like``."""
+    if like.dim() != 4:
+        return flat.view(like.shape)
+    strides = torch.empty(like.shape, device="meta", memory_format=_memory_format(like)).stride()
+    return flat.as_strided(like.shape, strides)
 
 
 def _memory_format(t: torch.Tensor) -> torch.memory_format:
@@ -393,7 +405,7 @@ def _act_forward(x: torch.Tensor, probs: torch.Tensor, clip: torch.Tensor, bits:
         if out is not None:
             return out
     out = _run("act_fwd", _flat(x, x.numel()), probs.detach(), clip.detach(), levels, signed, len(bits))
-    return out.view(x.shape).to(out_dtype)
+    return _shaped(out, x).to(out_dtype)
 
 
 def _act_backward(x: torch.Tensor, grad: torch.Tensor, probs: torch.Tensor, clip: torch.Tensor,
@@ -407,9 +419,9 @@ def _act_backward(x: torch.Tensor, grad: torch.Tensor, probs: torch.Tensor, clip
                             need_x, need_probs)
         if grads is not None:
             return grads
-    gx, gp, gc = _run("act_bwd", _flat(x, x.numel()), _flat(grad, grad.numel()), probs.detach(), clip.detach(),
+    gx, gp, gc = _run("act_bwd", _flat(x, x.numel()), _flat(grad, grad.numel(), like=x), probs.detach(), clip.detach(),
                       levels, signed, len(bits), need_probs)
-    return (gx.view(x.shape).to(x.dtype) if need_x else None), gp, gc
+    return (_shaped(gx, x).to(x.dtype) if need_x else None), gp, gc
 
 
 def _weight_forward(weight: torch.Tensor, probs: torch.Tensor, scales: torch.Tensor, bits: tuple[int, ...],
@@ -423,7 +435,7 @@ def _weight_forward(weight: torch.Tensor, probs: torch.Tensor, scales: torch.Ten
         if out is not None:
             return _as_layout(out, w)
     out = _run("w_fwd", _flat(weight, rows, cols), probs.detach(), scales.detach(), gammas, qmax)
-    return out.view(weight.shape).to(out_dtype)
+    return _shaped(out, weight).to(out_dtype)
 
 
 def _weight_backward(weight: torch.Tensor, grad: torch.Tensor, probs: torch.Tensor, scales: torch.Tensor,
@@ -439,9 +451,10 @@ def _weight_backward(weight: torch.Tensor, grad: torch.Tensor, probs: torch.Tens
                             need_probs)
         if grads is not None:
             return _as_layout(grads[0], w), grads[1], grads[2]
-    gw, gp, gs = _run("w_bwd", _flat(weight, rows, cols), _flat(grad, rows, cols), probs.detach(), scales.detach(),
+    gw, gp, gs = _run("w_bwd", _flat(weight, rows, cols), _flat(grad, rows, cols, like=weight), probs.detach(),
+                      scales.detach(),
                       gammas, qmax, need_probs)
-    return gw.view(weight.shape).to(weight.dtype), gp, gs
+    return _shaped(gw, weight).to(weight.dtype), gp, gs
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -536,15 +549,16 @@ class _DroppedActivation(torch.autograd.Function):
         ctx.bits, ctx.signed, ctx.threshold = bits, signed, threshold
         levels = act_levels((bits,), signed, clip.device, clip.dtype)
         out = _run("drop_fwd", _flat(x, x.numel()), clip.detach(), levels, signed, seed, threshold)
-        return out.view(x.shape).to(x.dtype)
+        return _shaped(out, x).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         x, clip, seed = ctx.saved_tensors
         levels = act_levels((ctx.bits,), ctx.signed, clip.device, clip.dtype)
-        gx, gc = _run("drop_bwd", _flat(x, x.numel()), _flat(grad, grad.numel()), clip.detach(), levels, ctx.signed,
+        gx, gc = _run("drop_bwd", _flat(x, x.numel()), _flat(grad, grad.numel(), like=x), clip.detach(), levels,
+                      ctx.signed,
                       seed, ctx.threshold)
-        return gx.view(x.shape).to(x.dtype), gc, None, None, None, None
+        return _shaped(gx, x).to(x.dtype), gc, None, None, None, None
 
 
 class _MixedActivation(torch.autograd.Function):
