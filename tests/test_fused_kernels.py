@@ -148,6 +148,28 @@ def test_compiled_fixed_layer_matches_autograd():
     _compare(_compiled(lambda: _grads(layer, x)), want, exact=("output",), rtol=1e-5, atol=2e-6)
 
 
+def test_compiled_kernels_keep_channels_last_without_copies():
+    """On the compile backend a channels_last activation and weight are read as stored: every output keeps the
+    input's layout, and the values and gradients equal those of the contiguous tensors (a mixed conv and QDrop)."""
+    layer, x = _ready_mixed(lambda: nn.Conv2d(5, 6, 3, padding=1), (2, 5, 6, 6), False)
+    with backend("compile"):
+        want = _grads(copy.deepcopy(layer), x)
+        got = _grads(layer.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last))
+        _compare(got, want, rtol=1e-5, atol=2e-6)
+        t = _kernel_inputs()
+        last = {k: (v.to(memory_format=torch.channels_last) if v.dim() == 4 else v) for k, v in t.items()}
+        outputs = _all_kernels(last, True)
+        for name in ("x_mix", "grad_x", "w_mix", "grad_w"):
+            assert outputs[name].is_contiguous(memory_format=torch.channels_last), name
+        _compare(outputs, _all_kernels(t, True), exact=("x_mix", "w_mix"), rtol=1e-5, atol=1e-6)
+        seed = torch.tensor(7, dtype=torch.int64)
+        xs = t["x"].to(memory_format=torch.channels_last).requires_grad_()
+        y = fused.qdrop_activation(xs, t["clip"][1], 3, True, 0.5, seed)
+        y.backward(t["g"])
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert xs.grad.is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.parametrize("signed", [False, True])
 def test_qdrop_kernel_matches_its_op_by_op_reference(signed):
     """QDrop's fused kernel: the eager form's mask and values, the gradients of torch.where(keep, x, Q_a(x)) by
