@@ -160,16 +160,18 @@ def test_layer_grams_follow_the_forward_order():
 
 
 # ------------------------------------------------------------------------------------------------ decoders
-def test_decode_costs_is_the_exact_minimum_with_forbidden_pairs():
-    space = _tiny_space()
-    rng = np.random.default_rng(0)
+def _check_exact_minimum(space, w_bits, a_bits, seed: int, unit: float) -> None:
+    """Six random cost tables in ``unit`` (some pairs forbidden): decode_costs finds the cheapest policy of the
+    window by enumeration, or says that no allowed policy lies in it."""
+    rng = np.random.default_rng(seed)
     lo, hi = bops_range(space)
+    shape = (3, len(w_bits), len(a_bits))
     for trial in range(6):
-        costs = rng.normal(size=(3, 4, 4)) * 1e-7  # tiny units: the decoder normalises before solving
-        costs[rng.random((3, 4, 4)) < 0.3] = np.inf
+        costs = rng.normal(size=shape) * unit
+        costs[rng.random(shape) < 0.3] = np.inf
         costs[:, 0, 0] = 0.0  # keep every layer feasible
         budget = lo + (hi - lo) * rng.uniform(0.1, 0.9)
-        allowed = [sum(costs[i, BITS.index(w), BITS.index(a)] for i, (w, a) in enumerate(c))
+        allowed = [sum(costs[i, w_bits.index(w), a_bits.index(a)] for i, (w, a) in enumerate(c))
                    for c in _window(space, budget)]
         allowed = [c for c in allowed if np.isfinite(c)]
         if not allowed:
@@ -177,8 +179,14 @@ def test_decode_costs_is_the_exact_minimum_with_forbidden_pairs():
                 decode_costs(space, costs, budget)
             continue
         decoded = decode_costs(space, costs, budget)
-        assert decoded.cost == pytest.approx(min(allowed), abs=1e-15), trial
+        assert decoded.cost == pytest.approx(min(allowed), abs=1e-12 * unit), trial
         assert 0.97 * budget <= decoded.bops_g <= budget
+        assert all(w in w_bits and a in a_bits for w, a in decoded.choices.values())
+
+
+def test_decode_costs_is_the_exact_minimum_with_forbidden_pairs():
+    space = _tiny_space()
+    _check_exact_minimum(space, BITS, BITS, seed=0, unit=1e-7)  # tiny units: the decoder normalises before solving
     only_min = np.full((3, 4, 4), np.inf)
     only_min[:, 0, 0] = 0.0
     with pytest.raises(gmpq.BudgetError, match="pairs this strategy allows.*below it costs 0.044 GBOPs: use search.budget_g=0.044"):
@@ -193,24 +201,7 @@ def test_decode_costs_over_separate_candidates_is_the_exact_minimum():
     """A [L, K_w, K_a] table with K_w = 4 weight and K_a = 3 activation candidates: indices map to the right bits."""
     w_bits, a_bits = (2, 3, 4, 6), (3, 4, 8)
     space = _tiny_space(w_bits=w_bits, a_bits=a_bits)
-    rng = np.random.default_rng(1)
-    lo, hi = bops_range(space)
-    for trial in range(6):
-        costs = rng.normal(size=(3, 4, 3))
-        costs[rng.random((3, 4, 3)) < 0.3] = np.inf
-        costs[:, 0, 0] = 0.0
-        budget = lo + (hi - lo) * rng.uniform(0.1, 0.9)
-        allowed = [sum(costs[i, w_bits.index(w), a_bits.index(a)] for i, (w, a) in enumerate(c))
-                   for c in _window(space, budget)]
-        allowed = [c for c in allowed if np.isfinite(c)]
-        if not allowed:
-            with pytest.raises(gmpq.BudgetError, match="pairs this strategy allows"):
-                decode_costs(space, costs, budget)
-            continue
-        decoded = decode_costs(space, costs, budget)
-        assert decoded.cost == pytest.approx(min(allowed), abs=1e-12), trial
-        assert 0.97 * budget <= decoded.bops_g <= budget
-        assert all(w in w_bits and a in a_bits for w, a in decoded.choices.values())
+    _check_exact_minimum(space, w_bits, a_bits, seed=1, unit=1.0)
     with pytest.raises(ValueError, match=r"shape \(3, 4, 3\)"):
         decode_costs(space, np.zeros((3, 4, 4)), 0.2)
 
