@@ -29,10 +29,10 @@ def plot_ptq(report: Any, path: str | os.PathLike, title: str | None = None) -> 
     left.set_xticks(list(xs), names, rotation=60, ha="right", fontsize=7)
     left.set_ylabel("block output error (squared, per position)")
     left.legend(fontsize=8)
-    for b in blocks:
+    for i, b in enumerate(blocks):
         if b["curve"]:
-            its, losses = zip(*b["curve"], strict=True)
-            right.plot(its, losses, lw=1, label=b["name"])
+            its, losses = zip(*b["curve"], strict=True)  # ten colours, then the next line style
+            right.plot(its, losses, lw=1, label=b["name"], color=f"C{i % 10}", ls=("-", "--", ":")[i // 10 % 3])
     right.set_yscale("log")
     right.set_xlabel("iteration")
     right.set_ylabel("reconstruction loss (batch)")
