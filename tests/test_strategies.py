@@ -206,8 +206,9 @@ def test_decode_costs_over_separate_candidates_is_the_exact_minimum():
         decode_costs(space, np.zeros((3, 4, 4)), 0.2)
 
 
-def test_random_policies_over_separate_candidates_are_uniform_over_their_window():
-    space = _tiny_space(w_bits=(2, 3, 4, 6), a_bits=(3, 4, 6, 8))
+def _check_uniform_draws(space) -> float:
+    """Draws from the window at 30 % of the space's BOPs range stay in it and are uniform over it (chi-square);
+    returns that budget."""
     lo, hi = bops_range(space)
     budget = lo + 0.3 * (hi - lo)
     window = _window(space, budget)
@@ -215,17 +216,16 @@ def test_random_policies_over_separate_candidates_are_uniform_over_their_window(
     counts = collections.Counter(tuple(d.choices[n] for n in space.layers) for d in drawn)
     assert set(counts) <= set(window) and len(window) > 50
     assert chisquare([counts[c] for c in window]).pvalue > 0.01
+    return budget
+
+
+def test_random_policies_over_separate_candidates_are_uniform_over_their_window():
+    _check_uniform_draws(_tiny_space(w_bits=(2, 3, 4, 6), a_bits=(3, 4, 6, 8)))
 
 
 def test_random_policies_are_uniform_over_the_window_and_seeded():
     space = _tiny_space()
-    lo, hi = bops_range(space)
-    budget = lo + 0.3 * (hi - lo)
-    window = _window(space, budget)
-    drawn = sample_in_window(space, budget, np.random.default_rng(0), count=20 * len(window))
-    counts = collections.Counter(tuple(d.choices[n] for n in space.layers) for d in drawn)
-    assert set(counts) <= set(window) and len(window) > 50
-    assert chisquare([counts[c] for c in window]).pvalue > 0.01
+    budget = _check_uniform_draws(space)
     random = get_strategy("random")
     scores = random.score(None, [], space, SETTINGS)
     first = random.decode(space, scores, budget, SETTINGS)
