@@ -452,8 +452,7 @@ def _weight_backward(weight: torch.Tensor, grad: torch.Tensor, probs: torch.Tens
         if grads is not None:
             return _as_layout(grads[0], w), grads[1], grads[2]
     gw, gp, gs = _run("w_bwd", _flat(weight, rows, cols), _flat(grad, rows, cols, like=weight), probs.detach(),
-                      scales.detach(),
-                      gammas, qmax, need_probs)
+                      scales.detach(), gammas, qmax, need_probs)
     return _shaped(gw, weight).to(weight.dtype), gp, gs
 
 
@@ -556,8 +555,7 @@ class _DroppedActivation(torch.autograd.Function):
         x, clip, seed = ctx.saved_tensors
         levels = act_levels((ctx.bits,), ctx.signed, clip.device, clip.dtype)
         gx, gc = _run("drop_bwd", _flat(x, x.numel()), _flat(grad, grad.numel(), like=x), clip.detach(), levels,
-                      ctx.signed,
-                      seed, ctx.threshold)
+                      ctx.signed, seed, ctx.threshold)
         return _shaped(gx, x).to(x.dtype), gc, None, None, None, None
 
 
