@@ -22,6 +22,9 @@ half, as ``torch.minimum``/``torch.maximum`` do)::
 
 A fixed-bit quantizer is the case K = 1, p = 1 (:func:`fake_quant_activation`, :func:`fake_quant_weight`): one
 kernel forward, one backward, instead of autograd's chain of clamp/round/scale passes with their saved tensors.
+QDrop's activation quantizer (:func:`qdrop_activation`, post-training reconstruction) draws its keep-mask inside the
+same kernel from a counter-based hash and one seed, so no random tensor is stored, read or selected with. The kernels
+read a channels_last tensor as it is stored and return their results in its layout.
 
 Backends (:func:`set_backend`, or the ``GMPQ_FUSED_BACKEND`` environment variable):
 
