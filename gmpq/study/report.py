@@ -370,11 +370,13 @@ def proxies_markdown(study: StudyConfig, rows: list[dict[str, Any]]) -> str:
               "| strategy | cells | search s |", "|---|---|---|"]
     order = {s: i for i, s in enumerate(_strategy_order(study, rows))}
     cost: dict[str, list[float]] = defaultdict(list)
+    shown: dict[str, str] = {}
     for r in _deployed(rows, study.deploy[0]):
         if r.get("search_s") is not None:
-            cost[_shown(r)].append(r["search_s"])
-    for name in sorted(cost, key=lambda k: order.get(k.removesuffix(BORROWED_MARK), 99)):
-        lines.append(f"| {name} | {len(cost[name])} | {_pm(cost[name], 0)} |")
+            cost[label(r)].append(r["search_s"])
+            shown[label(r)] = _shown(r)
+    for name in sorted(cost, key=lambda k: order.get(k, 99)):
+        lines.append(f"| {shown[name]} | {len(cost[name])} | {_pm(cost[name], 0)} |")
     return "\n".join(lines) + "\n"
 
 
