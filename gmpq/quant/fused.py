@@ -379,10 +379,10 @@ def _flat(t: torch.Tensor, *shape: int, like: torch.Tensor | None = None) -> tor
 
 def _shaped(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A kernel's flat result seen with the shape of ``like`` in the dense layout :func:`_flat` gave ``like``."""
-    if like.dim() != 4:
+    if like.dim() != 4 or _memory_format(like) is torch.contiguous_format:
         return flat.view(like.shape)
-    strides = torch.empty(like.shape, device="meta", memory_format=_memory_format(like)).stride()
-    return flat.as_strided(like.shape, strides)
+    _, c, h, w = like.shape
+    return flat.as_strided(like.shape, (h * w * c, 1, w * c, c))  # channels_last: N, then H, W, C innermost
 
 
 def _memory_format(t: torch.Tensor) -> torch.memory_format:
