@@ -17,6 +17,7 @@ from torch import nn
 import gmpq
 from gmpq.quant import MixedConv2d, QConv2d, QLinear, WeightQuantizer, mixed_layers
 from gmpq.quant import functional as QF
+from gmpq.quant import fused
 from gmpq.quant.mixed import MixedWeightQuantizer
 from gmpq.search import (
     AttributionModel,
@@ -182,6 +183,31 @@ def test_non_linear_head_uses_autograd_and_small_maps_warn():
 
 
 # ------------------------------------------------------------------------------------------------ losses
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_frozen_teacher_compiles_frozen(autocast):
+    """On the compile backend the frozen teacher's trunk is compiled with its weights inlined as constants (BN folded
+    into the convolutions): a weight changed in place after the first call no longer reaches it, while the eager
+    trunk sees the change. Before that its maps equal the eager teacher's (to the folding's rounding; bf16 within the
+    bf16 teacher's own tolerance)."""
+    torch.manual_seed(0)
+    model = gmpq.create_model("resnet18_cifar", num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    eager = AttributionModel(copy.deepcopy(model)).freeze(autocast)
+    with fused.using_backend("compile"):
+        teacher = AttributionModel(model).freeze(autocast)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # a compiler failure would fall back to eager with one
+            logits, cam = teacher(x)
+            want_logits, want_cam = eager(x)
+            tolerance = 1e-4 if autocast is None else 0.05
+            assert torch.equal(logits.float().argmax(1), want_logits.float().argmax(1))
+            assert float((cam.float() - want_cam.float()).abs().max()) <= tolerance * float(want_cam.abs().max())
+            with torch.no_grad():
+                model.conv1.weight.mul_(-1.0)
+            assert torch.equal(teacher(x)[1], cam)  # the compiled trunk kept the weights it was compiled with
+            assert not torch.equal(teacher.model.forward_features(x), eager.model.forward_features(x))
+
+
 def test_attribution_loss_definition():
     torch.manual_seed(0)
     a_fp, a_q = torch.rand(3, 4, 5), torch.rand(3, 4, 5)

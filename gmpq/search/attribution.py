@@ -164,19 +164,25 @@ class AttributionModel(nn.Module):
         """Make this a frozen teacher: evaluation mode, no gradients, its forward under ``torch.inference_mode``
         (``no_grad`` for the autograd Grad-CAM) and, with ``autocast_dtype`` (e.g. ``torch.bfloat16``), under autocast
         to that dtype. On CPUs, where the fused kernels compile (:func:`gmpq.quant.fused.get_backend`),
-        ``forward_features`` is compiled for inference with its weights folded in (conv + BN folding, prepacked
-        weights; about a quarter faster); on GPUs it runs eagerly (cuDNN; no compilation delay). Returns ``self``."""
+        ``forward_features`` is compiled for inference with its weights folded in as constants at its first call
+        (conv + BN folding, prepacked weights; resnet18_cifar b32: 0.15 s against 0.18 s eager at 2 threads); on
+        GPUs it runs eagerly (cuDNN; no compilation delay). Returns ``self``."""
         self.eval().requires_grad_(False)
         self._teacher, self._autocast_dtype = True, autocast_dtype
         if fused.get_backend() == "compile":
-            self._frozen = torch.compile(self.model.forward_features, options={"freezing": True})
+            self._frozen = torch.compile(self.model.forward_features)
         return self
 
     def _frozen_features(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() or self.training or fused.get_backend(x.device) != "compile":
             return self.model.forward_features(x)
         try:
-            return self._frozen(x)
+            # freezing set in inductor's config itself: torch.compile(options={"freezing": True}) is not seen where
+            # Dynamo decides to lift the parameters as constants, and compiled an unfrozen graph (torch 2.14)
+            from torch._inductor import config as inductor_config  # noqa: PLC0415 — loaded by torch.compile anyway
+
+            with inductor_config.patch(freezing=True):
+                return self._frozen(x)
         except Exception as e:  # noqa: BLE001 — any compiler failure: the eager teacher computes the same maps
             warnings.warn(f"gmpq: compiling the float teacher failed ({type(e).__name__}); running it eagerly",
                           RuntimeWarning, stacklevel=3)
