@@ -56,6 +56,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental import _config as _FX_CONFIG
 
 from gmpq.errors import ModelError
 from gmpq.quant import functional as QF
@@ -98,11 +99,13 @@ def act_mix_backward(x: torch.Tensor, grad: torch.Tensor, probs: torch.Tensor, c
         z = y * inv_step[i]
         r = torch.round(z)
         if need_probs:
-            grad_probs.append((grad * (r * step[i])).sum())
-        above = (x > clip[i]).to(x.dtype) + 0.5 * (x == clip[i]).to(x.dtype)
-        below = (x < lower[i]).to(x.dtype) + 0.5 * (x == lower[i]).to(x.dtype)
+            grad_probs.append((grad * r).sum() * step[i])  # the constant step outside the sum: one product less
+        above = torch.where(x > clip[i], 1.0, torch.where(x == clip[i], 0.5, 0.0))  # selects: cheaper than casts
+        below = torch.where(x < lower[i], 1.0, torch.where(x == lower[i], 0.5, 0.0))
         pass_through = pass_through + probs[i] * (1.0 - above - below)
-        d_clip = (r - z) * inv_levels[i] + above - (1.0 if signed else 0.0) * below
+        d_clip = (r - z) * inv_levels[i] + above
+        if signed:  # the lower bound -clip moves with the clip; an unsigned one (0) does not
+            d_clip = d_clip - below
         grad_clip.append(probs[i] * (grad * d_clip).sum())
     return grad * pass_through, (torch.stack(grad_probs) if need_probs else None), torch.stack(grad_clip)
 
@@ -136,8 +139,8 @@ def weight_mix_backward(
         s = eff[j].unsqueeze(1)
         z = w / s
         r = torch.round(torch.clamp(z, -q, q))
-        if need_probs:
-            grad_probs.append((grad * (r * s)).sum())
+        if need_probs:  # summed per row first: every reduction is then per row, and all share one pass over w
+            grad_probs.append(((grad * r).sum(dim=1) * eff[j]).sum())
         inside = ((z > -q) & (z < q)).to(w.dtype)  # torch.clamp passes no gradient at its bounds
         pass_through = pass_through + probs[j] * inside
         grad_scales.append(probs[j] * (grad * torch.where(inside > 0, r - z, r)).sum(dim=1))
@@ -303,11 +306,13 @@ def _run(name: str, *args: Any) -> Any:
     kernel = _kernel(name)
     if kernel is _KERNELS[name]:
         return kernel(*args)
+    # No "duck sizing" (equal sizes sharing one symbol): one graph per kernel then serves every layer shape, instead
+    # of a recompilation for each pattern of coinciding sizes (and eager mode past the recompile limit). Set and
+    # restored by hand: the config's patch() context builds a class on every call, a third of a small kernel's cost.
+    duck_shape = _FX_CONFIG.use_duck_shape
+    _FX_CONFIG.use_duck_shape = False
     try:
-        # No "duck sizing" (equal sizes sharing one symbol): one graph per kernel then serves every layer shape,
-        # instead of a recompilation for each pattern of coinciding sizes (and eager mode past the recompile limit).
-        with torch.fx.experimental._config.patch(use_duck_shape=False):
-            return kernel(*args)
+        return kernel(*args)
     except Exception as e:  # noqa: BLE001 — any compiler/toolchain failure
         if _backend != "auto":
             raise
@@ -316,6 +321,8 @@ def _run(name: str, *args: Any) -> Any:
                       f"{str(e).splitlines()[0] if str(e) else ''}); falling back to eager kernels (slower). "
                       "Set GMPQ_FUSED_BACKEND=eager to silence this.", RuntimeWarning, stacklevel=3)
         return _KERNELS[name](*args)
+    finally:
+        _FX_CONFIG.use_duck_shape = duck_shape
 
 
 # ---------------------------------------------------------------------------------------------- cached constants
