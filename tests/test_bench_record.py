@@ -49,3 +49,15 @@ def test_every_listed_benchmark_exists():
     assert set(bench_record.BENCHMARKS) == {"step", "ptq"}
     for tool, _ in bench_record.BENCHMARKS.values():
         assert (TOOL.parent / tool).is_file(), tool
+
+
+def test_only_changes_beside_the_record_make_a_run_dirty(monkeypatch):
+    """Lines an earlier run appended to the record are no uncommitted change to what is measured; any other tracked
+    change is (git's porcelain lines, the first of which git() hands over with its leading space stripped)."""
+    record = bench_record.RECORD
+    status = {"out": ""}
+    monkeypatch.setattr(bench_record, "git", lambda *args: status["out"])
+    for out, dirty in (("", False), ("M benchmarks/record.jsonl", False),
+                       ("M benchmarks/record.jsonl\n M gmpq/quant/fused.py", True), ("M README.md", True)):
+        status["out"] = out
+        assert bench_record.uncommitted(record) is dirty, out

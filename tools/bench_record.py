@@ -59,6 +59,14 @@ def git(*args: str) -> str:
     return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
 
 
+def uncommitted(record: Path) -> bool:
+    """Whether a tracked file other than ``record`` differs from HEAD: lines appended to the record by earlier runs
+    change nothing that is measured."""
+    changed = [line.split(maxsplit=1)[1] for line in git("status", "--porcelain", "-uno").splitlines()]
+    own = str(record.resolve().relative_to(ROOT)) if record.resolve().is_relative_to(ROOT) else None
+    return any(path != own for path in changed)
+
+
 def run_benchmark(tool: str, extra: list[str], args: argparse.Namespace) -> dict[str, Any]:
     """Run ``tools/<tool>`` in a subprocess with the common arguments; its JSON output."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,7 +90,7 @@ def make_record(outputs: dict[str, dict[str, Any]], args: argparse.Namespace) ->
             steps[key] = {"arch": r.get("arch"), "batch": r.get("batch"), "input_size": r.get("input_size"),
                           **({"error": r["error"]} if "error" in r else {}),
                           **{k: (round(r[k], 4) if isinstance(r[k], float) else r[k]) for k in FIELDS if k in r}}
-    return {"commit": git("rev-parse", "--short=12", "HEAD"), "dirty": bool(git("status", "--porcelain", "-uno")),
+    return {"commit": git("rev-parse", "--short=12", "HEAD"), "dirty": uncommitted(args.record),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": {"cpu": cpu_model(), "threads": env["threads"], "device": env["device"],
                         **({"gpu": env["gpu"]} if "gpu" in env else {})},
