@@ -182,7 +182,6 @@ def test_non_linear_head_uses_autograd_and_small_maps_warn():
         AttributionModel(net)(torch.randn(1, 3, 4, 4))
 
 
-# ------------------------------------------------------------------------------------------------ losses
 @pytest.mark.parametrize("autocast", [None, torch.bfloat16])
 def test_frozen_teacher_compiles_frozen(autocast):
     """On the compile backend the frozen teacher's trunk is compiled with its weights inlined as constants (BN folded
@@ -208,6 +207,7 @@ def test_frozen_teacher_compiles_frozen(autocast):
             assert not torch.equal(teacher.model.forward_features(x), eager.model.forward_features(x))
 
 
+# ------------------------------------------------------------------------------------------------ losses
 def test_attribution_loss_definition():
     torch.manual_seed(0)
     a_fp, a_q = torch.rand(3, 4, 5), torch.rand(3, 4, 5)
